@@ -1,0 +1,134 @@
+"""The `emojax` command line: thin shells over library functions.
+
+User errors (`EmojaxError`) print one line and exit with status 2; anything else is a bug and keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from emojax.errors import EmojaxError
+
+
+def _mesh_arg(text: str) -> tuple[int, int, int]:
+    try:
+        shape = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--mesh takes data,fsdp,tensor sizes like 1,2,4; got {text!r}") from None
+    if len(shape) != 3:
+        raise argparse.ArgumentTypeError(f"--mesh takes three sizes (data,fsdp,tensor); got {text!r}")
+    return shape
+
+
+def _load(args):
+    import emojax
+
+    mesh = emojax.make_mesh(args.mesh) if args.mesh else None
+    return emojax.load_model(args.model, dtype=args.dtype, mesh=mesh)
+
+
+def cmd_info(args) -> int:
+    import jax
+    from rich.console import Console
+    from rich.table import Table
+
+    lm = _load(args)
+    table = Table(title=f"{lm.source}", show_header=False)
+    for key, value in lm.config.to_dict().items():
+        table.add_row(key, str(value))
+    table.add_row("parameters", f"{lm.num_params:,}")
+    table.add_row("dtype", str(lm.dtype))
+    table.add_row("mesh", str(dict(lm.mesh.shape)))
+    table.add_row("devices", f"{len(jax.devices())} x {jax.devices()[0].platform}")
+    table.add_row("tokenizer", lm.tokenizer.source if lm.tokenizer else "none")
+    Console().print(table)
+    return 0
+
+
+def cmd_forward(args) -> int:
+    import numpy as np
+    from rich.console import Console
+    from rich.table import Table
+
+    lm = _load(args)
+    if args.tokens is not None:
+        tokens = np.asarray([[int(t) for t in args.tokens.split(",")]], np.int32)
+        mask = np.ones_like(tokens)
+    elif lm.tokenizer is not None:
+        tokens, mask = lm.tokenizer.batch([args.text])
+    else:
+        raise EmojaxError(f"{lm.source} has no tokenizer.json; pass token ids with --tokens 1,2,3")
+    out = lm(tokens, mask, capture=tuple(args.capture))
+    logits = np.asarray(out.logits[0, -1])
+    top = np.argsort(-logits)[: args.top_k]
+    console = Console()
+    table = Table(title="next-token prediction")
+    table.add_column("token id")
+    table.add_column("token")
+    table.add_column("logit", justify="right")
+    for t in top:
+        text = lm.tokenizer.decode([t], skip_special_tokens=False) if lm.tokenizer else ""
+        table.add_row(str(t), repr(text), f"{logits[t]:.3f}")
+    console.print(table)
+    for index, hidden in zip(args.capture, out.hidden):
+        norms = np.linalg.norm(np.asarray(hidden[0], np.float32), axis=-1)
+        console.print(f"residual index {index}: mean norm {norms.mean():.3f} over {len(norms)} positions")
+    return 0
+
+
+def cmd_init_random(args) -> int:
+    import emojax
+    from emojax.models.presets import SHAPES
+
+    if args.shape not in SHAPES:
+        raise EmojaxError(f"unknown shape {args.shape!r}; shapes: {', '.join(SHAPES)}")
+    lm = emojax.random_model(SHAPES[args.shape], dtype=args.dtype, seed=args.seed)
+    out = lm.save(args.out)
+    print(f"wrote {out} ({lm.num_params:,} parameters, random, seed {args.seed})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="emojax", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_args(p):
+        p.add_argument("model", help="Hugging Face-format directory, or a preset such as random:tiny")
+        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+        p.add_argument("--mesh", type=_mesh_arg, help="device mesh data,fsdp,tensor (default: one device)")
+
+    p = sub.add_parser("info", help="load a model and print its configuration")
+    model_args(p)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("forward", help="run one forward pass and print next-token predictions and residual norms")
+    model_args(p)
+    p.add_argument("--text", default="The quick brown fox")
+    p.add_argument("--tokens", help="comma-separated token ids instead of --text")
+    p.add_argument("--capture", type=int, nargs="*", default=[], help="residual indices to read (0 = embeddings)")
+    p.add_argument("--top-k", type=int, default=5)
+    p.set_defaults(func=cmd_forward)
+
+    p = sub.add_parser("init-random", help="write a randomly initialised Hugging Face-format checkpoint")
+    p.add_argument("shape", help="a named shape: tiny, llama-56m, tinyllama-1.1b, llama-3.1-8b")
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_init_random)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except EmojaxError as e:
+        print(f"emojax: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

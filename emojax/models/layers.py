@@ -1,0 +1,157 @@
+"""Building blocks of the decoder: RMSNorm, rotary embeddings, grouped-query attention, gated MLP.
+
+Numerics follow the Hugging Face reference so that checkpoints load exactly: norms are computed in float32 and
+cast back before the weight multiply, rotary tables are computed in float32 and cast to the activation dtype,
+attention scores and softmax are float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from emojax.models.config import RopeConfig
+from emojax.models.sharding import constrain
+
+_INIT_STD = 0.02
+
+
+def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], dtype, logical_axes: tuple[str, ...],
+          init: str = "normal") -> nnx.Param:
+    """A parameter with its logical axes as metadata (random normal, zeros or ones)."""
+    if init == "normal":
+        value = _INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)
+    elif init == "zeros":
+        value = jnp.zeros(shape, jnp.float32)
+    elif init == "ones":
+        value = jnp.ones(shape, jnp.float32)
+    else:
+        raise ValueError(f"unknown init {init!r}")
+    return nnx.Param(value.astype(dtype), logical_axes=logical_axes)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, dtype, logical_axis: str = "norm"):
+        self.eps = eps
+        self.scale = param(None, (dim,), dtype, (logical_axis,), init="ones")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...] * normed.astype(x.dtype)
+
+
+def rope_inv_freq(rope: RopeConfig, rot_dim: int) -> np.ndarray:
+    """Inverse frequencies [rot_dim // 2] in float32, with linear or llama3 scaling applied."""
+    exponents = np.arange(0, rot_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(rot_dim)
+    inv_freq = (np.float32(1.0) / (np.float32(rope.theta) ** exponents)).astype(np.float32)
+    if rope.kind == "linear":
+        return (inv_freq / np.float32(rope.factor)).astype(np.float32)
+    if rope.kind == "llama3":
+        low_wavelen = rope.original_max_position / rope.low_freq_factor
+        high_wavelen = rope.original_max_position / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (rope.original_max_position / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv_freq
+
+
+def rope_tables(positions_BT: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """cos, sin tables [B, T, 2 * len(inv_freq)] in float32 (the half-split layout of Hugging Face)."""
+    freqs = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x_BTNH: jax.Array, cos_BTH: jax.Array, sin_BTH: jax.Array) -> jax.Array:
+    cos = cos_BTH[:, :, None, :].astype(x_BTNH.dtype)
+    sin = sin_BTH[:, :, None, :].astype(x_BTNH.dtype)
+    x1, x2 = jnp.split(x_BTNH, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x_BTNH * cos + rotated * sin
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention (MHA when n_kv_heads == n_heads, MQA when 1), optional biases and q/k norm."""
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *, qkv_bias: bool,
+                 o_bias: bool, qk_norm: bool, norm_eps: float, dtype, rngs: nnx.Rngs):
+        D, N, K, H = d_model, n_heads, n_kv_heads, head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = N, K, H
+        self.q_proj = param(rngs, (D, N, H), dtype, ("embed", "heads", "head_dim"))
+        self.k_proj = param(rngs, (D, K, H), dtype, ("embed", "kv_heads", "head_dim"))
+        self.v_proj = param(rngs, (D, K, H), dtype, ("embed", "kv_heads", "head_dim"))
+        self.o_proj = param(rngs, (N, H, D), dtype, ("heads", "head_dim", "embed"))
+        if qkv_bias:
+            self.q_bias = param(rngs, (N, H), dtype, ("heads", "head_dim"), init="zeros")
+            self.k_bias = param(rngs, (K, H), dtype, ("kv_heads", "head_dim"), init="zeros")
+            self.v_bias = param(rngs, (K, H), dtype, ("kv_heads", "head_dim"), init="zeros")
+        if o_bias:
+            self.o_bias = param(rngs, (D,), dtype, ("norm",), init="zeros")
+        if qk_norm:
+            self.q_norm = RMSNorm(H, norm_eps, dtype=dtype, logical_axis="head_dim")
+            self.k_norm = RMSNorm(H, norm_eps, dtype=dtype, logical_axis="head_dim")
+        self.qkv_bias, self.o_bias_on, self.qk_norm = qkv_bias, o_bias, qk_norm
+
+    def __call__(self, x_BTD: jax.Array, cos: jax.Array, sin: jax.Array, mask_BTS: jax.Array,
+                 mesh: Mesh | None) -> jax.Array:
+        q = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.q_proj[...])
+        k = jnp.einsum("BSD,DKH->BSKH", x_BTD, self.k_proj[...])
+        v = jnp.einsum("BSD,DKH->BSKH", x_BTD, self.v_proj[...])
+        if self.qkv_bias:
+            q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = constrain(q, ("batch", "seq", "act_heads", "head_dim"), mesh)
+        k = constrain(k, ("batch", "seq", "act_kv_heads", "head_dim"), mesh)
+        v = constrain(v, ("batch", "seq", "act_kv_heads", "head_dim"), mesh)
+
+        B, T, N, H = q.shape
+        K = self.n_kv_heads
+        q_BTKGH = q.reshape(B, T, K, N // K, H)  # query head n uses kv head n // (N // K)
+        scores = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k, preferred_element_type=jnp.float32)
+        scores = scores * (H ** -0.5)
+        scores = jnp.where(mask_BTS[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(B, T, N, H)
+        out = constrain(out, ("batch", "seq", "act_heads", "head_dim"), mesh)
+        y = jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...])
+        if self.o_bias_on:
+            y = y + self.o_bias[...]
+        return y
+
+
+class GatedMLP(nnx.Module):
+    """down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, d_model: int, d_mlp: int, *, bias: bool, dtype, rngs: nnx.Rngs):
+        self.gate_proj = param(rngs, (d_model, d_mlp), dtype, ("embed", "mlp"))
+        self.up_proj = param(rngs, (d_model, d_mlp), dtype, ("embed", "mlp"))
+        self.down_proj = param(rngs, (d_mlp, d_model), dtype, ("mlp", "embed"))
+        self.bias = bias
+        if bias:
+            self.gate_bias = param(rngs, (d_mlp,), dtype, ("mlp",), init="zeros")
+            self.up_bias = param(rngs, (d_mlp,), dtype, ("mlp",), init="zeros")
+            self.down_bias = param(rngs, (d_model,), dtype, ("norm",), init="zeros")
+
+    def __call__(self, x_BTD: jax.Array, mesh: Mesh | None) -> jax.Array:
+        gate = jnp.einsum("BTD,DF->BTF", x_BTD, self.gate_proj[...])
+        up = jnp.einsum("BTD,DF->BTF", x_BTD, self.up_proj[...])
+        if self.bias:
+            gate, up = gate + self.gate_bias[...], up + self.up_bias[...]
+        h = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp"), mesh)
+        y = jnp.einsum("BTF,FD->BTD", h, self.down_proj[...])
+        if self.bias:
+            y = y + self.down_bias[...]
+        return y

@@ -1,0 +1,225 @@
+"""`load_model` and `LanguageModel`: a loaded, sharded model with a jitted forward per capture set."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from emojax.errors import CheckpointError, InputError
+from emojax.models.checkpoint import NUMPY_DTYPES, load_state, nest, param_shardings, save_safetensors
+from emojax.models.config import ModelConfig
+from emojax.models.hf_config import config_to_hf_dict, read_hf_config
+from emojax.models.presets import RANDOM_PREFIX, SHAPES, preset_names
+from emojax.models.sharding import batch_multiple, logical_to_spec, single_device_mesh
+from emojax.models.transformer import ForwardOutput, Steering, Transformer
+from emojax.tokenizer import Tokenizer
+
+
+class LanguageModel:
+    """A model ready to run: `lm(tokens, attention_mask=None, capture=(6, 9), steering=None)`.
+
+    Parameters live on `mesh` in their sharded layout. The forward is jitted once per (capture set, steering
+    structure, input shape); steering values, tokens and masks are arguments and never cause a recompile.
+    """
+
+    def __init__(self, config: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State, mesh: Mesh,
+                 tokenizer: Tokenizer | None = None, source: str = ""):
+        self.config = config
+        self.graphdef = graphdef
+        self.params = params
+        self.mesh = mesh
+        self.tokenizer = tokenizer
+        self.source = source
+        self.dtype = jnp.dtype(jax.tree.leaves(params)[0].dtype)
+        self.trace_count = 0  # number of times a forward was traced (= compiled); tests read it
+        self._param_shardings = jax.tree.map(lambda a: a.sharding, params)
+        self._compiled: dict = {}
+
+    @property
+    def model(self) -> Transformer:
+        """The Flax NNX module (shares the loaded arrays)."""
+        return nnx.merge(self.graphdef, self.params)
+
+    @property
+    def num_params(self) -> int:
+        return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(self.params))
+
+    def __call__(self, tokens, attention_mask=None, capture: Sequence[int] = (),
+                 steering: Steering | None = None) -> ForwardOutput:
+        """tokens int [B, T]; attention_mask [B, T] (1 = real token, 0 = left padding).
+
+        Returns logits [B, T, V] (float32) and `hidden`, one [B, T, D] array per entry of `capture`, equal to
+        transformers' output_hidden_states[i] for each index i.
+        """
+        tokens = np.asarray(tokens, np.int32)
+        if tokens.ndim != 2:
+            raise InputError(f"tokens must be [batch, seq], got shape {tokens.shape}")
+        B, T = tokens.shape
+        mask = np.ones((B, T), np.int32) if attention_mask is None else np.asarray(attention_mask, np.int32)
+        if mask.shape != (B, T):
+            raise InputError(f"attention_mask shape {mask.shape} does not match tokens {tokens.shape}")
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
+            raise InputError(f"token ids must be in [0, {self.config.vocab_size}); got {tokens.min()}..{tokens.max()}")
+        steering = self._check_steering(steering, B, T)
+        pad = -B % batch_multiple(self.mesh)  # shard the batch evenly; padded rows are dropped below
+        if pad:
+            tokens = np.pad(tokens, ((0, pad), (0, 0)))
+            mask = np.pad(mask, ((0, pad), (0, 0)))
+            steering = _pad_steering(steering, pad)
+        capture = tuple(int(i) for i in capture)
+        bad = [i for i in capture if not 0 <= i <= self.config.n_layers]
+        if bad:
+            raise InputError(f"capture indices {bad} are outside 0..{self.config.n_layers} "
+                             "(0 = embeddings, i = output of layer i - 1)")
+        fn = self._forward_fn(capture, steering)
+        with self._precision():
+            out = fn(self.params, tokens, mask, steering)
+        if pad:
+            out = jax.tree.map(lambda a: a[:B], out)
+        return out
+
+    def _check_steering(self, steering: Steering | None, B: int, T: int) -> Steering | None:
+        if steering is None:
+            return None
+        want = (self.config.n_layers + 1, self.config.d_model)
+        vectors = jnp.asarray(steering.vectors)
+        if vectors.shape != want:
+            raise InputError(f"steering.vectors must be [n_layers + 1, d_model] = {want}, got {vectors.shape}")
+        scale = None if steering.scale is None else jnp.asarray(steering.scale, jnp.float32)
+        if scale is not None and scale.shape != (B,):
+            raise InputError(f"steering.scale must be [{B}], got {scale.shape}")
+        smask = None if steering.mask is None else jnp.asarray(steering.mask, jnp.float32)
+        if smask is not None and smask.shape != (B, T):
+            raise InputError(f"steering.mask must be [{B}, {T}], got {smask.shape}")
+        return Steering(vectors=vectors.astype(jnp.float32), scale=scale, mask=smask)
+
+    def _precision(self):
+        # float32 models are compared against float32 references: no reduced-precision matmul passes.
+        if self.dtype == jnp.float32:
+            return jax.default_matmul_precision("highest")
+        return contextlib.nullcontext()
+
+    def _forward_fn(self, capture: tuple[int, ...], steering: Steering | None):
+        structure = None if steering is None else (steering.scale is not None, steering.mask is not None)
+        key = (capture, structure)
+        if key not in self._compiled:
+            self._compiled[key] = self._build_forward(capture, steering)
+        return self._compiled[key]
+
+    def _build_forward(self, capture: tuple[int, ...], steering: Steering | None):
+        mesh, graphdef = self.mesh, self.graphdef
+        batch = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+        replicated = NamedSharding(mesh, PartitionSpec())
+        steer_shardings = None if steering is None else Steering(
+            vectors=replicated,
+            scale=None if steering.scale is None else batch,
+            mask=None if steering.mask is None else batch,
+        )
+        V, D = self.config.vocab_size, self.config.d_model
+
+        def activation(axes, shape):
+            return NamedSharding(mesh, logical_to_spec(axes, shape, mesh))
+
+        # Only the logits' vocab dim and the batch matter for the output layout; sizes are illustrative.
+        out_shardings = ForwardOutput(
+            logits=activation(("batch", "seq", "act_vocab"), (batch_multiple(mesh), 1, V)),
+            hidden=tuple(activation(("batch", "seq", "act_embed"), (batch_multiple(mesh), 1, D)) for _ in capture),
+        )
+
+        def forward(params, tokens, mask, steer):
+            self.trace_count += 1  # runs only while tracing
+            model = nnx.merge(graphdef, params)
+            return model(tokens, mask, capture=capture, steering=steer, mesh=mesh)
+
+        return jax.jit(
+            forward,
+            in_shardings=(self._param_shardings, batch, batch, steer_shardings),
+            out_shardings=out_shardings,
+        )
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Writes a Hugging Face-format directory (config.json, model.safetensors, tokenizer.json)."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        hf = config_to_hf_dict(self.config)
+        hf["dtype"] = str(self.dtype)
+        save_safetensors(self.config, self.params, out_dir)
+        (out_dir / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        if self.tokenizer is not None:
+            self.tokenizer.backend.save(str(out_dir / "tokenizer.json"))
+        return out_dir
+
+
+def _pad_steering(steering: Steering | None, pad: int) -> Steering | None:
+    if steering is None:
+        return None
+    return Steering(
+        vectors=steering.vectors,
+        scale=None if steering.scale is None else jnp.pad(steering.scale, (0, pad)),
+        mask=None if steering.mask is None else jnp.pad(steering.mask, ((0, pad), (0, 0))),
+    )
+
+
+def _resolve_dtype(dtype) -> np.dtype:
+    name = jnp.dtype(dtype).name
+    if name not in NUMPY_DTYPES:
+        raise InputError(f"dtype must be one of {sorted(NUMPY_DTYPES)}, got {dtype!r}")
+    return NUMPY_DTYPES[name]
+
+
+def abstract_model(config: ModelConfig, dtype="float32") -> Transformer:
+    """The model with ShapeDtypeStruct leaves: shapes and parameter counts without allocating."""
+    return nnx.eval_shape(lambda: Transformer(config, dtype=_resolve_dtype(dtype), rngs=nnx.Rngs(0)))
+
+
+def random_model(config: ModelConfig, dtype="float32", mesh: Mesh | None = None, seed: int = 0,
+                 tokenizer: Tokenizer | None = None) -> LanguageModel:
+    """A randomly initialised model, created directly in its sharded layout."""
+    np_dtype = _resolve_dtype(dtype)
+    mesh = mesh or single_device_mesh()
+    graphdef, abstract_state = nnx.split(abstract_model(config, dtype))
+    shardings = nest(param_shardings(abstract_state, mesh))
+
+    def init():
+        return nnx.to_pure_dict(nnx.state(Transformer(config, dtype=np_dtype, rngs=nnx.Rngs(seed))))
+
+    pure = jax.jit(init, out_shardings=shardings)()
+    nnx.replace_by_pure_dict(abstract_state, pure)
+    return LanguageModel(config, graphdef, abstract_state, mesh, tokenizer, source=f"random (seed {seed})")
+
+
+def load_model(path_or_preset: str | Path, dtype="float32", mesh: Mesh | None = None) -> LanguageModel:
+    """Loads a Hugging Face-format checkpoint directory, or builds a preset ("random:NAME").
+
+    Reads config.json, model.safetensors (or a sharded index) and tokenizer.json when present. With a mesh,
+    every parameter is placed straight into its sharded layout.
+    """
+    mesh = mesh or single_device_mesh()
+    name = str(path_or_preset)
+    if name.startswith(RANDOM_PREFIX) and not Path(name).exists():
+        shape = name[len(RANDOM_PREFIX):]
+        if shape not in SHAPES:
+            raise CheckpointError(f"unknown preset {name!r}; presets: {', '.join(preset_names())}")
+        return random_model(SHAPES[shape], dtype=dtype, mesh=mesh)
+    path = Path(path_or_preset)
+    if not path.is_dir():
+        raise CheckpointError(
+            f"{path}: not a checkpoint directory (expected config.json + *.safetensors) or a preset "
+            f"({', '.join(preset_names())})"
+        )
+    config = read_hf_config(path)
+    np_dtype = _resolve_dtype(dtype)
+    graphdef, abstract_state = nnx.split(abstract_model(config, dtype))
+    pure = load_state(config, path, abstract_state, mesh, np_dtype)
+    nnx.replace_by_pure_dict(abstract_state, pure)
+    tokenizer_file = path / "tokenizer.json"
+    tokenizer = Tokenizer.from_file(tokenizer_file) if tokenizer_file.is_file() else None
+    return LanguageModel(config, graphdef, abstract_state, mesh, tokenizer, source=str(path))

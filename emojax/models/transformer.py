@@ -1,0 +1,170 @@
+"""The decoder-only transformer: embeddings, a scanned stack of layers, final norm, unembedding.
+
+Layers are stored stacked (every layer parameter has a leading `layers` axis) and run with `jax.lax.scan`,
+so compile time does not grow with depth. The graph of one layer is split off once; inside the scan body
+each layer's slice of the state is merged back into a module.
+
+Residual-stream indices follow Hugging Face `output_hidden_states`: index 0 is the embedding output, index
+i (1 <= i < L) the output of layer i - 1, and index L the output of the last layer after the final norm.
+Steering row i is added to the residual stream at index i before it is read (for i = L: to the last layer's
+output, before the final norm), so a direction read at index i is written back at the same place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+from jax.sharding import Mesh
+
+from emojax.models.config import ModelConfig
+from emojax.models.layers import Attention, GatedMLP, RMSNorm, param, rope_inv_freq, rope_tables
+from emojax.models.sharding import constrain
+
+
+@struct.dataclass
+class ForwardOutput:
+    logits: jax.Array  # [B, T, V] float32
+    hidden: tuple[jax.Array, ...]  # one [B, T, D] array per requested capture index, in request order
+
+
+@struct.dataclass
+class Steering:
+    """Additive steering, all arrays (changing values never recompiles).
+
+    vectors: [L + 1, D]; row i is added at residual index i (rows of zeros leave a layer untouched).
+    scale:   [B] per-example multiplier (a strength sweep in one batch), or None for 1.
+    mask:    [B, T] per-position multiplier (e.g. only generated positions), or None for all positions.
+    """
+
+    vectors: jax.Array
+    scale: jax.Array | None = None
+    mask: jax.Array | None = None
+
+    def delta(self, index, dtype) -> jax.Array:
+        """What is added at residual index `index`: broadcastable to [B, T, D]."""
+        v = self.vectors[index].astype(jnp.float32)[None, None, :]
+        if self.scale is not None:
+            v = v * self.scale.astype(jnp.float32)[:, None, None]
+        if self.mask is not None:
+            v = v * self.mask.astype(jnp.float32)[:, :, None]
+        return v.astype(dtype)
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, dtype=dtype)
+        self.attn = Attention(
+            cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, qkv_bias=cfg.qkv_bias, o_bias=cfg.o_bias,
+            qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps, dtype=dtype, rngs=rngs,
+        )
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, dtype=dtype)
+        self.mlp = GatedMLP(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x_BTD, cos, sin, mask_BTS, mesh):
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, mask_BTS, mesh)
+        return x_BTD + self.mlp(self.mlp_norm(x_BTD), mesh)
+
+
+def stack_modules(make: Callable[[jax.Array], nnx.Module], n: int, key: jax.Array) -> nnx.Module:
+    """Builds `n` modules with `make(key_i)` and stacks their state along a new leading axis."""
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: make(jax.random.key(0))))
+    states = jax.vmap(lambda k: nnx.state(make(k)))(jax.random.split(key, n))
+    return nnx.merge(graphdef, states)
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = cfg
+        self.dtype = jnp.dtype(dtype)
+        self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), dtype, ("vocab", "embed"))
+        self.layers = stack_modules(
+            lambda k: DecoderLayer(cfg, dtype=dtype, rngs=nnx.Rngs(k)), cfg.n_layers, rngs.params()
+        )
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, dtype=dtype)
+        self.lm_head = None if cfg.tie_embeddings else param(
+            rngs, (cfg.d_model, cfg.vocab_size), dtype, ("embed", "vocab")
+        )
+
+    def __call__(self, tokens_BT: jax.Array, attention_mask_BT: jax.Array | None = None, *,
+                 capture: Sequence[int] = (), steering: Steering | None = None,
+                 mesh: Mesh | None = None) -> ForwardOutput:
+        """Logits [B, T, V] (float32) and the residual stream at the `capture` indices.
+
+        attention_mask_BT: 1 for real tokens, 0 for (left) padding; positions count real tokens only, so a
+        left-padded row gives the same values on its real tokens as the unpadded sequence.
+        """
+        cfg = self.config
+        L = cfg.n_layers
+        capture = tuple(int(i) for i in capture)
+        for i in capture:
+            if not 0 <= i <= L:
+                raise ValueError(f"capture index {i} is outside 0..{L} (embeddings, then one per layer)")
+        B, T = tokens_BT.shape
+        if attention_mask_BT is None:
+            valid_BT = jnp.ones((B, T), bool)
+            positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        else:
+            valid_BT = attention_mask_BT.astype(bool)
+            positions_BT = jnp.maximum(jnp.cumsum(valid_BT.astype(jnp.int32), axis=1) - 1, 0)
+
+        cos, sin = rope_tables(positions_BT, rope_inv_freq(cfg.rope, cfg.head_dim))
+        q_idx = jnp.arange(T)[:, None]
+        kv_idx = jnp.arange(T)[None, :]
+        causal_TS = kv_idx <= q_idx
+        base_mask_BTS = causal_TS[None] & valid_BT[:, None, :]
+
+        x = jnp.take(self.embed[...], tokens_BT, axis=0)
+        if steering is not None:
+            x = x + steering.delta(0, x.dtype)
+        x = constrain(x, ("batch", "seq", "act_embed"), mesh)
+        embeddings = x
+
+        # Residual indices 1..L-1 are read inside the scan into a buffer; layers whose output is not
+        # captured write to one extra scratch slot, so the body has no branch on the layer index.
+        in_scan = sorted({i for i in capture if 0 < i < L})
+        slot_of = np.full((L,), len(in_scan), np.int32)
+        for slot, i in enumerate(in_scan):
+            slot_of[i - 1] = slot
+        buffer = jnp.zeros((len(in_scan) + 1, B, T, cfg.d_model), x.dtype) if in_scan else None
+
+        layer_graph, layer_state = nnx.split(self.layers)
+        windows_L = jnp.asarray(cfg.layer_windows, jnp.int32)
+        steer_rows = jnp.arange(1, L + 1)
+
+        def body(carry, xs):
+            x, buffer = carry
+            state, window, slot, steer_row = xs
+            in_window = (window == 0) | (q_idx - kv_idx < window)
+            mask = base_mask_BTS & in_window[None]
+            x = nnx.merge(layer_graph, state)(x, cos, sin, mask, mesh)
+            if steering is not None:
+                x = x + steering.delta(steer_row, x.dtype)
+            x = constrain(x, ("batch", "seq", "act_embed"), mesh)
+            if buffer is not None:
+                buffer = jax.lax.dynamic_update_index_in_dim(buffer, x, slot, axis=0)
+            return (x, buffer), None
+
+        (x, buffer), _ = jax.lax.scan(
+            body, (x, buffer), (layer_state, windows_L, jnp.asarray(slot_of), steer_rows)
+        )
+
+        x = self.final_norm(x)
+        head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+        logits = jnp.einsum("BTD,DV->BTV", x, head, preferred_element_type=jnp.float32)
+        logits = constrain(logits, ("batch", "seq", "act_vocab"), mesh)
+
+        def residual(i):
+            if i == 0:
+                return embeddings
+            if i == L:
+                return x
+            return buffer[in_scan.index(i)]
+
+        hidden = tuple(constrain(residual(i), ("batch", "seq", "act_embed"), mesh) for i in capture)
+        return ForwardOutput(logits=logits, hidden=hidden)

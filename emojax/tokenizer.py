@@ -1,0 +1,56 @@
+"""Tokenization through the `tokenizers` library (the tokenizer.json of a Hugging Face checkpoint)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import tokenizers
+
+from emojax.errors import CheckpointError
+
+
+class Tokenizer:
+    """encode/decode plus left-padded batching for the model's [B, T] inputs."""
+
+    def __init__(self, backend: tokenizers.Tokenizer, source: str = "<memory>"):
+        self.backend = backend
+        self.source = source
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Tokenizer:
+        try:
+            return cls(tokenizers.Tokenizer.from_file(str(path)), source=str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for malformed files
+            raise CheckpointError(f"{path}: cannot read tokenizer ({e})") from None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(list(map(int, ids)), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def batch(self, texts: Sequence[str], length: int | None = None, pad_id: int = 0,
+              add_special_tokens: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Left-padded int32 tokens [B, T] and attention mask [B, T] (T = longest text, or `length`).
+
+        Texts longer than `length` keep their last `length` tokens.
+        """
+        encoded = [self.encode(t, add_special_tokens) for t in texts]
+        T = length or max(1, max(len(e) for e in encoded))
+        tokens = np.full((len(texts), T), pad_id, np.int32)
+        mask = np.zeros((len(texts), T), np.int32)
+        for row, ids in enumerate(encoded):
+            ids = ids[-T:]
+            if ids:
+                tokens[row, T - len(ids):] = ids
+                mask[row, T - len(ids):] = 1
+        return tokens, mask
