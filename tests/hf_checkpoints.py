@@ -30,6 +30,16 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GemmaConfig,
+    GemmaForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -48,6 +58,11 @@ FAMILIES: dict[str, tuple[type, type]] = {
     "mistral": (MistralConfig, MistralForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    "gemma": (GemmaConfig, GemmaForCausalLM),
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM),
+    "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM),
+    "gpt2": (GPT2Config, GPT2LMHeadModel),
+    "gpt_neox": (GPTNeoXConfig, GPTNeoXForCausalLM),
 }
 
 BASE_CONFIG: dict[str, Any] = dict(
@@ -63,6 +78,16 @@ BASE_CONFIG: dict[str, Any] = dict(
     initializer_range=0.1,
     tie_word_embeddings=False,
 )
+
+# GPT-2 and GPT-NeoX name their sizes differently and have no GQA; Gemma ties its embeddings by default.
+FAMILY_BASES: dict[str, dict[str, Any]] = {
+    "gpt2": dict(n_embd=72, n_head=6, n_layer=3, n_inner=100, vocab_size=101, n_positions=16,
+                 layer_norm_epsilon=1e-5, initializer_range=0.1, tie_word_embeddings=True,
+                 bos_token_id=0, eos_token_id=0),
+    "gpt_neox": dict(hidden_size=72, num_attention_heads=6, num_hidden_layers=3, intermediate_size=100,
+                     vocab_size=101, max_position_embeddings=128, layer_norm_eps=1e-5, initializer_range=0.1,
+                     tie_word_embeddings=False),
+}
 
 PERTURB_STD = 0.1
 EMBED_STD = 1.0
@@ -95,12 +120,32 @@ CASES: dict[str, Case] = {
     "qwen3": Case("qwen3", dict(head_dim=16)),
     "qwen3_tied": Case("qwen3", dict(head_dim=16, tie_word_embeddings=True)),
     "llama_tied": Case("llama", dict(tie_word_embeddings=True)),
+    # Gemma 1: head_dim independent of hidden / heads, (1 + w) norms, GeGLU, scaled and tied embeddings.
+    "gemma": Case("gemma", dict(head_dim=16, tie_word_embeddings=True)),
+    # Gemma 2: sandwich norms, soft-capping that bites (scores and logits reach well past the caps),
+    # query_pre_attn_scalar != head_dim, alternating window-4 / global layers on a 13-token sequence.
+    "gemma2_window": Case("gemma2", dict(head_dim=16, tie_word_embeddings=True, sliding_window=4,
+                                         query_pre_attn_scalar=20, attn_logit_softcapping=2.0,
+                                         final_logit_softcapping=30.0), seq_len=13),
+    # Gemma 3: q/k norm, a linearly scaled global rope and a different local rope base, pattern 2.
+    "gemma3": Case("gemma3_text", dict(head_dim=16, tie_word_embeddings=True, num_hidden_layers=4,
+                                       sliding_window=4, sliding_window_pattern=2, query_pre_attn_scalar=20,
+                                       rope_parameters={
+                                           "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                              "rope_theta": 1_000_000.0},
+                                           "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                                       }), seq_len=13),
+    # GPT-2 at its full context: every learned position row is used.
+    "gpt2_full_context": Case("gpt2", seq_len=16),
+    # Pythia-style: a quarter of each head rotated (3 of 12 dims), parallel and sequential residuals.
+    "gpt_neox_parallel": Case("gpt_neox", dict(rotary_pct=0.25, use_parallel_residual=True)),
+    "gpt_neox_sequential": Case("gpt_neox", dict(rotary_pct=0.25, use_parallel_residual=False)),
 }
 
 
 def make_config(family: str, **overrides):
     config_cls, _ = FAMILIES[family]
-    kwargs = {**BASE_CONFIG, **overrides}
+    kwargs = {**FAMILY_BASES.get(family, BASE_CONFIG), **overrides}
     return config_cls(**kwargs)
 
 
@@ -110,7 +155,7 @@ def perturb_biases_and_norms(model: torch.nn.Module, seed: int, std: float = PER
     touched = []
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(".bias") or "norm" in name:
+            if name.endswith(".bias") or "norm" in name or ".ln_" in name:
                 p.add_(std * torch.randn(p.shape, generator=gen, dtype=p.dtype))
                 touched.append(name)
     return touched
@@ -137,7 +182,8 @@ def make_logits_decisive(model: torch.nn.Module, seed: int, embed_std: float = E
             head.copy_(config.initializer_range * mixed)
 
 
-def build_checkpoint(out_dir: str | Path, family: str, seed: int = 0, **overrides) -> tuple[Path, torch.nn.Module]:
+def build_checkpoint(out_dir: str | Path, family: str, seed: int = 0, decisive: bool = True,
+                     **overrides) -> tuple[Path, torch.nn.Module]:
     """Builds a seeded random `family` model, saves it (safetensors) into out_dir; returns (path, model).
 
     The returned model is float32 and in eval mode; it is the exact model whose weights were saved.
@@ -149,7 +195,8 @@ def build_checkpoint(out_dir: str | Path, family: str, seed: int = 0, **override
     torch.manual_seed(seed)
     model = model_cls(config).to(torch.float32).eval()
     perturb_biases_and_norms(model, seed)
-    make_logits_decisive(model, seed)
+    if decisive:
+        make_logits_decisive(model, seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
@@ -157,9 +204,9 @@ def build_checkpoint(out_dir: str | Path, family: str, seed: int = 0, **override
     return out_dir, model
 
 
-def build_case(out_dir: str | Path, name: str, seed: int = 0) -> tuple[Path, torch.nn.Module]:
+def build_case(out_dir: str | Path, name: str, seed: int = 0, decisive: bool = True) -> tuple[Path, torch.nn.Module]:
     case = CASES[name]
-    return build_checkpoint(out_dir, case.family, seed=seed, **case.overrides)
+    return build_checkpoint(out_dir, case.family, seed=seed, decisive=decisive, **case.overrides)
 
 
 def run_torch(model: torch.nn.Module, tokens: np.ndarray, attention_mask: np.ndarray | None = None,
@@ -197,7 +244,8 @@ class Built:
 
     @property
     def n_layers(self) -> int:
-        return self.model.config.num_hidden_layers
+        config = self.model.config
+        return config.n_layer if config.model_type == "gpt2" else config.num_hidden_layers
 
     @property
     def vocab_size(self) -> int:
@@ -207,13 +255,15 @@ class Built:
 class CheckpointCache:
     """Builds each named case at most once, under `root` (use one per test module, e.g. module-scoped)."""
 
-    def __init__(self, root: str | Path, seed: int = 0):
+    def __init__(self, root: str | Path, seed: int = 0, decisive: bool = True):
+        """decisive=False keeps transformers' plain init (moderate activations, near-tied logits)."""
+        self.decisive = decisive
         self.root = Path(root)
         self.seed = seed
         self._built: dict[str, Built] = {}
 
     def get(self, name: str) -> Built:
         if name not in self._built:
-            path, model = build_case(self.root / name, name, seed=self.seed)
+            path, model = build_case(self.root / name, name, seed=self.seed, decisive=self.decisive)
             self._built[name] = Built(name, path, model)
         return self._built[name]

@@ -8,7 +8,8 @@ import emojax
 from emojax.models.presets import SHAPES
 
 # Published sizes (Hugging Face model cards / safetensors metadata).
-PUBLISHED = {"llama-3.1-8b": 8_030_261_248, "tinyllama-1.1b": 1_100_048_384}
+PUBLISHED = {"llama-3.1-8b": 8_030_261_248, "tinyllama-1.1b": 1_100_048_384, "gemma-2-2b": 2_614_341_888,
+             "pythia-1.4b": 1_414_647_808, "gpt2": 124_439_808}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))

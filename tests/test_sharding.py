@@ -72,3 +72,30 @@ def test_indivisible_dimensions_are_replicated():
     assert logical_to_spec(("heads", "head_dim"), (6, 12), mesh) == jax.sharding.PartitionSpec(None, None)
     assert logical_to_spec(("batch", "seq"), (8, 3), make_mesh((2, 2, 2))) == jax.sharding.PartitionSpec(
         ("data", "fsdp"), None)
+
+
+# One transformers-built checkpoint per family, on two mesh shapes.
+FAMILY_CASES = ["llama_gqa", "mistral_window", "qwen2", "gemma", "gemma2_window", "gemma3", "gpt2_full_context",
+                "gpt_neox_parallel"]
+
+
+@pytest.fixture(scope="module")
+def hf_checkpoints(tmp_path_factory):
+    from hf_checkpoints import CheckpointCache
+
+    # plain init: activations of order 1, so 1e-5 is a real bound (decisive checkpoints reach logits near 80)
+    return CheckpointCache(tmp_path_factory.mktemp("hf_sharding"), decisive=False)
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 2), (1, 2, 4)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("name", FAMILY_CASES)
+def test_every_family_sharded_matches_single_device(hf_checkpoints, name, shape):
+    ckpt = hf_checkpoints.get(name)
+    rng = np.random.default_rng(7)
+    tokens = rng.integers(0, ckpt.vocab_size, (8, 13)).astype(np.int32)
+    capture = (0, 2, ckpt.n_layers)
+    want = emojax.load_model(ckpt.path)(tokens, capture=capture)
+    got = emojax.load_model(ckpt.path, mesh=make_mesh(shape))(tokens, capture=capture)
+    np.testing.assert_allclose(np.asarray(got.logits), np.asarray(want.logits), atol=1e-5, rtol=0)
+    for g, w in zip(got.hidden, want.hidden):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=0)

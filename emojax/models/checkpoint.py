@@ -85,11 +85,12 @@ class SafetensorsReader:
 
 def check_keys(cfg: ModelConfig, reader: SafetensorsReader, source: Path) -> list[TensorMap]:
     """Validates names and shapes of every tensor before anything is loaded; returns the key table."""
-    table = key_table(cfg)
+    present = set(reader.shapes)
+    table = key_table(cfg, present)
     expected = {key: m.hf_shape for m in table for key in m.hf_keys(cfg.n_layers)}
     found = set(reader.shapes)
     missing = sorted(expected.keys() - found)
-    unexpected = sorted(found - expected.keys() - redundant_keys(cfg))
+    unexpected = sorted(found - expected.keys() - redundant_keys(cfg, present))
     problems = []
     if missing:
         problems.append(f"missing tensors: {_abbreviate(missing)}")

@@ -8,6 +8,7 @@ attention scores and softmax are float32.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -35,14 +36,29 @@ def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], dtype, logical_axes: tu
     return nnx.Param(value.astype(dtype), logical_axes=logical_axes)
 
 
-class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, *, dtype, logical_axis: str = "norm"):
-        self.eps = eps
-        self.scale = param(None, (dim,), dtype, (logical_axis,), init="ones")
+class Norm(nnx.Module):
+    """RMSNorm (Llama: w * normed cast back first; Gemma: (1 + w) * normed in float32) or LayerNorm with bias.
+
+    Statistics are always computed in float32, as the references do.
+    """
+
+    def __init__(self, dim: int, eps: float, *, kind: str = "rms", offset: bool = False, dtype,
+                 logical_axis: str = "norm"):
+        self.eps, self.kind, self.offset = eps, kind, offset
+        self.scale = param(None, (dim,), dtype, (logical_axis,), init="zeros" if offset else "ones")
+        if kind == "layer":
+            self.bias = param(None, (dim,), dtype, (logical_axis,), init="zeros")
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
+        if self.kind == "layer":
+            centered = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+            normed = centered * jax.lax.rsqrt(jnp.mean(centered * centered, axis=-1, keepdims=True) + self.eps)
+            out = normed * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+            return out.astype(x.dtype)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.offset:
+            return (normed * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
         return self.scale[...] * normed.astype(x.dtype)
 
 
@@ -73,46 +89,77 @@ def rope_tables(positions_BT: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Arra
     return jnp.cos(emb), jnp.sin(emb)
 
 
-def apply_rope(x_BTNH: jax.Array, cos_BTH: jax.Array, sin_BTH: jax.Array) -> jax.Array:
-    cos = cos_BTH[:, :, None, :].astype(x_BTNH.dtype)
-    sin = sin_BTH[:, :, None, :].astype(x_BTNH.dtype)
-    x1, x2 = jnp.split(x_BTNH, 2, axis=-1)
+def apply_rope(x_BTNH: jax.Array, cos_BTR: jax.Array, sin_BTR: jax.Array) -> jax.Array:
+    """Rotates the first R = cos.shape[-1] dims of each head (all of them unless rotary is partial)."""
+    R = cos_BTR.shape[-1]
+    x_rot, x_pass = x_BTNH[..., :R], x_BTNH[..., R:]
+    cos = cos_BTR[:, :, None, :].astype(x_BTNH.dtype)
+    sin = sin_BTR[:, :, None, :].astype(x_BTNH.dtype)
+    x1, x2 = jnp.split(x_rot, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return x_BTNH * cos + rotated * sin
+    out = x_rot * cos + rotated * sin
+    return out if R == x_BTNH.shape[-1] else jnp.concatenate([out, x_pass], axis=-1)
+
+
+_ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu_tanh": partial(jax.nn.gelu, approximate=True),
+    "gelu": partial(jax.nn.gelu, approximate=False),
+}
 
 
 class Attention(nnx.Module):
-    """Grouped-query attention (MHA when n_kv_heads == n_heads, MQA when 1), optional biases and q/k norm."""
+    """Grouped-query attention (MHA when n_kv_heads == n_heads, MQA when 1).
+
+    Optional: q/k/v and output biases, a fused [D, 3, N, H] q/k/v projection, per-head q/k norm, a custom
+    query scale and tanh soft-capping of the scores.
+    """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *, qkv_bias: bool,
-                 o_bias: bool, qk_norm: bool, norm_eps: float, dtype, rngs: nnx.Rngs):
+                 o_bias: bool, qk_norm: bool, fused_qkv: bool, norm_eps: float, norm_offset: bool, scale: float,
+                 softcap: float | None, dtype, rngs: nnx.Rngs):
         D, N, K, H = d_model, n_heads, n_kv_heads, head_dim
-        self.n_heads, self.n_kv_heads, self.head_dim = N, K, H
-        self.q_proj = param(rngs, (D, N, H), dtype, ("embed", "heads", "head_dim"))
-        self.k_proj = param(rngs, (D, K, H), dtype, ("embed", "kv_heads", "head_dim"))
-        self.v_proj = param(rngs, (D, K, H), dtype, ("embed", "kv_heads", "head_dim"))
+        self.n_kv_heads, self.scale, self.softcap = K, scale, softcap
+        self.has_qkv_bias, self.has_o_bias, self.has_qk_norm, self.fused = qkv_bias, o_bias, qk_norm, fused_qkv
+        if fused_qkv:
+            self.qkv_proj = param(rngs, (D, 3, N, H), dtype, ("embed", None, "heads", "head_dim"))
+            if qkv_bias:
+                self.qkv_bias = param(rngs, (3, N, H), dtype, (None, "heads", "head_dim"), init="zeros")
+        else:
+            self.q_proj = param(rngs, (D, N, H), dtype, ("embed", "heads", "head_dim"))
+            self.k_proj = param(rngs, (D, K, H), dtype, ("embed", "kv_heads", "head_dim"))
+            self.v_proj = param(rngs, (D, K, H), dtype, ("embed", "kv_heads", "head_dim"))
+            if qkv_bias:
+                self.q_bias = param(rngs, (N, H), dtype, ("heads", "head_dim"), init="zeros")
+                self.k_bias = param(rngs, (K, H), dtype, ("kv_heads", "head_dim"), init="zeros")
+                self.v_bias = param(rngs, (K, H), dtype, ("kv_heads", "head_dim"), init="zeros")
         self.o_proj = param(rngs, (N, H, D), dtype, ("heads", "head_dim", "embed"))
-        if qkv_bias:
-            self.q_bias = param(rngs, (N, H), dtype, ("heads", "head_dim"), init="zeros")
-            self.k_bias = param(rngs, (K, H), dtype, ("kv_heads", "head_dim"), init="zeros")
-            self.v_bias = param(rngs, (K, H), dtype, ("kv_heads", "head_dim"), init="zeros")
         if o_bias:
             self.o_bias = param(rngs, (D,), dtype, ("norm",), init="zeros")
         if qk_norm:
-            self.q_norm = RMSNorm(H, norm_eps, dtype=dtype, logical_axis="head_dim")
-            self.k_norm = RMSNorm(H, norm_eps, dtype=dtype, logical_axis="head_dim")
-        self.qkv_bias, self.o_bias_on, self.qk_norm = qkv_bias, o_bias, qk_norm
+            self.q_norm = Norm(H, norm_eps, offset=norm_offset, dtype=dtype, logical_axis="head_dim")
+            self.k_norm = Norm(H, norm_eps, offset=norm_offset, dtype=dtype, logical_axis="head_dim")
 
-    def __call__(self, x_BTD: jax.Array, cos: jax.Array, sin: jax.Array, mask_BTS: jax.Array,
-                 mesh: Mesh | None) -> jax.Array:
+    def _project(self, x_BTD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        if self.fused:
+            qkv = jnp.einsum("BTD,DCNH->CBTNH", x_BTD, self.qkv_proj[...])
+            if self.has_qkv_bias:
+                qkv = qkv + self.qkv_bias[...][:, None, None]
+            return qkv[0], qkv[1], qkv[2]
         q = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.q_proj[...])
         k = jnp.einsum("BSD,DKH->BSKH", x_BTD, self.k_proj[...])
         v = jnp.einsum("BSD,DKH->BSKH", x_BTD, self.v_proj[...])
-        if self.qkv_bias:
+        if self.has_qkv_bias:
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
-        if self.qk_norm:
+        return q, k, v
+
+    def __call__(self, x_BTD: jax.Array, cos: jax.Array | None, sin: jax.Array | None, mask_BTS: jax.Array,
+                 mesh: Mesh | None) -> jax.Array:
+        q, k, v = self._project(x_BTD)
+        if self.has_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cos is not None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q = constrain(q, ("batch", "seq", "act_heads", "head_dim"), mesh)
         k = constrain(k, ("batch", "seq", "act_kv_heads", "head_dim"), mesh)
         v = constrain(v, ("batch", "seq", "act_kv_heads", "head_dim"), mesh)
@@ -121,36 +168,48 @@ class Attention(nnx.Module):
         K = self.n_kv_heads
         q_BTKGH = q.reshape(B, T, K, N // K, H)  # query head n uses kv head n // (N // K)
         scores = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k, preferred_element_type=jnp.float32)
-        scores = scores * (H ** -0.5)
+        scores = scores * self.scale
+        if self.softcap is not None:
+            scores = jnp.tanh(scores / self.softcap) * self.softcap
         scores = jnp.where(mask_BTS[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(B, T, N, H)
         out = constrain(out, ("batch", "seq", "act_heads", "head_dim"), mesh)
         y = jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...])
-        if self.o_bias_on:
+        if self.has_o_bias:
             y = y + self.o_bias[...]
         return y
 
 
-class GatedMLP(nnx.Module):
-    """down(silu(gate(x)) * up(x))."""
+class MLP(nnx.Module):
+    """Gated: down(act(gate(x)) * up(x)) (Llama, Gemma). Plain: down(act(up(x))) (GPT-2, GPT-NeoX)."""
 
-    def __init__(self, d_model: int, d_mlp: int, *, bias: bool, dtype, rngs: nnx.Rngs):
-        self.gate_proj = param(rngs, (d_model, d_mlp), dtype, ("embed", "mlp"))
+    def __init__(self, d_model: int, d_mlp: int, *, gated: bool, activation: str, bias: bool, dtype,
+                 rngs: nnx.Rngs):
+        self.gated, self.bias, self.activation = gated, bias, activation
+        if gated:
+            self.gate_proj = param(rngs, (d_model, d_mlp), dtype, ("embed", "mlp"))
         self.up_proj = param(rngs, (d_model, d_mlp), dtype, ("embed", "mlp"))
         self.down_proj = param(rngs, (d_mlp, d_model), dtype, ("mlp", "embed"))
-        self.bias = bias
         if bias:
-            self.gate_bias = param(rngs, (d_mlp,), dtype, ("mlp",), init="zeros")
+            if gated:
+                self.gate_bias = param(rngs, (d_mlp,), dtype, ("mlp",), init="zeros")
             self.up_bias = param(rngs, (d_mlp,), dtype, ("mlp",), init="zeros")
             self.down_bias = param(rngs, (d_model,), dtype, ("norm",), init="zeros")
 
     def __call__(self, x_BTD: jax.Array, mesh: Mesh | None) -> jax.Array:
-        gate = jnp.einsum("BTD,DF->BTF", x_BTD, self.gate_proj[...])
+        act = _ACTIVATIONS[self.activation]
         up = jnp.einsum("BTD,DF->BTF", x_BTD, self.up_proj[...])
         if self.bias:
-            gate, up = gate + self.gate_bias[...], up + self.up_bias[...]
-        h = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp"), mesh)
+            up = up + self.up_bias[...]
+        if self.gated:
+            gate = jnp.einsum("BTD,DF->BTF", x_BTD, self.gate_proj[...])
+            if self.bias:
+                gate = gate + self.gate_bias[...]
+            h = act(gate) * up
+        else:
+            h = act(up)
+        h = constrain(h, ("batch", "seq", "act_mlp"), mesh)
         y = jnp.einsum("BTF,FD->BTD", h, self.down_proj[...])
         if self.bias:
             y = y + self.down_bias[...]

@@ -31,8 +31,9 @@ class LanguageModel:
     """
 
     def __init__(self, config: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State, mesh: Mesh,
-                 tokenizer: Tokenizer | None = None, source: str = ""):
+                 tokenizer: Tokenizer | None = None, source: str = "", hf_config: dict | None = None):
         self.config = config
+        self.hf_config = hf_config  # the checkpoint's own config.json, written back unchanged by save()
         self.graphdef = graphdef
         self.params = params
         self.mesh = mesh
@@ -68,6 +69,9 @@ class LanguageModel:
             raise InputError(f"attention_mask shape {mask.shape} does not match tokens {tokens.shape}")
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
             raise InputError(f"token ids must be in [0, {self.config.vocab_size}); got {tokens.min()}..{tokens.max()}")
+        if self.config.learned_positions and T > self.config.learned_positions:
+            raise InputError(f"sequence length {T} exceeds the model's {self.config.learned_positions} "
+                             "learned positions")
         steering = self._check_steering(steering, B, T)
         pad = -B % batch_multiple(self.mesh)  # shard the batch evenly; padded rows are dropped below
         if pad:
@@ -149,7 +153,7 @@ class LanguageModel:
         """Writes a Hugging Face-format directory (config.json, model.safetensors, tokenizer.json)."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        hf = config_to_hf_dict(self.config)
+        hf = dict(self.hf_config) if self.hf_config is not None else config_to_hf_dict(self.config)
         hf["dtype"] = str(self.dtype)
         save_safetensors(self.config, self.params, out_dir)
         (out_dir / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
@@ -222,4 +226,5 @@ def load_model(path_or_preset: str | Path, dtype="float32", mesh: Mesh | None = 
     nnx.replace_by_pure_dict(abstract_state, pure)
     tokenizer_file = path / "tokenizer.json"
     tokenizer = Tokenizer.from_file(tokenizer_file) if tokenizer_file.is_file() else None
-    return LanguageModel(config, graphdef, abstract_state, mesh, tokenizer, source=str(path))
+    hf_config = json.loads((path / "config.json").read_text())
+    return LanguageModel(config, graphdef, abstract_state, mesh, tokenizer, source=str(path), hf_config=hf_config)

@@ -3,6 +3,29 @@
 from __future__ import annotations
 
 from emojax.models.config import ModelConfig, RopeConfig
+from emojax.models.hf_config import config_from_hf_dict
+
+# Published configs of well-known checkpoints (their config.json, trimmed to what changes the math), parsed
+# by the same strict reader as a checkpoint directory.
+_HF_CONFIGS = {
+    "gemma-2-2b": {
+        "model_type": "gemma2", "vocab_size": 256_000, "hidden_size": 2304, "num_hidden_layers": 26,
+        "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "intermediate_size": 9216,
+        "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 256, "sliding_window": 4096,
+        "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "rms_norm_eps": 1e-6,
+        "rope_theta": 10_000.0, "max_position_embeddings": 8192,
+    },
+    "pythia-1.4b": {
+        "model_type": "gpt_neox", "vocab_size": 50_304, "hidden_size": 2048, "num_hidden_layers": 24,
+        "num_attention_heads": 16, "intermediate_size": 8192, "hidden_act": "gelu", "rotary_pct": 0.25,
+        "rotary_emb_base": 10_000, "use_parallel_residual": True, "layer_norm_eps": 1e-5,
+        "max_position_embeddings": 2048, "tie_word_embeddings": False,
+    },
+    "gpt2": {
+        "model_type": "gpt2", "vocab_size": 50_257, "n_embd": 768, "n_layer": 12, "n_head": 12,
+        "n_positions": 1024, "n_ctx": 1024, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+    },
+}
 
 SHAPES: dict[str, ModelConfig] = {
     # A few-layer model for smoke tests.
@@ -22,6 +45,7 @@ SHAPES: dict[str, ModelConfig] = {
                                                 high_freq_factor=4.0, original_max_position=8192),
                                 max_position_embeddings=131_072),
 }
+SHAPES.update({name: config_from_hf_dict(raw, source=f"preset {name}") for name, raw in _HF_CONFIGS.items()})
 
 RANDOM_PREFIX = "random:"
 

@@ -21,7 +21,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh
 
 from emojax.models.config import ModelConfig
-from emojax.models.layers import Attention, GatedMLP, RMSNorm, param, rope_inv_freq, rope_tables
+from emojax.models.layers import MLP, Attention, Norm, param, rope_inv_freq, rope_tables
 from emojax.models.sharding import constrain
 
 
@@ -54,21 +54,44 @@ class Steering:
         return v.astype(dtype)
 
 
+def make_norm(cfg: ModelConfig, dtype) -> Norm:
+    return Norm(cfg.d_model, cfg.norm_eps, kind=cfg.norm_kind, offset=cfg.norm_offset, dtype=dtype)
+
+
 class DecoderLayer(nnx.Module):
-    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    With post_norms (Gemma 2/3) the attention and MLP outputs are normed before they are added; with
+    parallel_residual (GPT-NeoX) both branches read the block input: x + attn(norm1(x)) + mlp(norm2(x)).
+    """
 
     def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, dtype=dtype)
+        self.parallel_residual = cfg.parallel_residual
+        self.attn_norm = make_norm(cfg, dtype)
         self.attn = Attention(
             cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, qkv_bias=cfg.qkv_bias, o_bias=cfg.o_bias,
-            qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps, dtype=dtype, rngs=rngs,
+            qk_norm=cfg.qk_norm, fused_qkv=cfg.fused_qkv, norm_eps=cfg.norm_eps, norm_offset=cfg.norm_offset,
+            scale=cfg.query_scale, softcap=cfg.attn_softcap, dtype=dtype, rngs=rngs,
         )
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, dtype=dtype)
-        self.mlp = GatedMLP(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
+        self.mlp_norm = make_norm(cfg, dtype)
+        self.mlp = MLP(cfg.d_model, cfg.d_mlp, gated=cfg.mlp_gated, activation=cfg.activation, bias=cfg.mlp_bias,
+                       dtype=dtype, rngs=rngs)
+        self.post_norms = cfg.post_norms
+        if cfg.post_norms:
+            self.post_attn_norm = make_norm(cfg, dtype)
+            self.post_mlp_norm = make_norm(cfg, dtype)
 
     def __call__(self, x_BTD, cos, sin, mask_BTS, mesh):
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, mask_BTS, mesh)
-        return x_BTD + self.mlp(self.mlp_norm(x_BTD), mesh)
+        attn = self.attn(self.attn_norm(x_BTD), cos, sin, mask_BTS, mesh)
+        if self.post_norms:
+            attn = self.post_attn_norm(attn)
+        if self.parallel_residual:
+            return x_BTD + attn + self.mlp(self.mlp_norm(x_BTD), mesh)
+        x_BTD = x_BTD + attn
+        mlp = self.mlp(self.mlp_norm(x_BTD), mesh)
+        if self.post_norms:
+            mlp = self.post_mlp_norm(mlp)
+        return x_BTD + mlp
 
 
 def stack_modules(make: Callable[[jax.Array], nnx.Module], n: int, key: jax.Array) -> nnx.Module:
@@ -86,7 +109,9 @@ class Transformer(nnx.Module):
         self.layers = stack_modules(
             lambda k: DecoderLayer(cfg, dtype=dtype, rngs=nnx.Rngs(k)), cfg.n_layers, rngs.params()
         )
-        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, dtype=dtype)
+        if cfg.learned_positions:
+            self.pos_embed = param(rngs, (cfg.learned_positions, cfg.d_model), dtype, (None, "embed"))
+        self.final_norm = make_norm(cfg, dtype)
         self.lm_head = None if cfg.tie_embeddings else param(
             rngs, (cfg.d_model, cfg.vocab_size), dtype, ("embed", "vocab")
         )
@@ -113,13 +138,17 @@ class Transformer(nnx.Module):
             valid_BT = attention_mask_BT.astype(bool)
             positions_BT = jnp.maximum(jnp.cumsum(valid_BT.astype(jnp.int32), axis=1) - 1, 0)
 
-        cos, sin = rope_tables(positions_BT, rope_inv_freq(cfg.rope, cfg.head_dim))
+        cos_RBTH, sin_RBTH, rope_of_layer = self._rope(positions_BT)
         q_idx = jnp.arange(T)[:, None]
         kv_idx = jnp.arange(T)[None, :]
         causal_TS = kv_idx <= q_idx
         base_mask_BTS = causal_TS[None] & valid_BT[:, None, :]
 
         x = jnp.take(self.embed[...], tokens_BT, axis=0)
+        if cfg.embed_scale:
+            x = x * jnp.asarray(cfg.d_model ** 0.5, x.dtype)  # rounded to the activation dtype, as in Gemma
+        if cfg.learned_positions:
+            x = x + jnp.take(self.pos_embed[...], positions_BT, axis=0)
         if steering is not None:
             x = x + steering.delta(0, x.dtype)
         x = constrain(x, ("batch", "seq", "act_embed"), mesh)
@@ -139,9 +168,11 @@ class Transformer(nnx.Module):
 
         def body(carry, xs):
             x, buffer = carry
-            state, window, slot, steer_row = xs
+            state, window, rope_index, slot, steer_row = xs
             in_window = (window == 0) | (q_idx - kv_idx < window)
             mask = base_mask_BTS & in_window[None]
+            cos = None if cos_RBTH is None else cos_RBTH[rope_index]
+            sin = None if sin_RBTH is None else sin_RBTH[rope_index]
             x = nnx.merge(layer_graph, state)(x, cos, sin, mask, mesh)
             if steering is not None:
                 x = x + steering.delta(steer_row, x.dtype)
@@ -151,12 +182,14 @@ class Transformer(nnx.Module):
             return (x, buffer), None
 
         (x, buffer), _ = jax.lax.scan(
-            body, (x, buffer), (layer_state, windows_L, jnp.asarray(slot_of), steer_rows)
+            body, (x, buffer), (layer_state, windows_L, rope_of_layer, jnp.asarray(slot_of), steer_rows)
         )
 
         x = self.final_norm(x)
         head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
         logits = jnp.einsum("BTD,DV->BTV", x, head, preferred_element_type=jnp.float32)
+        if cfg.final_softcap is not None:
+            logits = jnp.tanh(logits / cfg.final_softcap) * cfg.final_softcap
         logits = constrain(logits, ("batch", "seq", "act_vocab"), mesh)
 
         def residual(i):
@@ -168,3 +201,14 @@ class Transformer(nnx.Module):
 
         hidden = tuple(constrain(residual(i), ("batch", "seq", "act_embed"), mesh) for i in capture)
         return ForwardOutput(logits=logits, hidden=hidden)
+
+    def _rope(self, positions_BT):
+        """cos/sin tables stacked over the distinct rotary settings [R, B, T, rot], and each layer's index."""
+        cfg = self.config
+        if cfg.rope is None:
+            return None, None, jnp.zeros((cfg.n_layers,), jnp.int32)
+        ropes = [cfg.rope] if cfg.rope_local is None else [cfg.rope, cfg.rope_local]
+        tables = [rope_tables(positions_BT, rope_inv_freq(r, int(cfg.head_dim * r.fraction))) for r in ropes]
+        use_local = cfg.rope_local is not None
+        rope_of_layer = jnp.asarray([int(use_local and w > 0) for w in cfg.layer_windows], jnp.int32)
+        return jnp.stack([c for c, _ in tables]), jnp.stack([s for _, s in tables]), rope_of_layer

@@ -1,4 +1,4 @@
-"""Numerical parity of emojax with transformers on tiny random Llama-family checkpoints.
+"""Numerical parity of emojax with transformers on tiny random checkpoints of every supported family.
 
 Every case is a checkpoint written by transformers' own save_pretrained (see hf_checkpoints.py). float32:
 logits and every residual-stream capture (0 = embeddings .. L = after the final norm) must match
@@ -59,8 +59,23 @@ def test_checkpoint_is_discriminating(checkpoints, name):
         assert int(changed.sum()) >= dim // 2 - 1, f"llama3 scaling changed only {int(changed.sum())} frequencies"
     if name == "mistral_window":
         assert cfg.sliding_window == 4 and CASES[name].seq_len > cfg.sliding_window
-    if name == "qwen3":
+    if name in ("qwen3", "gemma", "gemma3"):
         assert cfg.head_dim != cfg.hidden_size // cfg.num_attention_heads
+    if name in ("gemma2_window", "gemma3"):
+        assert "sliding_attention" in cfg.layer_types and "full_attention" in cfg.layer_types
+        assert CASES[name].seq_len > cfg.sliding_window
+        assert cfg.query_pre_attn_scalar != cfg.head_dim
+    if name == "gemma2_window":  # the final soft-cap really bends the logits
+        logits, _ = run_torch(ckpt.model, random_tokens(2, 13, ckpt.vocab_size, seed=5))
+        assert 0.5 * cfg.final_logit_softcapping < np.abs(logits).max() < cfg.final_logit_softcapping
+    if name == "gemma3":
+        local, full = cfg.rope_parameters["sliding_attention"], cfg.rope_parameters["full_attention"]
+        assert local["rope_theta"] != full["rope_theta"] and full["rope_type"] == "linear"
+    if name == "gpt2_full_context":
+        assert CASES[name].seq_len == cfg.n_positions
+    if name.startswith("gpt_neox"):
+        assert cfg.rope_parameters["partial_rotary_factor"] == 0.25
+        assert cfg.use_parallel_residual == (name == "gpt_neox_parallel")
     if cfg.tie_word_embeddings:
         assert ckpt.model.get_output_embeddings().weight.data_ptr() == ckpt.model.get_input_embeddings().weight.data_ptr()
     else:
@@ -92,7 +107,8 @@ def test_float32_logits_and_every_hidden_state(checkpoints, name):
 @pytest.mark.parametrize("name", CASE_NAMES)
 def test_bfloat16_logits_match_float32_reference(checkpoints, name):
     ckpt = checkpoints.get(name)
-    tokens = random_tokens(BF16_BATCH, BF16_SEQ, ckpt.vocab_size, seed=23)
+    seq = min(BF16_SEQ, getattr(ckpt.model.config, "n_positions", BF16_SEQ))  # GPT-2 has 16 positions here
+    tokens = random_tokens(BF16_BATCH * BF16_SEQ // seq, seq, ckpt.vocab_size, seed=23)
     ref_logits, _ = run_torch(ckpt.model, tokens)  # transformers in float32
 
     lm = emojax.load_model(ckpt.path, dtype="bfloat16")
