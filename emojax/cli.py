@@ -67,11 +67,12 @@ def cmd_forward(args) -> int:
     console = Console()
     table = Table(title="next-token prediction")
     table.add_column("token id")
-    table.add_column("token")
+    if lm.tokenizer:
+        table.add_column("token")
     table.add_column("logit", justify="right")
     for t in top:
-        text = lm.tokenizer.decode([t], skip_special_tokens=False) if lm.tokenizer else ""
-        table.add_row(str(t), repr(text), f"{logits[t]:.3f}")
+        text = [repr(lm.tokenizer.decode([t], skip_special_tokens=False))] if lm.tokenizer else []
+        table.add_row(str(t), *text, f"{logits[t]:.3f}")
     console.print(table)
     for index, hidden in zip(args.capture, out.hidden):
         norms = np.linalg.norm(np.asarray(hidden[0], np.float32), axis=-1)
