@@ -7,6 +7,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 
@@ -65,7 +66,7 @@ def cmd_forward(args) -> int:
     logits = np.asarray(out.logits[0, -1])
     top = np.argsort(-logits)[: args.top_k]
     console = Console()
-    table = Table(title="next-token prediction")
+    table = Table(title="next-token prediction", min_width=32)
     table.add_column("token id")
     if lm.tokenizer:
         table.add_column("token")
@@ -89,6 +90,58 @@ def cmd_init_random(args) -> int:
     lm = emojax.random_model(SHAPES[args.shape], dtype=args.dtype, seed=args.seed)
     out = lm.save(args.out)
     print(f"wrote {out} ({lm.num_params:,} parameters, random, seed {args.seed})")
+    return 0
+
+
+def cmd_corpus_build(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from emojax.config_loader import load_section
+    from emojax.corpus.build import build_corpus
+    from emojax.corpus.config import CorpusConfig
+
+    overrides = list(args.overrides)
+    for flag, key in (("out", "out"), ("tokenizer", "tokenizer"), ("shards", "n_shards"),
+                      ("labels_file", "labels_file"), ("text_column", "reader.text_column"),
+                      ("label_column", "reader.label_column"), ("id_column", "reader.id_column")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    config = load_section(CorpusConfig, "corpus", args.config, overrides)
+    if args.input:
+        config = dataclasses.replace(config, inputs=tuple(args.input))
+    if args.extra_label:
+        config = dataclasses.replace(config, extra_labels=tuple(args.extra_label))
+    manifest = build_corpus(config, args.beam_args)
+    table = Table(title=f"corpus -> {config.out}", show_header=False)
+    for key in ("documents_in", "documents_written", "rejected", "deduplicated", "tokens_written"):
+        table.add_row(key, f"{manifest[key]:,}")
+    table.add_row("splits", ", ".join(f"{k} {v:,}" for k, v in manifest["per_split"].items()))
+    table.add_row("labels", f"{len(manifest['per_label'])}")
+    table.add_row("shards", f"{len(manifest['shards'])}")
+    Console().print(table)
+    if manifest["rejected"] or manifest["deduplicated"]:
+        print(f"rejected and duplicate rows, with reasons: {config.out}/rejected.jsonl")
+    return 0
+
+
+def cmd_corpus_prompts(args) -> int:
+    from emojax.corpus.prompts import write_prompts
+
+    n = write_prompts(args.out, stories_per_prompt=args.stories_per_prompt, concepts=tuple(args.concept or ()),
+                      n_topics=args.topics)
+    print(f"wrote {n} prompts to {args.out}")
+    return 0
+
+
+def cmd_corpus_collect(args) -> int:
+    from emojax.corpus.prompts import collect_responses
+
+    result = collect_responses(args.responses, args.out, text_field=args.text_field)
+    print(f"kept {result['kept']} stories in {args.out}; rejected {len(result['rejected'])}")
+    for r in result["rejected"][:20]:
+        print(f"  line {r['line']}: {r['reason']}")
     return 0
 
 
@@ -119,11 +172,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_init_random)
+
+    corpus = sub.add_parser("corpus", help="build, prompt for and collect emotion corpora")
+    csub = corpus.add_subparsers(dest="corpus_command", required=True)
+    p = csub.add_parser("build", help="shard a corpus (built-in generator or files) with Apache Beam",
+                        epilog="Other --options are Beam pipeline options, e.g. --runner=FlinkRunner "
+                               "--flink_master=HOST:PORT, or --direct_num_workers=2 "
+                               "--direct_running_mode=multi_processing.")
+    p.add_argument("--config", help="YAML run config (its corpus: section)")
+    p.add_argument("--input", action="append", help="JSONL/CSV/Parquet file or glob (repeatable)")
+    p.add_argument("--text-column")
+    p.add_argument("--label-column")
+    p.add_argument("--id-column")
+    p.add_argument("--labels-file", help="label names, one per line, for comma-separated label ids")
+    p.add_argument("--extra-label", action="append", help="a label outside the catalogue (repeatable)")
+    p.add_argument("--out")
+    p.add_argument("--tokenizer", help="'byte' (default), a tokenizer.json or a checkpoint directory")
+    p.add_argument("--shards", type=int)
+    p.add_argument("overrides", nargs="*", help="key=value settings of the corpus section")
+    p.set_defaults(func=cmd_corpus_build, beam_args=[])
+
+    p = csub.add_parser("prompts", help="write JSONL prompts for an LLM to write the corpus")
+    p.add_argument("--out", required=True)
+    p.add_argument("--stories-per-prompt", type=int, default=12)
+    p.add_argument("--concept", action="append")
+    p.add_argument("--topics", type=int, help="first N topics (default all 100)")
+    p.set_defaults(func=cmd_corpus_prompts)
+
+    p = csub.add_parser("collect", help="turn an LLM's answers to the prompts into a labelled JSONL corpus")
+    p.add_argument("--responses", required=True, help="JSONL with the prompt id and the model's text")
+    p.add_argument("--out", required=True)
+    p.add_argument("--text-field", default="response")
+    p.set_defaults(func=cmd_corpus_collect)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        if getattr(args, "func", None) is not cmd_corpus_build or not all(u.startswith("--") for u in unknown):
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.beam_args = unknown
     try:
         return args.func(args)
     except EmojaxError as e:

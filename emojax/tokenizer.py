@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,6 +39,11 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
 
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the serialized tokenizer: equal fingerprints tokenize identically."""
+        return hashlib.sha256(self.backend.to_str().encode()).hexdigest()
+
     def batch(self, texts: Sequence[str], length: int | None = None, pad_id: int = 0,
               add_special_tokens: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Left-padded int32 tokens [B, T] and attention mask [B, T] (T = longest text, or `length`).
@@ -54,3 +60,44 @@ class Tokenizer:
                 tokens[row, T - len(ids):] = ids
                 mask[row, T - len(ids):] = 1
         return tokens, mask
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes as token ids 0..255, plus BOS = 256 and PAD = 257: works for any text, needs no file."""
+
+    BOS, PAD = 256, 257
+
+    def __init__(self):
+        self.backend = None
+        self.source = "byte"
+
+    @property
+    def vocab_size(self) -> int:
+        return 258
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = list(text.encode("utf-8"))
+        return [self.BOS, *ids] if add_special_tokens else ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
+
+    def token_to_id(self, token: str) -> int | None:
+        data = token.encode("utf-8")
+        return data[0] if len(data) == 1 else None
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(b"emojax-byte-tokenizer-v1").hexdigest()
+
+
+def load_tokenizer(spec: str | Path) -> Tokenizer:
+    """"byte", a tokenizer.json file, or a checkpoint directory holding one."""
+    if str(spec) == "byte":
+        return ByteTokenizer()
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise CheckpointError(f"{spec}: no tokenizer.json (pass a tokenizer.json, a checkpoint directory, or 'byte')")
+    return Tokenizer.from_file(path)

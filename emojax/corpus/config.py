@@ -1,0 +1,38 @@
+"""Settings of the corpus stage (one frozen dataclass; YAML and key=value overrides change only what differs)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+from emojax.corpus.generator import GeneratorConfig
+from emojax.corpus.readers import ReaderSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusConfig:
+    out: str = "runs/default/corpus"
+    inputs: tuple[str, ...] = ()  # files or globs (any Beam filesystem); empty: the built-in generator
+    reader: ReaderSpec = ReaderSpec()
+    labels_file: str | None = None  # GoEmotions-style id -> name list for multi-label rows
+    extra_labels: tuple[str, ...] = ()  # labels outside the catalogue that the corpus may use
+    generator: GeneratorConfig = GeneratorConfig()
+    tokenizer: str = "byte"  # "byte", a tokenizer.json, or a checkpoint directory
+    max_chars: int = 20_000  # longer texts are rejected, not cut
+    max_tokens: int = 512  # token rows are truncated to this many tokens
+    n_shards: int = 8
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+
+    def __post_init__(self):
+        if self.n_shards < 1:
+            raise ValueError(f"n_shards must be >= 1, got {self.n_shards}")
+        if not 0 <= self.val_fraction + self.test_fraction < 1:
+            raise ValueError("val_fraction + test_fraction must be in [0, 1)")
+
+    def fingerprint(self) -> str:
+        """Hash of every setting that changes the shards (not where they are written)."""
+        d = dataclasses.asdict(self)
+        d.pop("out")
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()

@@ -1,0 +1,203 @@
+"""Readers for user corpora: JSONL, CSV and Parquet, with configurable text, label and id columns.
+
+A reader yields one `RawRecord` per row, bad rows included: a row it cannot use carries `error` (missing
+column, invalid UTF-8, unparseable line) and the pipeline sends it to rejected.jsonl with its location. Only a
+file that cannot be read at all raises (`CorpusError`, naming the file).
+
+Multi-label rows (the GoEmotions layout): the label column holds comma-separated label ids and
+`label_names` maps id -> name (one name per line of a labels file).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import PurePath
+
+from emojax.errors import EmojaxError
+
+
+class CorpusError(EmojaxError):
+    """A corpus input that cannot be read at all."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ReaderSpec:
+    text_column: str = "text"
+    label_column: str = "label"
+    id_column: str | None = None  # a stable id per row; default "<file name>:<row>"
+    label_names: tuple[str, ...] = ()  # non-empty: the label column holds comma-separated ids into this list
+    format: str = "auto"  # auto (by suffix) | jsonl | csv | parquet
+
+
+@dataclasses.dataclass(frozen=True)
+class RawRecord:
+    source: str  # file name as given
+    location: str  # "line 12" / "row 5"
+    doc_id: str
+    text: str | None = None
+    labels: tuple[str, ...] = ()
+    error: str | None = None
+
+
+def file_format(path: str, spec: ReaderSpec) -> str:
+    if spec.format != "auto":
+        return spec.format
+    suffixes = PurePath(path).suffixes
+    for fmt, exts in (("jsonl", (".jsonl", ".json", ".ndjson")), ("csv", (".csv", ".tsv")),
+                      ("parquet", (".parquet", ".pq"))):
+        if any(s in exts for s in suffixes):
+            return fmt
+    raise CorpusError(f"{path}: cannot tell the format from the name; set format to jsonl, csv or parquet")
+
+
+def read_records(path: str, data: bytes, spec: ReaderSpec) -> Iterator[RawRecord]:
+    """All rows of one file, given its bytes."""
+    fmt = file_format(path, spec)
+    name = PurePath(path).name
+    if fmt == "jsonl":
+        yield from _jsonl(path, name, data, spec)
+    elif fmt == "csv":
+        yield from _csv(path, name, data, spec)
+    elif fmt == "parquet":
+        yield from _parquet(path, name, data, spec)
+    else:
+        raise CorpusError(f"{path}: unknown format {fmt!r} (jsonl, csv or parquet)")
+
+
+def _record(path: str, name: str, location: str, row: dict, spec: ReaderSpec) -> RawRecord:
+    doc_id = f"{name}:{location.split()[-1]}"
+    if spec.id_column and row.get(spec.id_column) not in (None, ""):
+        doc_id = str(row[spec.id_column])
+    missing = [c for c in (spec.text_column, spec.label_column) if c not in row]
+    if missing:
+        return RawRecord(path, location, doc_id, error=f"missing column(s) {missing}")
+    text = row[spec.text_column]
+    if text is not None and not isinstance(text, str):
+        return RawRecord(path, location, doc_id, error=f"column {spec.text_column!r} is not text")
+    try:
+        labels = _labels(row[spec.label_column], spec)
+    except ValueError as e:
+        return RawRecord(path, location, doc_id, text=text, error=str(e))
+    return RawRecord(path, location, doc_id, text=text, labels=labels)
+
+
+def _labels(value, spec: ReaderSpec) -> tuple[str, ...]:
+    if value is None or value == "":
+        raise ValueError("empty label")
+    if not spec.label_names:
+        return (str(value).strip(),)
+    labels = []
+    for part in str(value).split(","):
+        try:
+            labels.append(spec.label_names[int(part)])
+        except (ValueError, IndexError):
+            raise ValueError(f"label id {part.strip()!r} is not an index into the {len(spec.label_names)} "
+                             "label names") from None
+    return tuple(labels)
+
+
+def _jsonl(path: str, name: str, data: bytes, spec: ReaderSpec) -> Iterator[RawRecord]:
+    for i, raw in enumerate(data.splitlines(), start=1):
+        location = f"line {i}"
+        if not raw.strip():
+            yield RawRecord(path, location, f"{name}:{i}", error="empty line")
+            continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield RawRecord(path, location, f"{name}:{i}", error=f"invalid UTF-8 at byte {e.start}")
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield RawRecord(path, location, f"{name}:{i}", error=f"not JSON ({e.msg})")
+            continue
+        if not isinstance(row, dict):
+            yield RawRecord(path, location, f"{name}:{i}", error="not a JSON object")
+            continue
+        yield _record(path, name, location, row, spec)
+
+
+def _csv(path: str, name: str, data: bytes, spec: ReaderSpec) -> Iterator[RawRecord]:
+    delimiter = "\t" if PurePath(path).suffix == ".tsv" else ","
+    lines = data.splitlines(keepends=True)
+    if not lines:
+        raise CorpusError(f"{path}: empty file (a CSV corpus needs a header row)")
+    try:
+        header = next(csv.reader([lines[0].decode("utf-8-sig")], delimiter=delimiter))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise CorpusError(f"{path}: cannot read the CSV header ({e})") from None
+    # Rows are decoded one physical line at a time so that one bad byte rejects one row, not the file;
+    # quoted fields spanning lines are re-joined below.
+    pending = ""
+    row_number = 0
+    for i, raw in enumerate(lines[1:], start=2):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            row_number += 1
+            pending = ""
+            yield RawRecord(path, f"row {row_number}", f"{name}:{row_number}",
+                            error=f"invalid UTF-8 at byte {e.start} (line {i})")
+            continue
+        pending += text
+        if pending.count('"') % 2:  # inside a quoted field: keep reading
+            continue
+        if not pending.strip():
+            pending = ""
+            continue
+        row_number += 1
+        try:
+            values = next(csv.reader(io.StringIO(pending), delimiter=delimiter))
+        except csv.Error as e:
+            yield RawRecord(path, f"row {row_number}", f"{name}:{row_number}", error=f"bad CSV row ({e})")
+        else:
+            row = dict(zip(header, values)) if len(values) == len(header) else None
+            if row is None:
+                yield RawRecord(path, f"row {row_number}", f"{name}:{row_number}",
+                                error=f"{len(values)} fields, header has {len(header)}")
+            else:
+                yield _record(path, name, f"row {row_number}", row, spec)
+        pending = ""
+    if pending:
+        row_number += 1
+        yield RawRecord(path, f"row {row_number}", f"{name}:{row_number}", error="unterminated quoted field")
+
+
+def _parquet(path: str, name: str, data: bytes, spec: ReaderSpec) -> Iterator[RawRecord]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except (pa.ArrowException, OSError) as e:
+        raise CorpusError(f"{path}: not a readable Parquet file ({e})") from None
+    for i, row in enumerate(table.to_pylist(), start=1):
+        yield _record(path, name, f"row {i}", row, spec)
+
+
+def read_label_names(path: str) -> tuple[str, ...]:
+    """A labels file: one label name per line (GoEmotions' emotions.txt)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            names = tuple(line.strip() for line in f if line.strip())
+    except (OSError, UnicodeDecodeError) as e:
+        raise CorpusError(f"{path}: cannot read label names ({e})") from None
+    if not names:
+        raise CorpusError(f"{path}: no label names")
+    return names
+
+
+def records_from_paths(paths: Sequence[str], spec: ReaderSpec) -> Iterator[RawRecord]:
+    """Local convenience (tests, small corpora): every record of every file."""
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise CorpusError(f"{path}: cannot open ({e.strerror})") from None
+        yield from read_records(path, data, spec)

@@ -1,0 +1,302 @@
+"""The corpus pipeline: sources -> validate -> normalise -> dedupe -> split -> tokenize -> Parquet shards.
+
+    read (built-in generator | JSONL/CSV/Parquet files)
+      -> validate   (empty text, invalid UTF-8, unknown label, over-long text, missing column -> rejected)
+      -> normalise  (NFC, whitespace)
+      -> dedupe     (exact, on sha256 of the normalised text; the smallest doc_id is kept)
+      -> split      (train/val/test by sha256 of the doc id; implicit scenarios are their own split)
+      -> tokenize   (the model's tokenizer, created once per worker)
+      -> shards     (fixed count, rows sorted by doc_id) + rejected.jsonl + manifest.json
+
+Runs on any Beam runner. Every output is a pure function of the input and the config (hashes, sorted rows,
+no timestamps), so shards and manifest are byte-identical across runners and worker counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import re
+import unicodedata
+from collections.abc import Iterable, Iterator
+
+import apache_beam as beam
+from apache_beam.io import fileio
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+from emojax.corpus.catalogue import NEUTRAL, load_catalogue
+from emojax.corpus.config import CorpusConfig
+from emojax.corpus.generator import implicit_scenarios, neutral_dialogue, story, validate_story
+from emojax.corpus.readers import RawRecord, read_label_names, read_records
+
+REJECTED = "rejected"
+SHARD_SCHEMA = pa.schema([
+    ("doc_id", pa.string()), ("text_sha256", pa.string()), ("label", pa.string()), ("label_id", pa.int32()),
+    ("label_ids", pa.list_(pa.int32())), ("split", pa.string()), ("tokens", pa.list_(pa.int32())),
+    ("n_tokens", pa.int32()), ("source", pa.string()), ("text", pa.string()),
+])
+
+
+def sha256_hex(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _unit_interval(key: str) -> float:
+    return int(sha256_hex(key)[:16], 16) / 2**64
+
+
+def shard_path(out: str, index: int, n: int) -> str:
+    return FileSystems.join(out, "shards", f"part-{index:05d}-of-{n:05d}.parquet")
+
+
+# ---- sources -------------------------------------------------------------------------------------------
+
+def generator_work(config: CorpusConfig) -> list[tuple]:
+    """One small work item per generated document, so generation itself is spread over workers."""
+    gen = config.generator
+    catalogue = load_catalogue()
+    concepts = list(gen.concepts) or catalogue.names_list
+    n_topics = min(gen.n_topics, len(catalogue.topics))
+    work = [("story", c, t, n) for c in concepts for t in range(n_topics) for n in range(gen.stories_per_topic)]
+    work += [("neutral", t, k) for t in range(n_topics)
+             for k in range(min(gen.neutral_per_topic, len(catalogue.topics[t].dialogues)))]
+    if gen.implicit:
+        work += [("implicit", c) for c in concepts]
+    return work
+
+
+def generate_item(item: tuple, seed: int) -> Iterator[RawRecord]:
+    catalogue = load_catalogue()
+    kind = item[0]
+    if kind == "story":
+        _, concept, t, n = item
+        docs = [story(catalogue.concept(concept), catalogue.topics[t], n, seed, catalogue)]
+    elif kind == "neutral":
+        docs = [neutral_dialogue(catalogue.topics[item[1]], item[2])]
+    else:
+        docs = implicit_scenarios(catalogue.concept(item[1]))
+    for d in docs:
+        yield RawRecord(source=d.source, location=d.doc_id, doc_id=d.doc_id, text=d.text, labels=(d.label,))
+
+
+class ReadFiles(beam.DoFn):
+    """Every row of one matched file, bad rows included (they carry an error)."""
+
+    def __init__(self, config: CorpusConfig):
+        self.config = config
+
+    def setup(self):
+        spec = self.config.reader
+        if self.config.labels_file:
+            spec = dataclasses.replace(spec, label_names=read_label_names(self.config.labels_file))
+        self.spec = spec
+
+    def process(self, readable_file) -> Iterator[RawRecord]:
+        path = readable_file.metadata.path
+        yield from read_records(path, readable_file.read(), self.spec)
+
+
+# ---- transforms ----------------------------------------------------------------------------------------
+
+def rejection(record: RawRecord, reason: str, kind: str = "invalid") -> dict:
+    return {"source": record.source, "location": record.location, "doc_id": record.doc_id, "reason": reason,
+            "kind": kind}
+
+
+class Validate(beam.DoFn):
+    """Good records on the main output; each bad one, with its reason, on the 'rejected' output."""
+
+    def __init__(self, known_labels: Iterable[str], max_chars: int):
+        self.known = frozenset(known_labels)
+        self.max_chars = max_chars
+
+    def process(self, record: RawRecord):
+        reason = self.problem(record)
+        if reason:
+            yield beam.pvalue.TaggedOutput(REJECTED, rejection(record, reason))
+        else:
+            yield record
+
+    def problem(self, record: RawRecord) -> str | None:
+        if record.error:
+            return record.error
+        if record.text is None or not record.text.strip():
+            return "empty text"
+        if len(record.text) > self.max_chars:
+            return f"text has {len(record.text)} characters, over max_chars={self.max_chars}"
+        unknown = [label for label in record.labels if label not in self.known]
+        if unknown:
+            return (f"unknown label(s) {unknown}: not in the catalogue; declare corpus-specific labels in "
+                    "extra_labels")
+        if record.source == "generated/story":
+            problems = validate_story(record.text, load_catalogue().concept(record.labels[0]))
+            if problems:
+                return "generated story fails validation: " + "; ".join(problems)
+        return None
+
+
+_SPACES = re.compile(r"[ \t\f\v\u00a0]+")
+_BLANK_LINES = re.compile(r"\n{3,}")
+
+
+def normalise(text: str) -> str:
+    """NFC; runs of spaces/tabs become one space; lines are stripped; at most one blank line in a row."""
+    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
+    lines = [_SPACES.sub(" ", line).strip() for line in text.split("\n")]
+    return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
+
+
+def normalise_record(record: RawRecord) -> RawRecord:
+    return dataclasses.replace(record, text=normalise(record.text))
+
+
+def keep_first(item: tuple[str, Iterable[RawRecord]]):
+    """Of records with the same normalised text, keeps the smallest doc_id; the rest are rejected."""
+    _, records = item
+    first, *rest = sorted(records, key=lambda r: (r.doc_id, r.source, r.location))
+    yield first
+    for r in rest:
+        yield beam.pvalue.TaggedOutput(REJECTED, rejection(r, f"duplicate of {first.doc_id}", kind="duplicate"))
+
+
+def assign_split(record: RawRecord, val_fraction: float, test_fraction: float) -> str:
+    if record.source == "generated/implicit":
+        return "implicit"
+    u = _unit_interval("split:" + record.doc_id)
+    if u < test_fraction:
+        return "test"
+    return "val" if u < test_fraction + val_fraction else "train"
+
+
+class Tokenize(beam.DoFn):
+    """Record -> shard row; the tokenizer is loaded once per worker."""
+
+    def __init__(self, config: CorpusConfig, label_ids: dict[str, int]):
+        self.config = config
+        self.label_ids = label_ids
+
+    def setup(self):
+        from emojax.tokenizer import load_tokenizer
+
+        self.tokenizer = load_tokenizer(self.config.tokenizer)
+
+    def process(self, record: RawRecord):
+        tokens = self.tokenizer.encode(record.text)[: self.config.max_tokens]
+        ids = [self.label_ids[label] for label in record.labels]
+        yield {
+            "doc_id": record.doc_id, "text_sha256": sha256_hex(record.text), "label": ",".join(record.labels),
+            "label_id": ids[0], "label_ids": ids,
+            "split": assign_split(record, self.config.val_fraction, self.config.test_fraction),
+            "tokens": tokens, "n_tokens": len(tokens), "source": record.source, "text": record.text,
+        }
+
+
+def write_shard(item: tuple[int, dict], out: str, n_shards: int) -> dict:
+    """Writes one shard (rows sorted by doc_id), atomically; returns its name, row count and checksum."""
+    index, grouped = item
+    rows = sorted(grouped["rows"], key=lambda r: r["doc_id"])
+    table = pa.Table.from_pylist(rows, schema=SHARD_SCHEMA)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    data = buffer.getvalue()
+    path = shard_path(out, index, n_shards)
+    _write_atomic(path, data)
+    return {"name": path.rsplit("/", 1)[-1], "rows": len(rows), "tokens": sum(r["n_tokens"] for r in rows),
+            "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    tmp = path + ".tmp"
+    with FileSystems.create(tmp) as f:
+        f.write(data)
+    if FileSystems.exists(path):
+        FileSystems.delete([path])
+    FileSystems.rename([tmp], [path])
+
+
+def write_rejected(rejected: list[dict], out: str) -> int:
+    rejected = sorted(rejected, key=lambda r: (r["source"], r["location"], r["doc_id"], r["reason"]))
+    _write_atomic(FileSystems.join(out, "rejected.jsonl"),
+                  "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejected).encode())
+    return len(rejected)
+
+
+def write_manifest(_, out: str, config: CorpusConfig, tokenizer_fingerprint: str, label_ids: dict[str, int],
+                   shards: list[dict], counts: list[tuple[tuple[str, str], int]], rejected: list[dict],
+                   n_in: int) -> dict:
+    per_label: dict[str, dict[str, int]] = {}
+    for (label, split), n in sorted(counts):
+        per_label.setdefault(label, {})[split] = n
+    per_split: dict[str, int] = {}
+    for (_, split), n in counts:
+        per_split[split] = per_split.get(split, 0) + n
+    deduped = sum(1 for r in rejected if r["kind"] == "duplicate")
+    manifest = {
+        "format": "emojax-corpus-v1",
+        "config_sha256": config.fingerprint(),
+        "tokenizer": config.tokenizer, "tokenizer_sha256": tokenizer_fingerprint,
+        "max_tokens": config.max_tokens,
+        "label_ids": label_ids,
+        "documents_in": n_in, "documents_written": sum(s["rows"] for s in shards),
+        "rejected": len(rejected) - deduped, "deduplicated": deduped,
+        "tokens_written": sum(s["tokens"] for s in shards),
+        "per_split": dict(sorted(per_split.items())), "per_label": per_label,
+        "shards": sorted(shards, key=lambda s: s["name"]),
+    }
+    _write_atomic(FileSystems.join(out, "manifest.json"), (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    return manifest
+
+
+# ---- the pipeline --------------------------------------------------------------------------------------
+
+def label_table(config: CorpusConfig) -> dict[str, int]:
+    """Label name -> id: catalogue concepts 0..170, then extra labels in declared order; neutral is -1."""
+    ids = {name: i for i, name in enumerate(load_catalogue().names_list)}
+    for extra in config.extra_labels:
+        ids.setdefault(extra, len(ids))
+    ids[NEUTRAL] = -1
+    return ids
+
+
+def build(p: beam.Pipeline, config: CorpusConfig, tokenizer_fingerprint: str) -> None:
+    """Adds the corpus stage to pipeline `p`."""
+    label_ids = label_table(config)
+    if config.inputs:
+        raw = (p | "Inputs" >> beam.Create(sorted(config.inputs))
+                 | "Match" >> fileio.MatchAll()
+                 | "Open" >> fileio.ReadMatches()
+                 | "Read" >> beam.ParDo(ReadFiles(config)))
+    else:
+        raw = (p | "Work" >> beam.Create(generator_work(config))
+                 | "Generate" >> beam.FlatMap(generate_item, seed=config.generator.seed))
+    n_in = raw | "CountIn" >> beam.combiners.Count.Globally()
+    checked = raw | "Validate" >> beam.ParDo(Validate(label_ids, config.max_chars)).with_outputs(REJECTED, main="ok")
+    unique = (checked.ok
+              | "Normalise" >> beam.Map(normalise_record)
+              | "ByTextHash" >> beam.Map(lambda r: (sha256_hex(r.text), r))
+              | "GroupByText" >> beam.GroupByKey()
+              | "Dedupe" >> beam.FlatMap(keep_first).with_outputs(REJECTED, main="ok"))
+    rows = unique.ok | "Tokenize" >> beam.ParDo(Tokenize(config, label_ids))
+    n = config.n_shards
+    keyed = rows | "ShardKey" >> beam.Map(lambda r: (int(sha256_hex("shard:" + r["doc_id"])[:16], 16) % n, r))
+    every_shard = p | "ShardIds" >> beam.Create([(i, None) for i in range(n)])  # empty shards are written too
+    shards = ({"rows": keyed, "ids": every_shard}
+              | "GroupShards" >> beam.CoGroupByKey()
+              | "WriteShards" >> beam.Map(write_shard, out=config.out, n_shards=n)
+              | "ShardList" >> beam.combiners.ToList())
+    counts = (rows | "LabelSplit" >> beam.Map(lambda r: (r["label"], r["split"]))
+                   | "CountLabelSplit" >> beam.combiners.Count.PerElement()
+                   | "CountList" >> beam.combiners.ToList())
+    rejected = ((checked[REJECTED], unique[REJECTED]) | "AllRejected" >> beam.Flatten()
+                | "RejectedList" >> beam.combiners.ToList())
+    _ = rejected | "WriteRejected" >> beam.Map(write_rejected, out=config.out)
+    _ = (p | "Once" >> beam.Create([None])
+           | "WriteManifest" >> beam.Map(
+               write_manifest, out=config.out, config=config, tokenizer_fingerprint=tokenizer_fingerprint,
+               label_ids=label_ids, shards=beam.pvalue.AsSingleton(shards),
+               counts=beam.pvalue.AsSingleton(counts), rejected=beam.pvalue.AsSingleton(rejected),
+               n_in=beam.pvalue.AsSingleton(n_in)))

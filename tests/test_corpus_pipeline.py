@@ -1,0 +1,207 @@
+"""The corpus pipeline: each transform under TestPipeline, then end to end, bad input and determinism."""
+
+import json
+import subprocess
+import sys
+
+import apache_beam as beam
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from emojax.corpus.build import build_corpus
+from emojax.corpus.config import CorpusConfig
+from emojax.corpus.generator import GeneratorConfig
+from emojax.corpus.readers import CorpusError, RawRecord, ReaderSpec
+from emojax.pipelines import corpus as pipeline
+
+LABELS = pipeline.label_table(CorpusConfig())
+
+
+def rec(doc_id, text, labels=("calm",), error=None, source="f.jsonl"):
+    return RawRecord(source=source, location=f"line {doc_id}", doc_id=str(doc_id), text=text, labels=labels,
+                     error=error)
+
+
+# ---- one transform at a time ---------------------------------------------------------------------------
+
+def test_validate_routes_bad_records_with_reasons():
+    records = [rec(1, "fine text"), rec(2, "   "), rec(3, "x" * 50), rec(4, "ok", labels=("nope",)),
+               rec(5, None, error="missing column(s) ['text']")]
+    with BeamTestPipeline() as p:
+        out = p | beam.Create(records) | beam.ParDo(pipeline.Validate(LABELS, max_chars=40)).with_outputs(
+            pipeline.REJECTED, main="ok")
+        assert_that(out.ok | beam.Map(lambda r: r.doc_id), equal_to(["1"]), label="ok")
+        assert_that(out[pipeline.REJECTED] | beam.Map(lambda r: (r["doc_id"], r["reason"].split(" ")[0])),
+                    equal_to([("2", "empty"), ("3", "text"), ("4", "unknown"), ("5", "missing")]),
+                    label="rejected")
+
+
+def test_normalise_nfc_and_whitespace():
+    with BeamTestPipeline() as p:
+        out = (p | beam.Create([rec(1, "  Cafe\u0301  \t time\r\n\n\n\nnext  ")])
+                 | beam.Map(pipeline.normalise_record) | beam.Map(lambda r: r.text))
+        assert_that(out, equal_to(["Caf\u00e9 time\n\nnext"]))
+
+
+def test_dedupe_keeps_the_smallest_doc_id():
+    records = [rec("b", "same words"), rec("a", "same words"), rec("c", "other words")]
+    with BeamTestPipeline() as p:
+        out = (p | beam.Create(records) | beam.Map(lambda r: (pipeline.sha256_hex(r.text), r))
+                 | beam.GroupByKey() | beam.FlatMap(pipeline.keep_first).with_outputs(pipeline.REJECTED, main="ok"))
+        assert_that(out.ok | beam.Map(lambda r: r.doc_id), equal_to(["a", "c"]), label="kept")
+        assert_that(out[pipeline.REJECTED] | beam.Map(lambda r: (r["doc_id"], r["reason"], r["kind"])),
+                    equal_to([("b", "duplicate of a", "duplicate")]), label="dupes")
+
+
+def test_tokenize_makes_schema_rows_with_a_stable_split():
+    config = CorpusConfig(max_tokens=5)
+    with BeamTestPipeline() as p:
+        out = (p | beam.Create([rec("doc-1", "hello world", labels=("calm", "afraid"))])
+                 | beam.ParDo(pipeline.Tokenize(config, LABELS)))
+        split = pipeline.assign_split(rec("doc-1", "x"), config.val_fraction, config.test_fraction)
+        assert_that(out | beam.Map(lambda r: (r["tokens"], r["n_tokens"], r["label"], r["label_ids"], r["split"])),
+                    equal_to([([256, 104, 101, 108, 108], 5, "calm,afraid", [LABELS["calm"], 0], split)]))
+
+
+def test_split_fractions_follow_the_config():
+    splits = [pipeline.assign_split(rec(f"d{i}", "x"), 0.1, 0.2) for i in range(5000)]
+    assert abs(splits.count("test") / 5000 - 0.2) < 0.03 and abs(splits.count("val") / 5000 - 0.1) < 0.03
+    assert pipeline.assign_split(rec("x", "t", source="generated/implicit"), 0.1, 0.1) == "implicit"
+
+
+def test_generate_items_cover_the_work_list():
+    config = CorpusConfig(generator=GeneratorConfig(concepts=("calm",), n_topics=2, stories_per_topic=1))
+    work = pipeline.generator_work(config)
+    with BeamTestPipeline() as p:
+        out = p | beam.Create(work) | beam.FlatMap(pipeline.generate_item, seed=0) | beam.Map(lambda r: r.doc_id)
+        expected = [f"story/calm/{t}/0" for t in (pipeline.load_catalogue().topics[0].topic,
+                                                   pipeline.load_catalogue().topics[1].topic)]
+        expected += [f"neutral/{pipeline.load_catalogue().topics[t].topic}/{k}" for t in (0, 1) for k in range(3)]
+        expected += [f"implicit/calm/{i}" for i in range(len(pipeline.load_catalogue().concept("calm").scenarios))]
+        assert_that(out, equal_to(expected))
+
+
+# ---- end to end ----------------------------------------------------------------------------------------
+
+SMALL = GeneratorConfig(concepts=("desperate", "calm", "afraid"), n_topics=6, stories_per_topic=2)
+
+
+def _read_shards(out):
+    import glob
+
+    return [pq.read_table(f).to_pylist() for f in sorted(glob.glob(f"{out}/shards/*.parquet"))]
+
+
+def test_end_to_end_builtin_corpus(tmp_path):
+    out = tmp_path / "corpus"
+    manifest = build_corpus(CorpusConfig(out=str(out), generator=SMALL, n_shards=3))
+    shards = _read_shards(out)
+    rows = [r for shard in shards for r in shard]
+    assert len(shards) == 3 and manifest["documents_written"] == len(rows)
+    n_stories, n_neutral = 3 * 6 * 2, 6 * 3
+    assert manifest["documents_in"] == n_stories + n_neutral + sum(
+        len(pipeline.load_catalogue().concept(c).scenarios) for c in SMALL.concepts)
+    assert manifest["rejected"] == 0 and manifest["deduplicated"] == 0
+    assert {r["label"] for r in rows} == {"desperate", "calm", "afraid", "neutral"}
+    from emojax.tokenizer import ByteTokenizer
+
+    for r in rows:
+        assert ByteTokenizer().decode(r["tokens"]) == r["text"][: len(ByteTokenizer().decode(r["tokens"]))]
+        assert r["label_id"] == (-1 if r["label"] == "neutral" else manifest["label_ids"][r["label"]])
+    for shard in shards:
+        assert [r["doc_id"] for r in shard] == sorted(r["doc_id"] for r in shard)
+    assert sum(manifest["per_split"].values()) == len(rows)
+    assert (out / "rejected.jsonl").read_text() == ""
+    # a rebuild with another shard count leaves no stale shards behind
+    build_corpus(CorpusConfig(out=str(out), generator=SMALL, n_shards=2))
+    assert sorted(p.name for p in (out / "shards").iterdir()) == [f"part-0000{i}-of-00002.parquet" for i in (0, 1)]
+
+
+def test_bad_input_rows_are_rejected_with_location_and_counts_add_up(tmp_path):
+    good = [{"text": f"A perfectly fine story number {i}.", "label": "calm"} for i in range(4)]
+    lines = [json.dumps(r).encode() for r in good]
+    lines += [b"", json.dumps({"text": "   ", "label": "calm"}).encode(), b'{"text": "caf\xe9 bad", "label": "calm"}',
+              json.dumps({"text": "unknown label here", "label": "flabbergasted"}).encode(),
+              json.dumps({"label": "calm"}).encode(), json.dumps({"text": "x" * 500, "label": "calm"}).encode(),
+              json.dumps(good[0]).encode()]
+    path = tmp_path / "corpus.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "emojax.cli", "corpus", "build", "--input", str(path), "--out",
+                        str(out), "--shards", "2", "max_chars=200"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "documents_written" in r.stdout and "rejected.jsonl" in r.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    rejected = [json.loads(x) for x in (out / "rejected.jsonl").read_text().splitlines()]
+    reasons = {x["location"]: x["reason"] for x in rejected}
+    assert reasons["line 5"] == "empty line"
+    assert reasons["line 6"] == "empty text"
+    assert reasons["line 7"].startswith("invalid UTF-8")
+    assert reasons["line 8"].startswith("unknown label(s) ['flabbergasted']")
+    assert reasons["line 9"].startswith("missing column(s) ['text']")
+    assert reasons["line 10"].startswith("text has 500 characters")
+    assert reasons["line 11"] == "duplicate of corpus.jsonl:1"
+    assert all(x["source"] == str(path) for x in rejected)
+    assert manifest["documents_written"] == 4 and manifest["rejected"] == 6 and manifest["deduplicated"] == 1
+    assert manifest["documents_in"] == manifest["documents_written"] + manifest["rejected"] + manifest["deduplicated"]
+
+
+def test_unreadable_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / "broken.parquet"
+    bad.write_bytes(b"definitely not parquet")
+    with pytest.raises(CorpusError, match="broken.parquet: not a readable Parquet file"):
+        build_corpus(CorpusConfig(out=str(tmp_path / "o"), inputs=(str(bad),)))
+    with pytest.raises(CorpusError, match="missing.jsonl: no such file"):
+        build_corpus(CorpusConfig(out=str(tmp_path / "o"), inputs=(str(tmp_path / "missing.jsonl"),)))
+    r = subprocess.run([sys.executable, "-m", "emojax.cli", "corpus", "build", "--input", str(bad), "--out",
+                        str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "broken.parquet" in r.stderr
+
+
+def test_csv_parquet_and_multilabel_inputs(tmp_path):
+    import pyarrow as pa
+
+    (tmp_path / "labels.txt").write_text("admiration\ncalm\nafraid\n")
+    (tmp_path / "a.csv").write_text('id,body,ids\nx1,"a line, with a comma",1\nx2,"two labels here","1,2"\n'
+                                    'x3,"bad id",7\n')
+    pq.write_table(pa.table({"id": ["p1"], "body": ["from parquet"], "ids": ["0"]}), tmp_path / "b.parquet")
+    manifest = build_corpus(CorpusConfig(
+        out=str(tmp_path / "o"), inputs=(str(tmp_path / "a.csv"), str(tmp_path / "b.parquet")),
+        reader=ReaderSpec(text_column="body", label_column="ids", id_column="id"),
+        labels_file=str(tmp_path / "labels.txt"), extra_labels=("admiration",), n_shards=1))
+    rows = {r["doc_id"]: r for shard in _read_shards(tmp_path / "o") for r in shard}
+    assert set(rows) == {"x1", "x2", "p1"}
+    assert rows["x2"]["label"] == "calm,afraid" and rows["p1"]["label"] == "admiration"
+    assert rows["p1"]["label_id"] == 171
+    assert manifest["rejected"] == 1
+
+
+def test_same_shards_in_memory_and_multiprocess(tmp_path):
+    config = CorpusConfig(generator=GeneratorConfig(concepts=("calm", "afraid"), n_topics=4), n_shards=2)
+    import dataclasses
+
+    a = build_corpus(dataclasses.replace(config, out=str(tmp_path / "a")), ["--direct_running_mode=in_memory"])
+    b = build_corpus(dataclasses.replace(config, out=str(tmp_path / "b")),
+                     ["--direct_num_workers=2", "--direct_running_mode=multi_processing"])
+    assert a == b
+    for name in [s["name"] for s in a["shards"]] :
+        assert (tmp_path / "a" / "shards" / name).read_bytes() == (tmp_path / "b" / "shards" / name).read_bytes()
+    assert (tmp_path / "a" / "manifest.json").read_bytes() == (tmp_path / "b" / "manifest.json").read_bytes()
+
+
+def test_prompts_and_collect_round_trip(tmp_path):
+    from emojax.corpus.prompts import collect_responses, write_prompts
+
+    n = write_prompts(tmp_path / "prompts.jsonl", stories_per_prompt=2, concepts=("calm",), n_topics=2)
+    prompts = [json.loads(x) for x in (tmp_path / "prompts.jsonl").read_text().splitlines()]
+    assert n == 2 and "calm" in prompts[0]["prompt"] and prompts[0]["topic"]
+    good = " ".join(["She set the cup down and watched the light move across the floor."] * 8)
+    responses = [{"id": prompts[0]["id"], "response": f"{good}\n###\nShe was calm. Too short."},
+                 {"id": "nonsense", "response": "x"}]
+    (tmp_path / "responses.jsonl").write_text("\n".join(json.dumps(r) for r in responses))
+    result = collect_responses(tmp_path / "responses.jsonl", tmp_path / "corpus.jsonl")
+    assert result["kept"] == 1 and len(result["rejected"]) == 2
+    row = json.loads((tmp_path / "corpus.jsonl").read_text())
+    assert row["label"] == "calm" and row["topic"] == prompts[0]["topic"]
