@@ -195,18 +195,53 @@ class Tokenize(beam.DoFn):
         }
 
 
-def write_shard(item: tuple[int, dict], out: str, n_shards: int) -> dict:
-    """Writes one shard (rows sorted by doc_id), atomically; returns its name, row count and checksum."""
+PACKED_SCHEMA = pa.schema([("tokens", pa.list_(pa.int32())), ("n_real", pa.int32()),
+                           ("doc_ids", pa.list_(pa.string()))])
+
+
+def pack(rows: list[dict], length: int, pad_id: int) -> list[dict]:
+    """Train-split token rows concatenated in doc_id order and cut into rows of exactly `length` tokens (for
+    SAE training). The last row is padded with `pad_id`; `n_real` counts its real tokens."""
+    packed, current, ids = [], [], []
+    for r in rows:
+        if r["split"] != "train":
+            continue
+        tokens = list(r["tokens"])
+        ids.append(r["doc_id"])
+        while tokens:
+            take = length - len(current)
+            current += tokens[:take]
+            tokens = tokens[take:]
+            if len(current) == length:
+                packed.append({"tokens": current, "n_real": length, "doc_ids": ids})
+                current, ids = [], ([r["doc_id"]] if tokens else [])
+    if current:
+        packed.append({"tokens": current + [pad_id] * (length - len(current)), "n_real": len(current),
+                       "doc_ids": ids})
+    return packed
+
+
+def _parquet_bytes(rows: list[dict], schema: pa.Schema) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buffer, compression="zstd")
+    return buffer.getvalue()
+
+
+def write_shard(item: tuple[int, dict], out: str, n_shards: int, pack_length: int = 0, pad_id: int = 0) -> dict:
+    """Writes one shard (rows sorted by doc_id), atomically, and its packed twin when pack_length > 0;
+    returns the shard's name, row count and checksum."""
     index, grouped = item
     rows = sorted(grouped["rows"], key=lambda r: r["doc_id"])
-    table = pa.Table.from_pylist(rows, schema=SHARD_SCHEMA)
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd")
-    data = buffer.getvalue()
+    data = _parquet_bytes(rows, SHARD_SCHEMA)
     path = shard_path(out, index, n_shards)
     _write_atomic(path, data)
-    return {"name": path.rsplit("/", 1)[-1], "rows": len(rows), "tokens": sum(r["n_tokens"] for r in rows),
+    info = {"name": path.rsplit("/", 1)[-1], "rows": len(rows), "tokens": sum(r["n_tokens"] for r in rows),
             "sha256": hashlib.sha256(data).hexdigest()}
+    if pack_length:
+        packed = _parquet_bytes(pack(rows, pack_length, pad_id), PACKED_SCHEMA)
+        _write_atomic(FileSystems.join(out, "packed", info["name"]), packed)
+        info["packed_sha256"] = hashlib.sha256(packed).hexdigest()
+    return info
 
 
 def _write_atomic(path: str, data: bytes) -> None:
@@ -239,7 +274,7 @@ def write_manifest(_, out: str, config: CorpusConfig, tokenizer_fingerprint: str
         "format": "emojax-corpus-v1",
         "config_sha256": config.fingerprint(),
         "tokenizer": config.tokenizer, "tokenizer_sha256": tokenizer_fingerprint,
-        "max_tokens": config.max_tokens,
+        "max_tokens": config.max_tokens, "pack_length": config.pack_length,
         "label_ids": label_ids,
         "documents_in": n_in, "documents_written": sum(s["rows"] for s in shards),
         "rejected": len(rejected) - deduped, "deduplicated": deduped,
@@ -262,7 +297,7 @@ def label_table(config: CorpusConfig) -> dict[str, int]:
     return ids
 
 
-def build(p: beam.Pipeline, config: CorpusConfig, tokenizer_fingerprint: str) -> None:
+def build(p: beam.Pipeline, config: CorpusConfig, tokenizer_fingerprint: str, pad_id: int = 0) -> None:
     """Adds the corpus stage to pipeline `p`."""
     label_ids = label_table(config)
     if config.inputs:
@@ -286,7 +321,8 @@ def build(p: beam.Pipeline, config: CorpusConfig, tokenizer_fingerprint: str) ->
     every_shard = p | "ShardIds" >> beam.Create([(i, None) for i in range(n)])  # empty shards are written too
     shards = ({"rows": keyed, "ids": every_shard}
               | "GroupShards" >> beam.CoGroupByKey()
-              | "WriteShards" >> beam.Map(write_shard, out=config.out, n_shards=n)
+              | "WriteShards" >> beam.Map(write_shard, out=config.out, n_shards=n, pack_length=config.pack_length,
+                                         pad_id=pad_id)
               | "ShardList" >> beam.combiners.ToList())
     counts = (rows | "LabelSplit" >> beam.Map(lambda r: (r["label"], r["split"]))
                    | "CountLabelSplit" >> beam.combiners.Count.PerElement()

@@ -12,6 +12,10 @@ emojax is warmed up (traced + compiled) first; the first call is reported as `em
 then runs one untimed warmup call and `--iters` timed calls; tokens/s = B * T / median seconds per call.
 Thread counts are left at the libraries' defaults (torch uses all cores; reported as "threads").
 Nothing is downloaded: transformers runs offline and the models are randomly initialised.
+
+CPU figures are only meaningful on an otherwise idle machine: `*_foreign_cores` records how many cores other
+processes kept busy during each timed section (torch's OpenMP threads slow down far more than XLA's under
+contention, so a busy machine also skews the ratio). Rerun when they are not near 0.
 """
 
 from __future__ import annotations

@@ -205,3 +205,23 @@ def test_prompts_and_collect_round_trip(tmp_path):
     assert result["kept"] == 1 and len(result["rejected"]) == 2
     row = json.loads((tmp_path / "corpus.jsonl").read_text())
     assert row["label"] == "calm" and row["topic"] == prompts[0]["topic"]
+
+
+def test_pack_makes_fixed_length_rows_without_losing_tokens():
+    rows = [{"doc_id": f"d{i}", "split": s, "tokens": list(range(10 * i, 10 * i + n))}
+            for i, (s, n) in enumerate([("train", 7), ("val", 5), ("train", 12), ("train", 3)])]
+    packed = pipeline.pack(rows, length=8, pad_id=-1)
+    assert all(len(r["tokens"]) == 8 for r in packed)
+    real = [t for r in packed for t in r["tokens"][: r["n_real"]]]
+    assert real == list(range(0, 7)) + list(range(20, 32)) + list(range(30, 33))
+    assert packed[-1]["n_real"] == 22 - 16 and packed[-1]["tokens"][6:] == [-1, -1]
+    assert packed[0]["doc_ids"] == ["d0", "d2"] and packed[1]["doc_ids"] == ["d2"]
+
+
+def test_packed_shards_are_written(tmp_path):
+    manifest = build_corpus(CorpusConfig(out=str(tmp_path / "c"), generator=GeneratorConfig(
+        concepts=("calm",), n_topics=3), n_shards=2, pack_length=64))
+    files = sorted((tmp_path / "c" / "packed").iterdir())
+    assert [f.name for f in files] == [s["name"] for s in manifest["shards"]]
+    table = pq.read_table(files[0]).to_pylist()
+    assert table and all(len(r["tokens"]) == 64 for r in table)

@@ -51,14 +51,15 @@ def build_corpus(config: CorpusConfig, beam_args: Sequence[str] = ()) -> dict:
     from emojax.tokenizer import load_tokenizer
 
     check_inputs(config)
-    fingerprint = load_tokenizer(config.tokenizer).fingerprint
+    tokenizer = load_tokenizer(config.tokenizer)
+    pad_id = getattr(tokenizer, "PAD", 0)
     shards_dir = FileSystems.join(config.out, "shards")
-    for folder in (config.out, shards_dir):
+    for folder in (config.out, shards_dir) + ((FileSystems.join(config.out, "packed"),) if config.pack_length else ()):
         if not FileSystems.exists(folder):
             FileSystems.mkdirs(folder)
     options = PipelineOptions(list(beam_args) or ["--runner=DirectRunner"])
     with beam.Pipeline(options=options) as p:
-        pipeline.build(p, config, fingerprint)
+        pipeline.build(p, config, tokenizer.fingerprint, pad_id)
     with FileSystems.open(FileSystems.join(config.out, "manifest.json")) as f:
         manifest = json.loads(f.read())
     # Shards of an earlier build with another shard count would be read as part of this corpus.

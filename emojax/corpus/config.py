@@ -22,6 +22,7 @@ class CorpusConfig:
     max_chars: int = 20_000  # longer texts are rejected, not cut
     max_tokens: int = 512  # token rows are truncated to this many tokens
     n_shards: int = 8
+    pack_length: int = 0  # > 0: also write packed/ shards of train tokens in rows of exactly this length
     val_fraction: float = 0.1
     test_fraction: float = 0.1
 
