@@ -1,15 +1,17 @@
 """Forward pass with two captured residual streams: emojax vs transformers' LlamaForCausalLM, same process.
 
     python scripts/bench_forward.py [--model-shape tiny|56m|1b] [--batch B] [--seq T] [--iters N]
-                                    [--dtype float32|bfloat16] [--device cpu|gpu]
+                                    [--rounds R] [--dtype float32|bfloat16] [--device cpu|gpu]
 
 Both sides get the same random token batch, the same model shape and dtype (random weights, not the same
 values), and do the same work per iteration: a full forward producing logits [B, T, V] plus the residual
 stream at two layers (n_layers // 3 and 2 * n_layers // 3, Hugging Face `output_hidden_states` indexing),
 with those two hidden states copied to host numpy and the logits left on the device but finished.
 
-emojax is warmed up (traced + compiled) first; the first call is reported as `emojax_compile_s`. Each side
-then runs one untimed warmup call and `--iters` timed calls; tokens/s = B * T / median seconds per call.
+emojax is warmed up (traced + compiled) first; the first call is reported as `emojax_compile_s`. Then the two
+sides are timed alternately for `--rounds` rounds of `--iters` calls (one untimed warmup call per round), so a
+shared machine's drift hits both alike; tokens/s = B * T / median seconds per call, and the JSON line also
+carries every round's ratio.
 Thread counts are left at the libraries' defaults (torch uses all cores; reported as "threads").
 Nothing is downloaded: transformers runs offline and the models are randomly initialised.
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -37,6 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=None, help="default 8 (16 for 1b on gpu)")
     p.add_argument("--seq", type=int, default=None, help="default 256 (1024 for 1b on gpu)")
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=3, help="alternate the two sides this many times")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="default float32 (bfloat16 for 1b on gpu)")
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
@@ -56,7 +60,7 @@ def capture_layers(n_layers: int) -> tuple[int, int]:
     return (n_layers // 3, 2 * n_layers // 3)
 
 
-def bench_emojax(cfg, tokens, capture, dtype: str, iters: int, seed: int) -> tuple[dict, int]:
+def emojax_step(cfg, tokens, capture, dtype: str, seed: int):
     import jax
     import numpy as np
 
@@ -74,9 +78,7 @@ def bench_emojax(cfg, tokens, capture, dtype: str, iters: int, seed: int) -> tup
     t0 = time.perf_counter()
     step()  # trace + compile + one run
     compile_s = time.perf_counter() - t0
-    with ForeignLoad() as load:
-        timing = time_fn(step, iters, warmup=1)  # one untimed warmup run, then the timed calls
-    return {**timing, "compile": compile_s, "foreign_cores": load.cores}, lm.num_params
+    return step, compile_s, lm.num_params
 
 
 def hf_llama(cfg, dtype: str, device: str):
@@ -119,7 +121,7 @@ def to_numpy(t):
     return t.numpy()
 
 
-def bench_baseline(cfg, tokens, capture, dtype: str, device: str, iters: int, seed: int) -> tuple[dict, int]:
+def baseline_step(cfg, tokens, capture, dtype: str, device: str, seed: int):
     import torch
 
     torch.manual_seed(seed)
@@ -135,9 +137,19 @@ def bench_baseline(cfg, tokens, capture, dtype: str, device: str, iters: int, se
             sync()  # logits stay on the device, finished
         return hidden
 
-    with ForeignLoad() as load:
-        timing = time_fn(step, iters, warmup=1)
-    return {**timing, "foreign_cores": load.cores}, sum(p.numel() for p in model.parameters())
+    return step, sum(p.numel() for p in model.parameters())
+
+
+def timed_rounds(steps: dict, iters: int, rounds: int) -> dict:
+    """Times the sides alternately, `rounds` times, so slow drift of a shared machine hits both alike.
+    Returns per side the per-round timings; the first call of round 0 is each side's warmup."""
+    results = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            with ForeignLoad() as load:
+                timing = time_fn(step, iters, warmup=1)
+            results[name].append({**timing, "foreign_cores": load.cores})
+    return results
 
 
 def main(argv=None) -> None:
@@ -166,14 +178,23 @@ def main(argv=None) -> None:
     tokens = np.random.default_rng(args.seed).integers(0, cfg.vocab_size, size=(B, T), dtype=np.int32)
     log(f"bench_forward: {shape} ({args.dtype}, {args.device}) B={B} T={T} capture={capture} iters={args.iters}")
 
-    emo, emo_params = bench_emojax(cfg, tokens, capture, args.dtype, args.iters, args.seed)
-    log(f"  emojax:       compile+first call {emo['compile']:.2f}s, median {emo['median'] * 1e3:.1f} ms "
-        f"(mean {emo['mean'] * 1e3:.1f}), {B * T / emo['median']:,.0f} tok/s")
-    base, base_params = bench_baseline(cfg, tokens, capture, args.dtype, args.device, args.iters, args.seed)
-    log(f"  transformers: first call {base['first']:.2f}s, median {base['median'] * 1e3:.1f} ms "
-        f"(mean {base['mean'] * 1e3:.1f}), {B * T / base['median']:,.0f} tok/s")
+    emo_step, compile_s, emo_params = emojax_step(cfg, tokens, capture, args.dtype, args.seed)
+    base_step, base_params = baseline_step(cfg, tokens, capture, args.dtype, args.device, args.seed)
+    rounds = timed_rounds({"emojax": emo_step, "transformers": base_step}, args.iters, args.rounds)
+    ratios = [b["median"] / e["median"] for e, b in zip(rounds["emojax"], rounds["transformers"])]
+    emo = {"compile": compile_s, "median": statistics.median(r["median"] for r in rounds["emojax"]),
+           "mean": statistics.fmean(r["mean"] for r in rounds["emojax"]),
+           "foreign_cores": max(r["foreign_cores"] or 0 for r in rounds["emojax"])}
+    base = {"first": rounds["transformers"][0]["first"],
+            "median": statistics.median(r["median"] for r in rounds["transformers"]),
+            "mean": statistics.fmean(r["mean"] for r in rounds["transformers"]),
+            "foreign_cores": max(r["foreign_cores"] or 0 for r in rounds["transformers"])}
+    log(f"  emojax:       compile+first call {compile_s:.2f}s, median {emo['median'] * 1e3:.1f} ms, "
+        f"{B * T / emo['median']:,.0f} tok/s")
+    log(f"  transformers: median {base['median'] * 1e3:.1f} ms, {B * T / base['median']:,.0f} tok/s")
+    log(f"  per-round ratios: {', '.join(f'{r:.2f}' for r in ratios)}")
     for name, r in (("emojax", emo), ("transformers", base)):
-        if args.device == "cpu" and (r["foreign_cores"] or 0) > 0.25:
+        if args.device == "cpu" and r["foreign_cores"] > 0.25:
             log(f"  warning: other processes kept {r['foreign_cores']:.2f} cores busy during the {name} timing")
     if emo_params != base_params:
         log(f"  warning: parameter counts differ: emojax {emo_params:,} vs transformers {base_params:,}")
@@ -184,7 +205,8 @@ def main(argv=None) -> None:
         "bench": "forward_capture", "shape": shape, "device": args.device, "dtype": args.dtype,
         "batch": B, "seq": T, "capture": list(capture), "iters": args.iters,
         "emojax_tok_s": emo_tok_s, "baseline_tok_s": base_tok_s, "ratio": emo_tok_s / base_tok_s,
-        "emojax_compile_s": emo["compile"],
+        "rounds": args.rounds, "round_ratios": ratios, "median_round_ratio": statistics.median(ratios),
+        "emojax_compile_s": compile_s,
         "emojax_median_s": emo["median"], "emojax_mean_s": emo["mean"],
         "baseline_median_s": base["median"], "baseline_mean_s": base["mean"],
         "baseline_first_s": base["first"], "params": emo_params,
