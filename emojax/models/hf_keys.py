@@ -69,6 +69,13 @@ def _norm(path: tuple[str, ...], hf_prefix: str, dim: int, layer_norm: bool) -> 
     return maps
 
 
+def _untied_head(cfg: ModelConfig, hf_key: str) -> list[TensorMap]:
+    """The unembedding [V, D] -> [D, V], unless it is tied to the embedding."""
+    if cfg.tie_embeddings:
+        return []
+    return [TensorMap(("lm_head",), hf_key, (cfg.vocab_size, cfg.d_model), _transpose, _transpose)]
+
+
 def llama_family_keys(cfg: ModelConfig) -> list[TensorMap]:
     """Llama, Mistral, Qwen2/3 and Gemma 1/2/3 (same names; Gemma 2/3 add sandwich norms)."""
     D, F, V = cfg.d_model, cfg.d_mlp, cfg.vocab_size
@@ -108,9 +115,7 @@ def llama_family_keys(cfg: ModelConfig) -> list[TensorMap]:
         for name, size in (("gate", F), ("up", F), ("down", D)):
             maps.append(TensorMap(("layers", "mlp", f"{name}_bias"), layer + f"mlp.{name}_proj.bias", (size,),
                                   _identity, _identity))
-    if not cfg.tie_embeddings:
-        maps.append(TensorMap(("lm_head",), "lm_head.weight", (V, D), _transpose, _transpose))
-    return maps
+    return maps + _untied_head(cfg, "lm_head.weight")
 
 
 def gpt2_keys(cfg: ModelConfig, prefix: str = "transformer.") -> list[TensorMap]:
@@ -135,9 +140,7 @@ def gpt2_keys(cfg: ModelConfig, prefix: str = "transformer.") -> list[TensorMap]
         TensorMap(("layers", "mlp", "down_proj"), layer + "mlp.c_proj.weight", (F, D), _identity, _identity),
         TensorMap(("layers", "mlp", "down_bias"), layer + "mlp.c_proj.bias", (D,), _identity, _identity),
     ]
-    if not cfg.tie_embeddings:
-        maps.append(TensorMap(("lm_head",), "lm_head.weight", (V, D), _transpose, _transpose))
-    return maps
+    return maps + _untied_head(cfg, "lm_head.weight")
 
 
 def gpt_neox_keys(cfg: ModelConfig, prefix: str = "gpt_neox.") -> list[TensorMap]:
@@ -164,9 +167,7 @@ def gpt_neox_keys(cfg: ModelConfig, prefix: str = "gpt_neox.") -> list[TensorMap
                               lambda b: np.ascontiguousarray(b.transpose(1, 0, 2).reshape(3 * D))))
     if cfg.o_bias:
         maps.append(TensorMap(("layers", "attn", "o_bias"), layer + "attention.dense.bias", (D,), _identity, _identity))
-    if not cfg.tie_embeddings:
-        maps.append(TensorMap(("lm_head",), "embed_out.weight", (V, D), _transpose, _transpose))
-    return maps
+    return maps + _untied_head(cfg, "embed_out.weight")
 
 
 def _prefix(present: set[str] | None, default: str, probe: str) -> str:

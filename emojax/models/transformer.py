@@ -104,7 +104,6 @@ def stack_modules(make: Callable[[jax.Array], nnx.Module], n: int, key: jax.Arra
 class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = cfg
-        self.dtype = jnp.dtype(dtype)
         self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), dtype, ("vocab", "embed"))
         self.layers = stack_modules(
             lambda k: DecoderLayer(cfg, dtype=dtype, rngs=nnx.Rngs(k)), cfg.n_layers, rngs.params()
