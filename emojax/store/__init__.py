@@ -1,0 +1,1 @@
+"""The activation store: TensorStore zarr3 arrays written from a device mesh (see arrays.py)."""

@@ -1,0 +1,73 @@
+"""TensorStore zarr3 arrays in the activation store's layout.
+
+Every array is [rows, ...] with the sharding_indexed codec: the outer chunk (a "shard", `write_rows` rows) is
+the unit one writer commits, the inner chunk (`read_rows` rows) the unit a reader fetches; chunks are zstd
+compressed and each shard's index carries a crc32c checksum, so a corrupted shard is detected on read.
+Paths may be local folders or any TensorStore kvstore URL (gs://bucket/path, s3://..., memory://...).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import tensorstore as ts
+
+from emojax.errors import EmojaxError
+
+
+class StoreError(EmojaxError):
+    """An activation store that cannot be created, read or written."""
+
+
+def kvstore(path: str) -> dict | str:
+    """A TensorStore kvstore spec for a local folder or a kvstore URL."""
+    return path if "://" in path else {"driver": "file", "path": str(path)}
+
+
+def zarr3_spec(path: str, shape: tuple[int, ...], dtype: str, write_rows: int, read_rows: int,
+               zstd_level: int = 3) -> dict[str, Any]:
+    """The spec of a new array; rows are split into shards of `write_rows`, read in chunks of `read_rows`."""
+    if write_rows % read_rows:
+        raise ValueError(f"write_rows={write_rows} must be a multiple of read_rows={read_rows}")
+    rest = list(shape[1:])
+    return {
+        "driver": "zarr3",
+        "kvstore": kvstore(path),
+        "metadata": {
+            "shape": list(shape),
+            "data_type": dtype,
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [write_rows, *rest]}},
+            "codecs": [{"name": "sharding_indexed", "configuration": {
+                "chunk_shape": [read_rows, *rest],
+                "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
+                           {"name": "zstd", "configuration": {"level": zstd_level}}],
+                "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
+                "index_location": "end",
+            }}],
+        },
+    }
+
+
+def create(path: str, shape: tuple[int, ...], dtype: str, write_rows: int, read_rows: int) -> ts.TensorStore:
+    """Creates the array (an existing array at `path` is an error: the caller decides about resuming)."""
+    try:
+        return ts.open(zarr3_spec(path, shape, dtype, write_rows, read_rows), create=True).result()
+    except ValueError as e:
+        raise StoreError(f"{path}: cannot create array ({e})") from None
+
+
+def open_array(path: str) -> ts.TensorStore:
+    try:
+        return ts.open({"driver": "zarr3", "kvstore": kvstore(path)}, open=True).result()
+    except ValueError as e:
+        raise StoreError(f"{path}: cannot open array ({e})") from None
+
+
+def read_rows(array: ts.TensorStore, start: int, stop: int, source: str = "") -> np.ndarray:
+    """Rows [start, stop); a corrupted or truncated shard is a StoreError naming the array and rows."""
+    try:
+        return array[start:stop].read().result()
+    except ValueError as e:
+        raise StoreError(f"{source or array.kvstore}: rows {start}:{stop} cannot be read ({e}); the shard is "
+                         "corrupted or incomplete: rerun the stage that wrote it") from None
