@@ -85,8 +85,11 @@ def cmd_init_random(args) -> int:
     import emojax
     from emojax.models.presets import SHAPES
 
+    from emojax.models.hf_config import config_to_hf_dict
+
     if args.shape not in SHAPES:
         raise EmojaxError(f"unknown shape {args.shape!r}; shapes: {', '.join(SHAPES)}")
+    config_to_hf_dict(SHAPES[args.shape])  # refuses shapes it cannot write before allocating anything
     lm = emojax.random_model(SHAPES[args.shape], dtype=args.dtype, seed=args.seed)
     out = lm.save(args.out)
     print(f"wrote {out} ({lm.num_params:,} parameters, random, seed {args.seed})")

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from emojax.errors import CheckpointError
+from emojax.errors import CheckpointError, ConfigError
 from emojax.models.config import ModelConfig, RopeConfig
 
 # Keys that never change a decoder's forward pass in inference.
@@ -302,7 +302,8 @@ def config_to_hf_dict(cfg: ModelConfig) -> dict[str, Any]:
     saved with its original config.json instead.
     """
     if cfg.architecture not in _HF_CLASSES:
-        raise ValueError(f"config export is implemented for {sorted(_HF_CLASSES)}, not {cfg.architecture!r}")
+        raise ConfigError(f"writing a new config.json is implemented for {sorted(_HF_CLASSES)}, not "
+                          f"{cfg.architecture!r} (models loaded from a checkpoint keep their own config.json)")
     if cfg.architecture in ("llama", "qwen3") and cfg.qkv_bias != cfg.o_bias:
         raise ValueError(f"{cfg.architecture} ties q/k/v and o biases (attention_bias); cannot export {cfg}")
     rope: dict[str, Any] = {"rope_type": cfg.rope.kind, "rope_theta": cfg.rope.theta}
