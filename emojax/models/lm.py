@@ -157,7 +157,7 @@ class LanguageModel:
         hf["dtype"] = str(self.dtype)
         save_safetensors(self.config, self.params, out_dir)
         (out_dir / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-        if self.tokenizer is not None:
+        if self.tokenizer is not None and self.tokenizer.backend is not None:  # the byte tokenizer has no file
             self.tokenizer.backend.save(str(out_dir / "tokenizer.json"))
         return out_dir
 
