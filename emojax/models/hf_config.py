@@ -84,6 +84,11 @@ class _Reader:
 
 def read_hf_config(checkpoint_dir: Path) -> ModelConfig:
     """Reads `checkpoint_dir/config.json` into a ModelConfig, refusing anything emojax cannot reproduce."""
+    return config_from_hf_dict(read_config_json(checkpoint_dir), source=str(Path(checkpoint_dir) / "config.json"))
+
+
+def read_config_json(checkpoint_dir: Path) -> dict[str, Any]:
+    """The raw config.json of a checkpoint directory."""
     path = Path(checkpoint_dir) / "config.json"
     if not path.is_file():
         raise CheckpointError(
@@ -91,10 +96,9 @@ def read_hf_config(checkpoint_dir: Path) -> ModelConfig:
             "(as written by transformers' save_pretrained)."
         )
     try:
-        raw = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    return config_from_hf_dict(raw, source=str(path))
 
 
 def config_from_hf_dict(raw: dict[str, Any], source: str = "config.json") -> ModelConfig:

@@ -16,7 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from emojax.errors import CheckpointError, InputError
 from emojax.models.checkpoint import NUMPY_DTYPES, load_state, nest, param_shardings, save_safetensors
 from emojax.models.config import ModelConfig
-from emojax.models.hf_config import config_to_hf_dict, read_hf_config
+from emojax.models.hf_config import config_from_hf_dict, config_to_hf_dict, read_config_json
 from emojax.models.presets import RANDOM_PREFIX, SHAPES, preset_names
 from emojax.models.sharding import batch_multiple, logical_to_spec, single_device_mesh
 from emojax.models.transformer import ForwardOutput, Steering, Transformer
@@ -219,12 +219,12 @@ def load_model(path_or_preset: str | Path, dtype="float32", mesh: Mesh | None = 
             f"{path}: not a checkpoint directory (expected config.json + *.safetensors) or a preset "
             f"({', '.join(preset_names())})"
         )
-    config = read_hf_config(path)
+    hf_config = read_config_json(path)
+    config = config_from_hf_dict(hf_config, source=str(path / "config.json"))
     np_dtype = _resolve_dtype(dtype)
     graphdef, abstract_state = nnx.split(abstract_model(config, dtype))
     pure = load_state(config, path, abstract_state, mesh, np_dtype)
     nnx.replace_by_pure_dict(abstract_state, pure)
     tokenizer_file = path / "tokenizer.json"
     tokenizer = Tokenizer.from_file(tokenizer_file) if tokenizer_file.is_file() else None
-    hf_config = json.loads((path / "config.json").read_text())
     return LanguageModel(config, graphdef, abstract_state, mesh, tokenizer, source=str(path), hf_config=hf_config)
