@@ -5,6 +5,7 @@ from emojax.models import (
     ForwardOutput,
     LanguageModel,
     ModelConfig,
+    Patch,
     Steering,
     abstract_model,
     load_model,
@@ -16,6 +17,6 @@ from emojax.tokenizer import Tokenizer
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "ConfigError", "EmojaxError", "ForwardOutput", "LanguageModel", "ModelConfig",
+    "CheckpointError", "ConfigError", "EmojaxError", "ForwardOutput", "LanguageModel", "ModelConfig", "Patch",
     "Steering", "Tokenizer", "abstract_model", "load_model", "make_mesh", "random_model",
 ]

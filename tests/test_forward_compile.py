@@ -34,7 +34,7 @@ def _hlo_lines(n_layers: int) -> int:
     lm = emojax.random_model(CONFIG.replace(n_layers=n_layers, layer_windows=()))
     tokens = _tokens()
     fn = lm._forward_fn((1,), None)
-    return len(fn.lower(lm.params, tokens, np.ones_like(tokens), None).as_text().splitlines())
+    return len(fn.lower(lm.params, tokens, np.ones_like(tokens), None, None).as_text().splitlines())
 
 
 def test_program_size_does_not_grow_with_depth():

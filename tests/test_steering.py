@@ -77,3 +77,34 @@ def test_matches_a_transformers_forward_hook(tmp_path, tokens):
     handle.remove()
     got = lm(tokens, steering=Steering(vectors=_vectors(1, v))).logits
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-4)
+
+
+def test_patch_replaces_the_stream_where_it_is_read(lm, tokens):
+    base = lm(tokens, capture=(1, 2, 3))
+    values = np.random.default_rng(6).normal(size=(*tokens.shape, D)).astype(np.float32)
+    out = lm(tokens, capture=(1, 2, 3), patch=emojax.Patch(values=jnp.asarray(values), index=2))
+    np.testing.assert_array_equal(np.asarray(out.hidden[0]), np.asarray(base.hidden[0]))
+    np.testing.assert_array_equal(np.asarray(out.hidden[1]), values)
+    # Patching a stream with its own values is the identity: the run from index 2 on is the same computation.
+    same = lm(tokens, capture=(3,), patch=emojax.Patch(values=base.hidden[1], index=2))
+    np.testing.assert_allclose(np.asarray(same.logits), np.asarray(base.logits), atol=1e-6)
+    assert not np.allclose(np.asarray(out.logits), np.asarray(base.logits), atol=1e-3)
+    embed = lm(tokens, capture=(0,), patch=emojax.Patch(values=jnp.asarray(values), index=0))
+    np.testing.assert_array_equal(np.asarray(embed.hidden[0]), values)
+
+
+def test_patch_of_a_wrong_shape_or_index_is_refused(lm, tokens):
+    with pytest.raises(emojax.errors.InputError, match="patch.values"):
+        lm(tokens, patch=emojax.Patch(values=jnp.zeros((1, 2, D)), index=1))
+    with pytest.raises(emojax.errors.InputError, match="patch index"):
+        lm(tokens, patch=emojax.Patch(values=jnp.zeros((*tokens.shape, D)), index=L))
+
+
+def test_hidden_only_forward_equals_the_full_forward(lm, tokens):
+    full = lm(tokens, capture=(1, 2, L))
+    for capture in [(1,), (2, 1), (L,), (0,)]:
+        out = lm(tokens, capture=capture, logits=False)
+        assert out.logits is None
+        for i, h in zip(capture, out.hidden):
+            np.testing.assert_array_equal(np.asarray(h), np.asarray(lm(tokens, capture=(i,)).hidden[0]))
+    assert full.logits is not None

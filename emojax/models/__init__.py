@@ -14,10 +14,10 @@ from emojax.models.config import ModelConfig, RopeConfig
 from emojax.models.hf_config import SUPPORTED_ARCHITECTURES, config_from_hf_dict, read_hf_config
 from emojax.models.lm import LanguageModel, abstract_model, load_model, random_model
 from emojax.models.sharding import make_mesh
-from emojax.models.transformer import ForwardOutput, Steering, Transformer
+from emojax.models.transformer import ForwardOutput, Patch, Steering, Transformer
 
 __all__ = [
-    "ForwardOutput", "LanguageModel", "ModelConfig", "RopeConfig", "Steering", "SUPPORTED_ARCHITECTURES",
+    "ForwardOutput", "LanguageModel", "ModelConfig", "Patch", "RopeConfig", "Steering", "SUPPORTED_ARCHITECTURES",
     "Transformer", "abstract_model", "config_from_hf_dict", "load_model", "make_mesh", "random_model",
     "read_hf_config",
 ]

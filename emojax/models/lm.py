@@ -19,7 +19,7 @@ from emojax.models.config import ModelConfig
 from emojax.models.hf_config import config_from_hf_dict, config_to_hf_dict, read_config_json
 from emojax.models.presets import RANDOM_PREFIX, SHAPES, preset_names
 from emojax.models.sharding import batch_multiple, logical_to_spec, single_device_mesh
-from emojax.models.transformer import ForwardOutput, Steering, Transformer
+from emojax.models.transformer import ForwardOutput, Patch, Steering, Transformer
 from emojax.tokenizer import Tokenizer
 
 
@@ -54,11 +54,14 @@ class LanguageModel:
         return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(self.params))
 
     def __call__(self, tokens, attention_mask=None, capture: Sequence[int] = (),
-                 steering: Steering | None = None) -> ForwardOutput:
+                 steering: Steering | None = None, logits: bool = True,
+                 patch: Patch | None = None) -> ForwardOutput:
         """tokens int [B, T]; attention_mask [B, T] (1 = real token, 0 = left padding).
 
         Returns logits [B, T, V] (float32) and `hidden`, one [B, T, D] array per entry of `capture`, equal to
-        transformers' output_hidden_states[i] for each index i.
+        transformers' output_hidden_states[i] for each index i. logits=False skips the unembedding and the
+        layers after the deepest capture (logits is then None). `patch` replaces the residual stream at one
+        index with given values [B, T, D] (e.g. an SAE reconstruction).
         """
         tokens = np.asarray(tokens, np.int32)
         if tokens.ndim != 2:
@@ -73,19 +76,29 @@ class LanguageModel:
             raise InputError(f"sequence length {T} exceeds the model's {self.config.learned_positions} "
                              "learned positions")
         steering = self._check_steering(steering, B, T)
+        if patch is not None:
+            want = (B, T, self.config.d_model)
+            if tuple(patch.values.shape) != want:
+                raise InputError(f"patch.values must be [batch, seq, d_model] = {want}, got {patch.values.shape}")
+            if not 0 <= patch.index < self.config.n_layers:
+                raise InputError(f"patch index {patch.index} is outside 0..{self.config.n_layers - 1}")
         pad = -B % batch_multiple(self.mesh)  # shard the batch evenly; padded rows are dropped below
         if pad:
             tokens = np.pad(tokens, ((0, pad), (0, 0)))
             mask = np.pad(mask, ((0, pad), (0, 0)))
             steering = _pad_steering(steering, pad)
+            if patch is not None:
+                patch = Patch(values=jnp.pad(jnp.asarray(patch.values), ((0, pad), (0, 0), (0, 0))), index=patch.index)
         capture = tuple(int(i) for i in capture)
         bad = [i for i in capture if not 0 <= i <= self.config.n_layers]
         if bad:
             raise InputError(f"capture indices {bad} are outside 0..{self.config.n_layers} "
                              "(0 = embeddings, i = output of layer i - 1)")
-        fn = self._forward_fn(capture, steering)
+        if not logits and not capture:
+            raise InputError("logits=False needs at least one capture index")
+        fn = self._forward_fn(capture, steering, logits, None if patch is None else patch.index)
         with self._precision():
-            out = fn(self.params, tokens, mask, steering)
+            out = fn(self.params, tokens, mask, steering, patch)
         if pad:
             out = jax.tree.map(lambda a: a[:B], out)
         return out
@@ -111,14 +124,16 @@ class LanguageModel:
             return jax.default_matmul_precision("highest")
         return contextlib.nullcontext()
 
-    def _forward_fn(self, capture: tuple[int, ...], steering: Steering | None):
+    def _forward_fn(self, capture: tuple[int, ...], steering: Steering | None, logits: bool = True,
+                    patch_index: int | None = None):
         structure = None if steering is None else (steering.scale is not None, steering.mask is not None)
-        key = (capture, structure)
+        key = (capture, structure, logits, patch_index)
         if key not in self._compiled:
-            self._compiled[key] = self._build_forward(capture, steering)
+            self._compiled[key] = self._build_forward(capture, steering, logits, patch_index)
         return self._compiled[key]
 
-    def _build_forward(self, capture: tuple[int, ...], steering: Steering | None):
+    def _build_forward(self, capture: tuple[int, ...], steering: Steering | None, logits: bool = True,
+                       patch_index: int | None = None):
         mesh, graphdef = self.mesh, self.graphdef
         batch = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
         replicated = NamedSharding(mesh, PartitionSpec())
@@ -134,18 +149,21 @@ class LanguageModel:
 
         # Only the logits' vocab dim and the batch matter for the output layout; sizes are illustrative.
         out_shardings = ForwardOutput(
-            logits=activation(("batch", "seq", "act_vocab"), (batch_multiple(mesh), 1, V)),
+            logits=activation(("batch", "seq", "act_vocab"), (batch_multiple(mesh), 1, V)) if logits else None,
             hidden=tuple(activation(("batch", "seq", "act_embed"), (batch_multiple(mesh), 1, D)) for _ in capture),
         )
 
-        def forward(params, tokens, mask, steer):
+        patch_shardings = None if patch_index is None else Patch(
+            values=activation(("batch", "seq", "act_embed"), (batch_multiple(mesh), 1, D)), index=patch_index)
+
+        def forward(params, tokens, mask, steer, patch):
             self.trace_count += 1  # runs only while tracing
             model = nnx.merge(graphdef, params)
-            return model(tokens, mask, capture=capture, steering=steer, mesh=mesh)
+            return model(tokens, mask, capture=capture, steering=steer, mesh=mesh, logits=logits, patch=patch)
 
         return jax.jit(
             forward,
-            in_shardings=(self._param_shardings, batch, batch, steer_shardings),
+            in_shardings=(self._param_shardings, batch, batch, steer_shardings, patch_shardings),
             out_shardings=out_shardings,
         )
 

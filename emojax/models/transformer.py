@@ -27,7 +27,7 @@ from emojax.models.sharding import constrain
 
 @struct.dataclass
 class ForwardOutput:
-    logits: jax.Array  # [B, T, V] float32
+    logits: jax.Array | None  # [B, T, V] float32 (None when the forward was asked for hidden states only)
     hidden: tuple[jax.Array, ...]  # one [B, T, D] array per requested capture index, in request order
 
 
@@ -52,6 +52,18 @@ class Steering:
         if self.mask is not None:
             v = v * self.mask.astype(jnp.float32)[:, :, None]
         return v.astype(dtype)
+
+
+@struct.dataclass
+class Patch:
+    """Replaces the residual stream at one index (0 = embeddings, i = output of layer i - 1, i < L).
+
+    values: [B, T, D]; what later layers read instead of the model's own stream there (e.g. an SAE
+    reconstruction, for the spliced-in loss). Captures at `index` return the patched values.
+    """
+
+    values: jax.Array
+    index: int = struct.field(pytree_node=False, default=1)
 
 
 def make_norm(cfg: ModelConfig, dtype) -> Norm:
@@ -117,11 +129,13 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens_BT: jax.Array, attention_mask_BT: jax.Array | None = None, *,
                  capture: Sequence[int] = (), steering: Steering | None = None,
-                 mesh: Mesh | None = None) -> ForwardOutput:
+                 mesh: Mesh | None = None, logits: bool = True, patch: Patch | None = None) -> ForwardOutput:
         """Logits [B, T, V] (float32) and the residual stream at the `capture` indices.
 
         attention_mask_BT: 1 for real tokens, 0 for (left) padding; positions count real tokens only, so a
         left-padded row gives the same values on its real tokens as the unpadded sequence.
+        logits=False returns hidden states only: the unembedding is skipped, and so are the layers after the
+        deepest captured index (an activation dump of layer 4 of 8 runs 4 layers).
         """
         cfg = self.config
         L = cfg.n_layers
@@ -129,6 +143,8 @@ class Transformer(nnx.Module):
         for i in capture:
             if not 0 <= i <= L:
                 raise ValueError(f"capture index {i} is outside 0..{L} (embeddings, then one per layer)")
+        if patch is not None and not 0 <= patch.index < L:
+            raise ValueError(f"patch index {patch.index} is outside 0..{L - 1}")
         B, T = tokens_BT.shape
         if attention_mask_BT is None:
             valid_BT = jnp.ones((B, T), bool)
@@ -150,6 +166,8 @@ class Transformer(nnx.Module):
             x = x + jnp.take(self.pos_embed[...], positions_BT, axis=0)
         if steering is not None:
             x = x + steering.delta(0, x.dtype)
+        if patch is not None and patch.index == 0:
+            x = patch.values.astype(x.dtype)
         x = constrain(x, ("batch", "seq", "act_embed"), mesh)
         embeddings = x
 
@@ -164,10 +182,14 @@ class Transformer(nnx.Module):
         layer_graph, layer_state = nnx.split(self.layers)
         windows_L = jnp.asarray(cfg.layer_windows, jnp.int32)
         steer_rows = jnp.arange(1, L + 1)
+        patched_L = jnp.arange(1, L + 1) == (-1 if patch is None else patch.index)
+        depth = L if logits or not capture else max(max(capture), 0)
+        scanned = jax.tree.map(lambda a: a[:depth],
+                               (layer_state, windows_L, jnp.asarray(slot_of), steer_rows, patched_L))
 
         def body(carry, xs):
             x, buffer = carry
-            state, window, rope_index, slot, steer_row = xs
+            state, window, rope_index, slot, steer_row, patched = xs
             in_window = (window == 0) | (q_idx - kv_idx < window)
             mask = base_mask_BTS & in_window[None]
             cos = None if cos_RBTH is None else cos_RBTH[rope_index]
@@ -175,21 +197,28 @@ class Transformer(nnx.Module):
             x = nnx.merge(layer_graph, state)(x, cos, sin, mask, mesh)
             if steering is not None:
                 x = x + steering.delta(steer_row, x.dtype)
+            if patch is not None:
+                x = jnp.where(patched, patch.values.astype(x.dtype), x)
             x = constrain(x, ("batch", "seq", "act_embed"), mesh)
             if buffer is not None:
                 buffer = jax.lax.dynamic_update_index_in_dim(buffer, x, slot, axis=0)
             return (x, buffer), None
 
-        (x, buffer), _ = jax.lax.scan(
-            body, (x, buffer), (layer_state, windows_L, rope_of_layer, jnp.asarray(slot_of), steer_rows)
-        )
+        if depth:
+            state_L, window_L, slot_L, steer_L, patched_L = scanned
+            (x, buffer), _ = jax.lax.scan(
+                body, (x, buffer), (state_L, window_L, rope_of_layer[:depth], slot_L, steer_L, patched_L)
+            )
 
-        x = self.final_norm(x)
-        head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        logits = jnp.einsum("BTD,DV->BTV", x, head, preferred_element_type=jnp.float32)
-        if cfg.final_softcap is not None:
-            logits = jnp.tanh(logits / cfg.final_softcap) * cfg.final_softcap
-        logits = constrain(logits, ("batch", "seq", "act_vocab"), mesh)
+        if depth == L:
+            x = self.final_norm(x)
+        logits_BTV = None
+        if logits:
+            head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+            logits_BTV = jnp.einsum("BTD,DV->BTV", x, head, preferred_element_type=jnp.float32)
+            if cfg.final_softcap is not None:
+                logits_BTV = jnp.tanh(logits_BTV / cfg.final_softcap) * cfg.final_softcap
+            logits_BTV = constrain(logits_BTV, ("batch", "seq", "act_vocab"), mesh)
 
         def residual(i):
             if i == 0:
@@ -199,7 +228,7 @@ class Transformer(nnx.Module):
             return buffer[in_scan.index(i)]
 
         hidden = tuple(constrain(residual(i), ("batch", "seq", "act_embed"), mesh) for i in capture)
-        return ForwardOutput(logits=logits, hidden=hidden)
+        return ForwardOutput(logits=logits_BTV, hidden=hidden)
 
     def _rope(self, positions_BT):
         """cos/sin tables stacked over the distinct rotary settings [R, B, T, rot], and each layer's index."""
