@@ -92,6 +92,11 @@ def _convert(hint, value, source: str, key: str) -> Any:
             raise ConfigError(f"{source}: {key} must be a list")
         (item,) = typing.get_args(hint)[:1]
         return tuple(_convert(item, v, source, key) for v in value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 5e-3 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if hint in (int, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: {key} must be a number, got {value!r}")

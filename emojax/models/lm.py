@@ -17,7 +17,7 @@ from emojax.errors import CheckpointError, InputError
 from emojax.models.checkpoint import NUMPY_DTYPES, load_state, nest, param_shardings, save_safetensors
 from emojax.models.config import ModelConfig
 from emojax.models.hf_config import config_from_hf_dict, config_to_hf_dict, read_config_json
-from emojax.models.presets import RANDOM_PREFIX, SHAPES, preset_names
+from emojax.models.presets import BUILTIN_NAMES, RANDOM_PREFIX, SHAPES, preset_names
 from emojax.models.sharding import batch_multiple, logical_to_spec, single_device_mesh
 from emojax.models.transformer import ForwardOutput, Patch, Steering, Transformer
 from emojax.tokenizer import Tokenizer
@@ -219,13 +219,19 @@ def random_model(config: ModelConfig, dtype="float32", mesh: Mesh | None = None,
 
 
 def load_model(path_or_preset: str | Path, dtype="float32", mesh: Mesh | None = None) -> LanguageModel:
-    """Loads a Hugging Face-format checkpoint directory, or builds a preset ("random:NAME").
+    """Loads a Hugging Face-format checkpoint directory, or a preset: "random:NAME" (random weights) or
+    "builtin" / "builtin:tiny" (the small model emojax trains on its built-in corpus on first use, cached).
 
     Reads config.json, model.safetensors (or a sharded index) and tokenizer.json when present. With a mesh,
     every parameter is placed straight into its sharded layout.
     """
     mesh = mesh or single_device_mesh()
     name = str(path_or_preset)
+    if name in BUILTIN_NAMES and not Path(name).exists():
+        from emojax.train import ensure_builtin_model  # trains it on first use (minutes), then reuses it
+
+        path_or_preset = ensure_builtin_model(name=BUILTIN_NAMES[name])
+        name = str(path_or_preset)
     if name.startswith(RANDOM_PREFIX) and not Path(name).exists():
         shape = name[len(RANDOM_PREFIX):]
         if shape not in SHAPES:

@@ -29,7 +29,7 @@ _HF_CONFIGS = {
 
 SHAPES: dict[str, ModelConfig] = {
     # A few-layer model for smoke tests.
-    "tiny": ModelConfig(architecture="llama", vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+    "tiny": ModelConfig(architecture="llama", vocab_size=258, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
                         head_dim=16, d_mlp=128),
     # The CPU performance anchor of DESIGN.md (~56M parameters).
     "llama-56m": ModelConfig(architecture="llama", vocab_size=32_000, d_model=512, n_layers=8, n_heads=8,
@@ -50,5 +50,9 @@ SHAPES.update({name: config_from_hf_dict(raw, source=f"preset {name}") for name,
 RANDOM_PREFIX = "random:"
 
 
+# Trained presets: name -> emojax.train preset (trained on the built-in corpus on first use, then cached).
+BUILTIN_NAMES = {"builtin": "default", "builtin:tiny": "tiny"}
+
+
 def preset_names() -> list[str]:
-    return [RANDOM_PREFIX + name for name in SHAPES]
+    return [*BUILTIN_NAMES, *(RANDOM_PREFIX + name for name in SHAPES)]

@@ -41,7 +41,8 @@ def zarr3_spec(path: str, shape: tuple[int, ...], dtype: str, write_rows: int, r
             "codecs": [{"name": "sharding_indexed", "configuration": {
                 "chunk_shape": [read_rows, *rest],
                 "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
-                           {"name": "zstd", "configuration": {"level": zstd_level}}],
+                           {"name": "zstd", "configuration": {"level": zstd_level}},
+                           {"name": "crc32c"}],  # every chunk checksummed, not only the index
                 "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
                 "index_location": "end",
             }}],
