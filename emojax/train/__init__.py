@@ -1,1 +1,18 @@
-"""train"""
+"""train-lm: the small built-in Llama-shape model, trained from scratch on the built-in corpus.
+
+A byte-level BPE tokenizer (`bpe`) and packed token rows (`data`) from the story generator; AdamW with warmup
+and cosine decay, a jitted, donating train step and orbax checkpoints that resume exactly (`trainer`);
+held-out perplexity against a unigram baseline (`evaluate`); an HF-format output folder, and the built-in
+model cached on first use (`builtin`); the `emojax train-lm` subcommand (`commands`).
+"""
+
+from emojax.train.bpe import BOS_ID, EOS_ID, PAD_ID, train_bpe
+from emojax.train.builtin import default_cache_dir, ensure_builtin_model, is_complete, read_train_json, train_lm
+from emojax.train.commands import register
+from emojax.train.config import PRESETS, TrainConfig, load_train_config, preset_config
+from emojax.train.trainer import Trainer, TrainState
+
+__all__ = [
+    "BOS_ID", "EOS_ID", "PAD_ID", "PRESETS", "TrainConfig", "TrainState", "Trainer", "default_cache_dir", "ensure_builtin_model",
+    "is_complete", "load_train_config", "preset_config", "read_train_json", "register", "train_bpe", "train_lm",
+]

@@ -1,0 +1,194 @@
+"""Training a model into a Hugging Face-format folder, and the built-in default model cached on first use.
+
+`train_lm(config, out)` writes out/ = config.json, model.safetensors, tokenizer.json, tokenizer_config.json
+and train.json (figures, history, fingerprint). Work happens in out.partial/ (the tokenizer, orbax
+checkpoints); only a finished run is renamed to out/, so a folder under the real name is always complete.
+Rerunning after a crash resumes from the last checkpoint; rerunning a finished configuration returns at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from emojax.errors import EmojaxError
+from emojax.tokenizer import Tokenizer
+from emojax.train.bpe import BOS_ID, EOS_ID, PAD_ID, tokenizer_config, train_bpe
+from emojax.train.config import FORMAT_VERSION, TrainConfig, preset_config
+from emojax.train.data import build_token_data, documents, split
+
+TRAIN_JSON = "train.json"
+_EXPORT_FILES = ("config.json", "model.safetensors", "tokenizer.json", TRAIN_JSON)
+
+
+def default_cache_dir() -> Path:
+    """$EMOJAX_CACHE/models, else ~/.cache/emojax/models."""
+    root = os.environ.get("EMOJAX_CACHE") or Path.home() / ".cache" / "emojax"
+    return Path(root) / "models"
+
+
+def read_train_json(folder: str | Path) -> dict | None:
+    try:
+        return json.loads((Path(folder) / TRAIN_JSON).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def is_complete(folder: str | Path, fingerprint: str) -> bool:
+    """True when `folder` holds a finished run of the configuration with this fingerprint."""
+    folder = Path(folder)
+    info = read_train_json(folder)
+    return (info is not None and info.get("fingerprint") == fingerprint
+            and all((folder / name).is_file() for name in _EXPORT_FILES))
+
+
+def ensure_builtin_model(cache_dir: str | Path | None = None, config: TrainConfig | None = None,
+                         name: str = "default", progress: bool = True) -> Path:
+    """The folder of built-in model `name` (trained on first use, reused while its fingerprint matches).
+
+    cache_dir: default `default_cache_dir()`; the folder is cache_dir/builtin-NAME. config: default the preset
+    `name` ("default" or "tiny"). A folder of another configuration is retrained and replaced.
+    """
+    config = config if config is not None else preset_config(name)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return train_lm(config, cache_dir / f"builtin-{name}", progress=progress)
+
+
+def train_lm(config: TrainConfig, out: str | Path | None = None, progress: bool = True,
+             until: int | None = None) -> Path:
+    """Trains `config` into the folder `out` (default config.out) and returns it.
+
+    Returns immediately when `out` already holds this configuration's finished run. `until` stops after that
+    many steps with only the checkpoint written (as an interrupted run would) and returns the work folder
+    out.partial/; the next call resumes from there.
+    """
+    out = Path(out if out is not None else config.out)
+    fingerprint = config.fingerprint()
+    if is_complete(out, fingerprint):
+        return out
+    if out.is_dir() and any(out.iterdir()) and read_train_json(out) is None:
+        raise EmojaxError(f"{out}: exists and is not a train-lm output folder (no {TRAIN_JSON}); "
+                          "choose another --out or remove it")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with _lock(out.parent / f".{out.name}.lock"):
+            if is_complete(out, fingerprint):  # another process finished it while we waited
+                return out
+            work = out.with_name(out.name + ".partial")
+            _reset_if_stale(work, fingerprint)
+            if not _train(config, work, fingerprint, progress, until):
+                return work
+            _replace(work, out)
+    except OSError as e:  # full disk, no permission: the user can fix these
+        raise EmojaxError(f"{e.filename or out}: cannot write the trained model ({e.strerror or e})") from None
+    return out
+
+
+def _train(config: TrainConfig, work: Path, fingerprint: str, progress: bool, until: int | None) -> bool:
+    # Heavy imports here: `emojax --help` and config validation should not load JAX and orbax.
+    from emojax.train.evaluate import heldout_nll, make_eval_fn, perplexity, unigram_nll
+    from emojax.train.trainer import Trainer, count_params
+
+    t0 = time.perf_counter()
+    train_docs, heldout_docs = split(documents(config), config.eval_fraction)
+    tokenizer_file = work / "tokenizer.json"
+    if tokenizer_file.is_file():  # resuming: the exact tokenizer the checkpoints were trained with
+        tokenizer = Tokenizer.from_file(tokenizer_file)
+    else:
+        tokenizer = train_bpe((d.text for d in train_docs), config.vocab_size)
+        tokenizer.backend.save(str(tokenizer_file) + ".tmp")
+        os.replace(str(tokenizer_file) + ".tmp", tokenizer_file)
+    data = build_token_data(config, tokenizer, train_docs, heldout_docs)
+    t_data = time.perf_counter() - t0
+
+    trainer = Trainer(config, data, work / "checkpoints", fingerprint)
+    try:
+        state, timing = trainer.run(until=until, progress=progress)
+    finally:
+        trainer.close()
+    if int(state.step) < config.steps:
+        return False
+
+    eval_fn = make_eval_fn(trainer.graphdef)
+    t_eval = time.perf_counter()
+    model_nll, n_targets = heldout_nll(eval_fn, state.params, data, config.batch_size)
+    base_nll = unigram_nll(data, config.vocab_size)
+    t_eval = time.perf_counter() - t_eval
+
+    _export(config, trainer, state.params, tokenizer, work)
+    info = {
+        "fingerprint": fingerprint,
+        "format_version": FORMAT_VERSION,
+        "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "out"},
+        "parameters": count_params(state.params),
+        "tokenizer_vocab": tokenizer.vocab_size,
+        "documents": {"train": data.n_train_docs, "heldout": data.n_heldout_docs},
+        "tokens": {"train_rows": int(data.train.shape[0]), "row_length": int(data.train.shape[1]),
+                   "train_tokens": int(data.train.size), "train_tokens_dropped": data.train_tokens_dropped,
+                   "heldout_targets": n_targets, "trained_on": config.steps * config.batch_size * config.seq_len},
+        "heldout_nll": model_nll,
+        "heldout_perplexity": perplexity(model_nll),
+        "unigram_nll": base_nll,
+        "unigram_perplexity": perplexity(base_nll),
+        "timing": {"data_seconds": t_data, "train_seconds": timing["seconds"], "eval_seconds": t_eval,
+                   "tokens_per_second": timing["tokens_per_second"], "resumed_from_step": trainer.resumed_from},
+        "final_loss": trainer.history[-1]["loss"] if trainer.history else None,
+        "history": trainer.history,
+    }
+    (work / TRAIN_JSON).write_text(json.dumps(info, indent=1) + "\n")  # written last: marks the export done
+    return True
+
+
+def _export(config: TrainConfig, trainer, params, tokenizer: Tokenizer, work: Path) -> None:
+    from flax import nnx
+
+    from emojax.models.hf_config import config_to_hf_dict
+    from emojax.models.lm import LanguageModel, abstract_model
+    from emojax.models.sharding import single_device_mesh
+
+    mc = trainer.model_config
+    graphdef, state = nnx.split(abstract_model(mc))
+    nnx.replace_by_pure_dict(state, params)
+    hf = config_to_hf_dict(mc) | {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}
+    lm = LanguageModel(mc, graphdef, state, single_device_mesh(), tokenizer, source="train-lm", hf_config=hf)
+    lm.save(work)
+    (work / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(config.seq_len), indent=2) + "\n")
+
+
+def _reset_if_stale(work: Path, fingerprint: str) -> None:
+    """Keeps out.partial/ only if it belongs to this configuration (its checkpoints can be resumed)."""
+    marker = work / "fingerprint"
+    if work.exists() and (not marker.is_file() or marker.read_text().strip() != fingerprint):
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    if not marker.is_file():
+        marker.write_text(fingerprint + "\n")
+
+
+def _replace(work: Path, out: Path) -> None:
+    """Turns the finished work folder into `out` (replacing an older run there)."""
+    shutil.rmtree(work / "checkpoints", ignore_errors=True)
+    (work / "fingerprint").unlink(missing_ok=True)
+    stale = out.with_name(out.name + ".old")
+    if out.exists():
+        shutil.rmtree(stale, ignore_errors=True)
+        out.rename(stale)
+    work.rename(out)
+    shutil.rmtree(stale, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _lock(path: Path):
+    """An exclusive lock held while a folder is trained (two processes never train the same folder)."""
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -1,0 +1,115 @@
+"""Training text from the built-in generator, a held-out split, and packed token rows.
+
+Documents: `n_stories` stories whose (concept, topic) pairs are spread evenly over every concept and a
+seeded choice of topics, plus the neutral dialogues of every topic. Implicit-emotion scenarios are never
+trained on (the corpus keeps them for validation). A document is held out when the hash of its doc_id falls
+below `eval_fraction`, so the split does not depend on order or count.
+
+Rows: each document becomes <bos> tokens <eos>; train documents are concatenated in a seeded order and cut
+into rows of seq_len + 1 tokens (inputs are row[:-1], targets row[1:]). The batch at step s is a pure
+function of (seed, s): an epoch is a seeded permutation of the rows, so resuming at step s reads exactly the
+batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import numpy as np
+
+from emojax.corpus.catalogue import load_catalogue
+from emojax.corpus.generator import Document, neutral_dialogue, story
+from emojax.tokenizer import Tokenizer
+from emojax.train.bpe import BOS_ID, EOS_ID, PAD_ID
+from emojax.train.config import TrainConfig
+
+
+def documents(config: TrainConfig) -> list[Document]:
+    """The training documents, in a fixed order."""
+    catalogue = load_catalogue()
+    concepts, topics = catalogue.concepts, catalogue.topics
+    rng = np.random.default_rng([config.corpus_seed, 7])
+    # story i: concept i mod C; topics cycle through seeded permutations, so every topic is used about
+    # equally often and (concept, topic, n) never repeats.
+    order = np.concatenate([rng.permutation(len(topics)) for _ in range(-(-config.n_stories // len(topics)))])
+    seen: dict[tuple[int, int], int] = {}
+    docs = []
+    for i in range(config.n_stories):
+        c, t = i % len(concepts), int(order[i])
+        n = seen.get((c, t), 0)
+        seen[(c, t)] = n + 1
+        docs.append(story(concepts[c], topics[t], n, config.corpus_seed, catalogue))
+    for topic in topics:
+        for k in range(min(config.neutral_per_topic, len(topic.dialogues))):
+            docs.append(neutral_dialogue(topic, k))
+    return docs
+
+
+def is_heldout(doc_id: str, fraction: float) -> bool:
+    h = int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "little")
+    return h / 2 ** 64 < fraction
+
+
+def split(docs: list[Document], eval_fraction: float) -> tuple[list[Document], list[Document]]:
+    train = [d for d in docs if not is_heldout(d.doc_id, eval_fraction)]
+    heldout = [d for d in docs if is_heldout(d.doc_id, eval_fraction)]
+    return train, heldout
+
+
+def token_stream(texts: list[str], tokenizer: Tokenizer) -> np.ndarray:
+    """<bos> text <eos> for every text, concatenated: int32 [N_tokens]."""
+    encoded = tokenizer.backend.encode_batch(texts, add_special_tokens=False)
+    parts = [np.asarray([BOS_ID, *e.ids, EOS_ID], np.int32) for e in encoded]
+    return np.concatenate(parts) if parts else np.zeros((0,), np.int32)
+
+
+def pack(stream: np.ndarray, row_len: int, pad_tail: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Rows [R, row_len] and a mask [R, row_len] (1 = real token). The last partial row is padded
+    (pad_tail) or dropped (training: under one row of tokens)."""
+    n_full = len(stream) // row_len
+    rows = [stream[: n_full * row_len].reshape(n_full, row_len)]
+    mask = [np.ones((n_full, row_len), np.int32)]
+    tail = stream[n_full * row_len:]
+    if pad_tail and len(tail):
+        rows.append(np.pad(tail, (0, row_len - len(tail)), constant_values=PAD_ID)[None])
+        mask.append((np.arange(row_len) < len(tail)).astype(np.int32)[None])
+    return np.concatenate(rows), np.concatenate(mask)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenData:
+    """Packed rows of seq_len + 1 tokens: train [R, T+1] and held-out [E, T+1] with mask [E, T+1]."""
+
+    train: np.ndarray
+    heldout: np.ndarray
+    heldout_mask: np.ndarray
+    n_train_docs: int
+    n_heldout_docs: int
+    train_tokens_dropped: int  # the tail of the train stream shorter than one row
+
+    def batch(self, step: int, batch_size: int, seed: int) -> np.ndarray:
+        """Rows of step `step` [batch_size, T+1]: a pure function of (step, seed)."""
+        n = len(self.train)
+        idx = np.arange(step * batch_size, (step + 1) * batch_size)
+        epochs, pos = idx // n, idx % n
+        out = np.empty((batch_size, self.train.shape[1]), np.int32)
+        for e in np.unique(epochs):
+            perm = np.random.default_rng([seed, int(e)]).permutation(n)
+            sel = epochs == e
+            out[sel] = self.train[perm[pos[sel]]]
+        return out
+
+
+def build_token_data(config: TrainConfig, tokenizer: Tokenizer, train_docs: list[Document],
+                     heldout_docs: list[Document]) -> TokenData:
+    rng = np.random.default_rng([config.seed, 11])
+    shuffled = [train_docs[i] for i in rng.permutation(len(train_docs))]
+    row_len = config.seq_len + 1
+    train_stream = token_stream([d.text for d in shuffled], tokenizer)
+    train, _ = pack(train_stream, row_len, pad_tail=False)
+    heldout, heldout_mask = pack(token_stream([d.text for d in heldout_docs], tokenizer), row_len, pad_tail=True)
+    if len(train) < 1:
+        raise ValueError(f"the training text gives {len(train_stream)} tokens, under one row of {row_len}")
+    return TokenData(train=train, heldout=heldout, heldout_mask=heldout_mask, n_train_docs=len(train_docs),
+                     n_heldout_docs=len(heldout_docs), train_tokens_dropped=len(train_stream) % row_len)
