@@ -4,7 +4,8 @@ A bank is a folder with
     bank.safetensors  vectors [C, L, D] float32   the directions used for steering and readout (denoised)
                       raw     [C, L, D] float32   before neutral denoising
                       resid_norm [L] float32      mean residual-stream norm at each layer (the strength unit)
-                      neutral_pcs [L, P, D]       the neutral components projected out (optional)
+                      neutral_pcs [L, P, D]       the neutral components projected out (optional; zero rows pad P)
+                      center  [L, D] float32      the point readouts measure from (optional): x - center
     bank.json         concept names (C), residual indices (L), method, d_model, fingerprints, notes
     eval.json         the held-out evaluation of the fit stage (optional here)
 
@@ -40,6 +41,7 @@ class ConceptBank:
     neutral_pcs: np.ndarray | None = None  # [L, P, D] float32
     method: str = "mean_diff"
     info: dict = field(default_factory=dict)  # fingerprints, settings; written to bank.json as is
+    center: np.ndarray | None = None  # [L, D] float32: the mean of the concept means (readout origin)
 
     def __post_init__(self):
         C, L = len(self.names), len(self.layers)
@@ -49,6 +51,8 @@ class ConceptBank:
             raise BankError(f"raw {self.raw.shape} and vectors {self.vectors.shape} differ in shape")
         if self.resid_norm.shape != (L,):
             raise BankError(f"resid_norm must be [layers={L}], got {self.resid_norm.shape}")
+        if self.center is not None and self.center.shape != (L, self.vectors.shape[2]):
+            raise BankError(f"center must be [layers={L}, d_model], got {self.center.shape}")
         if len(set(self.names)) != C:
             raise BankError("concept names must be unique")
 
@@ -86,6 +90,8 @@ class ConceptBank:
                    "resid_norm": self.resid_norm.astype(np.float32)}
         if self.neutral_pcs is not None:
             tensors["neutral_pcs"] = self.neutral_pcs.astype(np.float32)
+        if self.center is not None:
+            tensors["center"] = self.center.astype(np.float32)
         tmp = out_dir / "bank.safetensors.tmp"
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
         tmp.replace(out_dir / "bank.safetensors")
@@ -119,4 +125,5 @@ def load_bank(path: str | Path) -> ConceptBank:
     info = {k: v for k, v in meta.items() if k not in ("format", "names", "layers", "d_model", "method")}
     return ConceptBank(names=tuple(meta["names"]), layers=tuple(int(i) for i in meta["layers"]),
                        vectors=tensors["vectors"], raw=tensors["raw"], resid_norm=tensors["resid_norm"],
-                       neutral_pcs=tensors.get("neutral_pcs"), method=meta.get("method", "mean_diff"), info=info)
+                       neutral_pcs=tensors.get("neutral_pcs"), method=meta.get("method", "mean_diff"), info=info,
+                       center=tensors.get("center"))

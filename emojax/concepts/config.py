@@ -1,0 +1,64 @@
+"""Settings of the fit stage (one frozen dataclass; YAML `fit:` and key=value overrides change only what differs)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+METHODS = ("mean_diff", "contrastive", "pca_pairs", "probe")
+NEGATIVES = ("neutral", "rest")
+
+
+@dataclasses.dataclass(frozen=True)
+class FitConfig:
+    store: str = "runs/default/activations"  # the dump stage's output (store.json + arrays)
+    out: str = "runs/default/bank"  # bank.safetensors, bank.json, eval.json, probes.safetensors
+    layers: tuple[int, ...] = ()  # residual indices to fit; empty: every layer of the store
+    labels: tuple[str, ...] = ()  # concepts to fit; empty: every non-neutral label of the store
+    method: str = "mean_diff"  # mean_diff (the study) | contrastive | pca_pairs | probe
+    fit_split: str = "train"  # documents the vectors are fitted on
+    eval_splits: tuple[str, ...] = ("test", "implicit")  # held-out readouts (a split absent from the store is skipped)
+    # -- the study's recipe
+    denoise: bool = True  # project the top neutral principal components out of every vector
+    denoise_variance: float = 0.5  # ...the fewest components explaining this fraction of the neutral variance
+    neutral_split: str = "train"  # the neutral documents the denoising PCA is fitted on
+    unit_norm: bool = False  # scale every vector to norm 1
+    # -- alternatives
+    negative: str = "neutral"  # contrastive / pca_pairs: the negative set (neutral docs, or all other labels)
+    pca_iters: int = 30  # power iterations (each a pass over the fit split) of pca_pairs
+    probe: bool = True  # also train probes for evaluation when method != probe
+    probe_l2: float = 1e-3  # L2 weight on the probe weights (standardised inputs)
+    probe_lr: float = 0.05  # Adam learning rate
+    probe_epochs: int = 200  # at most this many passes over the fit split
+    probe_patience: int = 10  # stop after this many epochs without a better val loss (early stopping)
+    probe_val_split: str = "val"
+    probe_seed: int = 0
+    # -- geometry and evaluation
+    kmeans_k: int = 10
+    kmeans_seed: int = 0
+    model: str = ""  # checkpoint or preset for the logit lens; empty: no logit lens
+    lens_top_k: int = 10  # top and bottom tokens listed per vector
+    norm_tokens: int = 65536  # token rows averaged for the mean residual norm (0: use pooled rows)
+    # -- streaming and sharding
+    chunk_docs: int = 4096  # pooled rows per read (the most activations held in memory at once)
+    mesh: tuple[int, ...] = ()  # (data, fsdp, tensor); empty: every device on data
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.negative not in NEGATIVES:
+            raise ValueError(f"negative must be one of {NEGATIVES}, got {self.negative!r}")
+        if not 0.0 < self.denoise_variance < 1.0:
+            raise ValueError(f"denoise_variance must be in (0, 1), got {self.denoise_variance}")
+        for name in ("chunk_docs", "probe_epochs", "probe_patience", "pca_iters", "kmeans_k", "lens_top_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.probe_l2 < 0 or self.probe_lr <= 0:
+            raise ValueError("probe_l2 must be >= 0 and probe_lr > 0")
+        if self.mesh and len(self.mesh) != 3:
+            raise ValueError(f"mesh must have 3 entries (data, fsdp, tensor), got {list(self.mesh)}")
+
+
+def load_fit_config(config_file=None, overrides=()) -> FitConfig:
+    from emojax.config_loader import load_section
+
+    return load_section(FitConfig, "fit", config_file, overrides)

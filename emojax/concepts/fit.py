@@ -1,0 +1,178 @@
+"""The fit stage: concept vectors per layer from the activation store, their geometry and held-out evaluation.
+
+    bank = fit(FitConfig(store="runs/x/activations", out="runs/x/bank"))
+
+Writes to `out`: bank.safetensors + bank.json (the ConceptBank), eval.json (per-layer metrics, geometry,
+logit lens, best layer) and probes.safetensors (probe weights [L, C, D] and biases [L, C], when probes were
+trained). Every pass over the store streams `chunk_docs` rows at a time over the mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from emojax.concepts import alternatives, recipe
+from emojax.concepts.bank import ConceptBank
+from emojax.concepts.config import FitConfig
+from emojax.concepts.evaluate import best_layer, cosine_scores, logit_lens, readout_metrics, split_scores
+from emojax.concepts.geometry import layer_geometry
+from emojax.concepts.recipe import FitError
+from emojax.concepts.stats import fit_mesh, label_stats, mean_token_norm
+from emojax.store.reader import NEUTRAL_ID, ActivationStore
+from emojax.store.state import SPLIT_CODES
+
+
+def resolve_labels(store: ActivationStore, labels: tuple[str, ...]) -> tuple[str, ...]:
+    """The concepts to fit, in label-id order (default: every non-neutral label with documents in the store;
+    the label table lists the whole catalogue, a corpus may use part of it)."""
+    if labels:
+        unknown = [n for n in labels if n not in store.label_ids]
+        if unknown:
+            raise FitError(f"fit.labels: {unknown} are not in the store's labels ({store.path}/store.json)")
+        return tuple(labels)
+    present = set(np.unique(store.docs.label_id).tolist())
+    names = tuple(n for n, i in sorted(store.label_ids.items(), key=lambda kv: kv[1])
+                  if i != NEUTRAL_ID and i in present)
+    if not names:
+        raise FitError(f"{store.path}: the store has no concept labels")
+    return names
+
+
+def _check_splits(config: FitConfig) -> None:
+    for key in ("fit_split", "neutral_split", "probe_val_split"):
+        if getattr(config, key) not in SPLIT_CODES:
+            raise FitError(f"fit.{key}={getattr(config, key)!r} is not a split ({list(SPLIT_CODES)})")
+    bad = [s for s in config.eval_splits if s not in SPLIT_CODES]
+    if bad:
+        raise FitError(f"fit.eval_splits: {bad} are not splits ({list(SPLIT_CODES)})")
+
+
+def fit(config: FitConfig, log: Callable[[str], None] | None = None) -> ConceptBank:
+    """Fits the concept bank of `config.store` and writes it (with eval.json) to `config.out`."""
+    log = log or (lambda _msg: None)
+    _check_splits(config)
+    store = ActivationStore(config.store)
+    layers = tuple(int(i) for i in (config.layers or store.layers))
+    for layer in layers:
+        store.check_layer(layer)
+    names = resolve_labels(store, config.labels)
+    mesh = fit_mesh(config.mesh)
+    lm = None
+    if config.model:
+        from emojax.models import load_model
+
+        lm = load_model(config.model)
+        if lm.config.d_model != store.d_model:
+            raise FitError(f"fit.model={config.model!r} has d_model {lm.config.d_model}, the store "
+                           f"{store.d_model}; use the model the store was dumped with")
+
+    raws, vectors, centers, pcs, norms, probes = [], [], [], [], [], []
+    per_layer: dict[int, dict] = {}
+    for layer in layers:
+        log(f"fit: layer {layer}: statistics")
+        stats = label_stats(store, layer, config.fit_split, names, mesh, config.chunk_docs)
+        recipe.check_counts(stats.counts_C, names, config.fit_split, layer)
+        neutral = stats
+        if config.denoise and config.neutral_split != config.fit_split:
+            neutral = label_stats(store, layer, config.neutral_split, names, mesh, config.chunk_docs)
+        if config.denoise and not neutral.neutral_count:
+            raise FitError(f"{store.path}: no neutral documents in split {config.neutral_split!r} at layer {layer}, "
+                           f"and fit.denoise=true needs them (denoise_variance={config.denoise_variance}); dump "
+                           "the neutral set or set fit.denoise=false")
+        raw, center = recipe.mean_diff(stats.means_CD)
+        probe = None
+        if config.method == "probe" or config.probe:
+            log(f"fit: layer {layer}: probe")
+            probe = alternatives.train_probe(
+                store, layer, names, center, config.fit_split, config.probe_val_split, config.probe_l2,
+                config.probe_lr, config.probe_epochs, config.probe_patience, config.probe_seed, mesh,
+                config.chunk_docs)
+        if config.method == "contrastive":
+            raw = alternatives.contrastive(stats, config.negative, names)
+        elif config.method == "pca_pairs":
+            exclude = recipe.neutral_components(neutral.neutral_cov_DD, config.denoise_variance) \
+                if config.denoise else None
+            raw = alternatives.pca_pairs(store, layer, config.fit_split, names, stats, config.negative,
+                                         config.pca_iters, mesh, config.chunk_docs, exclude)
+        elif config.method == "probe":
+            raw = alternatives.probe_vectors(probe)
+        fitted = recipe.finish(raw, center, neutral.neutral_cov_DD, config.denoise, config.denoise_variance,
+                               config.unit_norm)
+        norm = mean_token_norm(store, layer, config.fit_split, config.norm_tokens, config.chunk_docs) \
+            if config.norm_tokens else float("nan")
+        if not np.isfinite(norm):
+            norm = stats.norm_mean  # no token rows: the pooled rows' norm
+        raws.append(fitted.raw_CD)
+        vectors.append(fitted.vectors_CD)
+        centers.append(center)
+        pcs.append(fitted.neutral_pcs_PD)
+        norms.append(norm)
+        probes.append(probe)
+        per_layer[layer] = _evaluate_layer(store, layer, names, fitted, probe, config, lm)
+        per_layer[layer].update({
+            "resid_norm": float(norm), "n_fit": {n: int(c) for n, c in zip(names, stats.counts_C)},
+            "n_neutral": int(neutral.neutral_count), "neutral_pcs": int(len(fitted.neutral_pcs_PD)),
+        })
+
+    p_max = max(len(p) for p in pcs)
+    neutral_pcs = None
+    if p_max:
+        neutral_pcs = np.zeros((len(layers), p_max, store.d_model), np.float32)
+        for i, p in enumerate(pcs):
+            neutral_pcs[i, :len(p)] = p
+    settings = dataclasses.asdict(config)
+    bank = ConceptBank(
+        names=names, layers=layers, vectors=np.stack(vectors, 1).astype(np.float32),
+        raw=np.stack(raws, 1).astype(np.float32), resid_norm=np.asarray(norms, np.float32),
+        neutral_pcs=neutral_pcs, method=config.method, center=np.stack(centers).astype(np.float32),
+        info={"store": store.path, "store_fingerprints": store.state.get("fingerprints", {}),
+              "store_model": store.state.get("model"), "settings": settings},
+    )
+    out = Path(config.out)
+    bank.save(out)
+    best = best_layer(per_layer)
+    report = {"method": config.method, "concepts": list(names), "layers": list(layers),
+              "best_layer": best, "best_by": "test nearest-vector top-1 accuracy",
+              "readout": "nearest: cos(x - center, v_c) with the bank's center and vectors; probe: x . w_c + b_c "
+                         "(probes.safetensors)",
+              "per_layer": {str(k): v for k, v in per_layer.items()}, "settings": settings}
+    (out / "eval.json").write_text(json.dumps(report, indent=1, default=_json_default) + "\n")
+    if all(p is not None for p in probes):
+        tensors = {"weights": np.stack([p.weights_CD for p in probes]), "bias": np.stack([p.bias_C for p in probes])}
+        save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, str(out / "probes.safetensors"))
+    log(f"fit: wrote {out} (best layer {best})")
+    return bank
+
+
+def _evaluate_layer(store: ActivationStore, layer: int, names: tuple[str, ...], fitted: recipe.LayerVectors,
+                    probe, config: FitConfig, lm) -> dict:
+    readouts = {"nearest": lambda x: cosine_scores(x, fitted.vectors_CD, fitted.center_D)}
+    if probe is not None:
+        readouts["probe"] = probe.logits
+    result: dict = {}
+    for split in config.eval_splits:
+        scores, labels = split_scores(store, layer, split, names, readouts, config.chunk_docs)
+        result[split] = {r: readout_metrics(s, labels) for r, s in scores.items()}
+    if probe is not None:
+        result["probe_training"] = {"epochs": probe.epochs, "best_epoch": probe.best_epoch,
+                                    "val_loss": probe.val_loss}
+    result["geometry"] = layer_geometry(names, fitted.vectors_CD, config.kmeans_k, config.kmeans_seed)
+    if lm is not None:
+        result["logit_lens"] = logit_lens(lm, fitted.vectors_CD, names, config.lens_top_k)
+    return result
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -1,0 +1,70 @@
+"""The study's recipe, from the streamed statistics of stats.py.
+
+Per layer: mean of each concept's pooled rows; vector = concept mean minus the mean of the concept means
+(one-vs-mean); denoising: the top principal components of the neutral rows that together explain
+`denoise_variance` of their variance are projected out of every vector. Raw and denoised are both kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from emojax.errors import EmojaxError
+
+
+class FitError(EmojaxError):
+    """Inputs the fit stage cannot use (a concept without examples, no neutral set, a missing layer...)."""
+
+
+@dataclass(frozen=True)
+class LayerVectors:
+    raw_CD: np.ndarray  # before denoising
+    vectors_CD: np.ndarray  # denoised (and unit-normalised when asked)
+    center_D: np.ndarray  # the mean of the concept means (readouts use x - center)
+    neutral_pcs_PD: np.ndarray  # the components projected out (P may be 0)
+
+
+def check_counts(counts_C: np.ndarray, names: tuple[str, ...], split: str, layer: int) -> None:
+    empty = [names[i] for i in np.flatnonzero(np.asarray(counts_C) == 0)]
+    if empty:
+        raise FitError(f"label(s) {empty} have no examples in split {split!r} (layer {layer}); add documents for "
+                       "them or leave them out with fit.labels")
+
+
+def neutral_components(cov_DD: np.ndarray, fraction: float) -> np.ndarray:
+    """The fewest top principal axes [P, D] of a covariance that explain at least `fraction` of its variance."""
+    evals, evecs = np.linalg.eigh(cov_DD)
+    order = np.argsort(evals)[::-1]
+    evals, evecs = np.clip(evals[order], 0, None), evecs[:, order]
+    total = evals.sum()
+    if total <= 0:
+        return np.zeros((0, cov_DD.shape[0]))
+    k = int(np.searchsorted(np.cumsum(evals) / total, fraction - 1e-12) + 1)
+    return evecs[:, :k].T
+
+
+def project_out(vectors_CD: np.ndarray, pcs_PD: np.ndarray) -> np.ndarray:
+    """vectors minus their components along the (orthonormal) rows of pcs."""
+    return vectors_CD - (vectors_CD @ pcs_PD.T) @ pcs_PD
+
+
+def unit(vectors_CD: np.ndarray) -> np.ndarray:
+    return vectors_CD / np.maximum(np.linalg.norm(vectors_CD, axis=-1, keepdims=True), 1e-12)
+
+
+def finish(raw_CD: np.ndarray, center_D: np.ndarray, neutral_cov_DD: np.ndarray | None, denoise: bool,
+           fraction: float, unit_norm: bool) -> LayerVectors:
+    """Denoising and normalisation shared by every method."""
+    pcs = neutral_components(neutral_cov_DD, fraction) if denoise else np.zeros((0, raw_CD.shape[1]))
+    vectors = project_out(raw_CD, pcs) if len(pcs) else raw_CD.copy()
+    if unit_norm:
+        vectors = unit(vectors)
+    return LayerVectors(raw_CD, vectors, center_D, pcs)
+
+
+def mean_diff(means_CD: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(concept mean minus mean of concept means [C, D], the mean of concept means [D])."""
+    center = means_CD.mean(0)
+    return means_CD - center[None, :], center

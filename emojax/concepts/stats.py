@@ -1,0 +1,205 @@
+"""Streamed, sharded sufficient statistics of the pooled activations.
+
+The store is read `chunk_docs` documents at a time; each chunk is padded to a fixed row count, split over the
+mesh's ("data", "fsdp") axes, reduced on every device to partial sums, and the partials are combined with
+psum. The host only adds the per-chunk totals (float64), so no more than one chunk of activations is ever in
+memory and the result does not depend on how many devices share the work (up to float32 summation order).
+
+Axis names: N rows of a chunk, C concepts, D d_model.
+Row classes: 0..C-1 a concept, NEUTRAL_CLASS a neutral document, IGNORED_CLASS anything else (padding,
+labels not being fitted).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from emojax.models.sharding import make_mesh
+from emojax.store.reader import NEUTRAL_ID, ActivationStore
+
+NEUTRAL_CLASS = -1
+IGNORED_CLASS = -2
+ROW_AXES = ("data", "fsdp")
+
+
+@dataclass(frozen=True)
+class LabelStats:
+    """Sufficient statistics of one layer over one split (float64 on the host)."""
+
+    sums_CD: np.ndarray  # per-concept sums of pooled rows
+    counts_C: np.ndarray  # documents per concept
+    neutral_count: int
+    neutral_mean_D: np.ndarray  # mean of the neutral rows (zeros when there are none)
+    neutral_cov_DD: np.ndarray  # covariance of the neutral rows (population, 1/n)
+    norm_mean: float  # mean L2 norm of every pooled row read (concepts and neutral)
+
+    @property
+    def means_CD(self) -> np.ndarray:
+        return self.sums_CD / np.maximum(self.counts_C, 1)[:, None]
+
+
+@dataclass(frozen=True)
+class ChunkClasses:
+    acts_ND: np.ndarray  # float32
+    class_N: np.ndarray  # int32 row classes (see module docstring)
+
+
+def fit_mesh(shape: tuple[int, ...] = ()) -> Mesh:
+    """The mesh of the fit stage: `shape` (data, fsdp, tensor), or every device on "data"."""
+    return make_mesh(tuple(shape) if shape else (len(jax.devices()), 1, 1))
+
+
+def class_lookup(store: ActivationStore, label_names: tuple[str, ...]) -> dict[int, int]:
+    """Store label id -> row class: the position in `label_names`, or NEUTRAL_CLASS for the neutral id."""
+    lookup = {store.label_ids[name]: i for i, name in enumerate(label_names)}
+    lookup[NEUTRAL_ID] = NEUTRAL_CLASS
+    return lookup
+
+
+def stream_classes(store: ActivationStore, layer: int, split: str, lookup: dict[int, int],
+                   chunk_docs: int) -> Iterator[ChunkClasses]:
+    """The split's pooled rows with their row classes, read in aligned blocks of `chunk_docs` store rows: a read
+    never spans more than `chunk_docs` rows, however the split's documents are interleaved with others'."""
+    ids = np.array(sorted(lookup), np.int64)
+    classes = np.array([lookup[i] for i in ids], np.int32)
+    docs = store.docs
+    index = store.select(split)
+    rows = docs.rows[index]
+    blocks = rows // chunk_docs
+    bounds = np.flatnonzero(np.diff(blocks)) + 1
+    for part in np.split(index, bounds):
+        if not len(part):
+            continue
+        acts = store.pooled(layer, docs.rows[part])
+        label = docs.label_id[part]
+        pos = np.minimum(np.searchsorted(ids, label), len(ids) - 1)
+        known = ids[pos] == label
+        yield ChunkClasses(acts, np.where(known, classes[pos], IGNORED_CLASS).astype(np.int32))
+
+
+def padded_rows(chunk_docs: int, mesh: Mesh) -> int:
+    """Rows every chunk is padded to: chunk_docs rounded up to a multiple of the row-sharding devices."""
+    k = math.prod(mesh.shape[a] for a in ROW_AXES)
+    return -(-chunk_docs // k) * k
+
+
+def place_chunk(chunk: ChunkClasses, rows: int, mesh: Mesh) -> tuple[jax.Array, jax.Array]:
+    """Pads a chunk to `rows` (padding rows are IGNORED_CLASS) and shards its rows over ("data", "fsdp")."""
+    n, d = chunk.acts_ND.shape
+    acts = np.zeros((rows, d), np.float32)
+    acts[:n] = chunk.acts_ND
+    cls = np.full((rows,), IGNORED_CLASS, np.int32)
+    cls[:n] = chunk.class_N
+    return (jax.device_put(acts, NamedSharding(mesh, P(ROW_AXES, None))),
+            jax.device_put(cls, NamedSharding(mesh, P(ROW_AXES))))
+
+
+def _moments(x_ND, class_N, shift_D, *, n_classes: int):
+    onehot_NC = (class_N[:, None] == jnp.arange(n_classes)[None, :]).astype(jnp.float32)
+    neutral_N = (class_N == NEUTRAL_CLASS).astype(jnp.float32)
+    read_N = (class_N != IGNORED_CLASS).astype(jnp.float32)
+    xc_ND = (x_ND - shift_D[None, :]) * neutral_N[:, None]  # shifted: a large shared offset costs no precision
+    out = {
+        "sums_CD": jnp.einsum("NC,ND->CD", onehot_NC, x_ND, precision="highest"),
+        "counts_C": onehot_NC.sum(0),
+        "neutral_count": neutral_N.sum(),
+        "neutral_sum_D": xc_ND.sum(0),
+        "neutral_outer_DD": jnp.einsum("ND,NE->DE", xc_ND, xc_ND, precision="highest"),
+        "norm_sum": (jnp.linalg.norm(x_ND, axis=-1) * read_N).sum(),
+    }
+    return jax.tree.map(lambda a: jax.lax.psum(a, ROW_AXES), out)
+
+
+@partial(jax.jit, static_argnames=("n_classes", "mesh"))
+def moments_step(x_ND, class_N, shift_D, *, n_classes: int, mesh: Mesh):
+    """Per-device partial moments of one chunk, combined with psum over the row axes."""
+    fn = jax.shard_map(partial(_moments, n_classes=n_classes), mesh=mesh,
+                       in_specs=(P(ROW_AXES, None), P(ROW_AXES), P()), out_specs=P(), check_vma=False)
+    return fn(x_ND, class_N, shift_D)
+
+
+def label_stats(store: ActivationStore, layer: int, split: str, label_names: tuple[str, ...], mesh: Mesh,
+                chunk_docs: int) -> LabelStats:
+    """One streamed pass over `split` at `layer`: per-concept sums/counts and the neutral mean/covariance."""
+    lookup = class_lookup(store, label_names)
+    C, D = len(label_names), store.d_model
+    rows = padded_rows(chunk_docs, mesh)
+    total: dict | None = None
+    shift = None
+    for chunk in stream_classes(store, layer, split, lookup, chunk_docs):
+        if shift is None:  # any fixed point near the data; the first chunk's mean is deterministic
+            shift = chunk.acts_ND.astype(np.float64).mean(0).astype(np.float32) if len(chunk.acts_ND) else \
+                np.zeros(D, np.float32)
+        x, cls = place_chunk(chunk, rows, mesh)
+        part = moments_step(x, cls, jnp.asarray(shift), n_classes=C, mesh=mesh)
+        part = {k: np.asarray(v, np.float64) for k, v in part.items()}
+        total = part if total is None else {k: total[k] + part[k] for k in total}
+    if total is None:
+        return LabelStats(np.zeros((C, D)), np.zeros(C), 0, np.zeros(D), np.zeros((D, D)), 0.0)
+    n_neutral = int(np.rint(total["neutral_count"]))
+    if n_neutral:
+        mean_c = total["neutral_sum_D"] / n_neutral
+        cov = total["neutral_outer_DD"] / n_neutral - np.outer(mean_c, mean_c)
+        neutral_mean = mean_c + shift
+    else:
+        cov, neutral_mean = np.zeros((D, D)), np.zeros(D)
+    n_read = total["counts_C"].sum() + n_neutral
+    return LabelStats(total["sums_CD"], np.round(total["counts_C"]), n_neutral, neutral_mean, (cov + cov.T) / 2,
+                      float(total["norm_sum"] / max(n_read, 1)))
+
+
+def _power(x_ND, class_N, shift_CD, v_CD, *, n_classes: int):
+    onehot_NC = (class_N[:, None] == jnp.arange(n_classes)[None, :]).astype(jnp.float32)
+    # d_i = x_i - shift_c for the row's own concept c: (d_i . v_c) d_i summed per concept.
+    proj_NC = (jnp.einsum("ND,CD->NC", x_ND, v_CD, precision="highest")
+               - jnp.sum(shift_CD * v_CD, -1)[None, :]) * onehot_NC
+    out_CD = (jnp.einsum("NC,ND->CD", proj_NC, x_ND, precision="highest") - proj_NC.sum(0)[:, None] * shift_CD)
+    return jax.lax.psum(out_CD, ROW_AXES)
+
+
+@partial(jax.jit, static_argnames=("n_classes", "mesh"))
+def power_step(x_ND, class_N, shift_CD, v_CD, *, n_classes: int, mesh: Mesh):
+    """sum over a chunk's rows i of concept c of (d_i . v_c) d_i, d_i = x_i - shift_c: [C, D]."""
+    fn = jax.shard_map(partial(_power, n_classes=n_classes), mesh=mesh,
+                       in_specs=(P(ROW_AXES, None), P(ROW_AXES), P(), P()), out_specs=P(), check_vma=False)
+    return fn(x_ND, class_N, shift_CD, v_CD)
+
+
+def second_moment_times(store: ActivationStore, layer: int, split: str, label_names: tuple[str, ...],
+                        shift_CD: np.ndarray, v_CD: np.ndarray, mesh: Mesh, chunk_docs: int) -> np.ndarray:
+    """M_c v_c for every concept, M_c = sum_i (x_i - shift_c)(x_i - shift_c)^T over its rows; one pass."""
+    lookup = class_lookup(store, label_names)
+    rows = padded_rows(chunk_docs, mesh)
+    out = np.zeros(v_CD.shape, np.float64)
+    shift, v = jnp.asarray(shift_CD, jnp.float32), jnp.asarray(v_CD, jnp.float32)
+    for chunk in stream_classes(store, layer, split, lookup, chunk_docs):
+        x, cls = place_chunk(chunk, rows, mesh)
+        out += np.asarray(power_step(x, cls, shift, v, n_classes=len(label_names), mesh=mesh), np.float64)
+    return out
+
+
+def mean_token_norm(store: ActivationStore, layer: int, split: str, max_tokens: int, chunk_rows: int) -> float:
+    """Mean L2 norm of up to `max_tokens` token rows of the split's documents (the study's strength unit);
+    NaN when the split's documents hold no token rows."""
+    docs = store.docs
+    index = store.select(split)
+    total, count = 0.0, 0
+    for d in index:
+        start, n = int(docs.token_start[d]), int(docs.n_tokens[d])
+        n = min(n, max_tokens - count)
+        for a in range(start, start + n, chunk_rows):
+            block = store.tokens(layer, a, min(a + chunk_rows, start + n)).astype(np.float32)
+            total += float(np.linalg.norm(block, axis=-1).sum())
+            count += len(block)
+        if count >= max_tokens:
+            break
+    return total / count if count else float("nan")
