@@ -1,0 +1,230 @@
+"""The report's sections: each takes the run directory and returns its HTML body, or raises NotRun when the
+stage that feeds it has not written its outputs."""
+
+from __future__ import annotations
+
+from html import escape
+from pathlib import Path
+
+import numpy as np
+
+from emojax.report import figures, inputs
+
+MONITOR_TOP = 8  # concepts shown in the monitored sample's heatmap
+
+
+class NotRun(Exception):
+    """The section's inputs are absent; the message says which files."""
+
+
+def _need(value, what: str):
+    if value is None or (hasattr(value, "__len__") and not len(value)):
+        raise NotRun(what)
+    return value
+
+
+def _fmt(value) -> str:
+    if isinstance(value, bool) or value is None:
+        return escape(str(value).lower() if isinstance(value, bool) else "-")
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:,.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+    if isinstance(value, dict):
+        return ", ".join(f"{escape(str(k))}={_fmt(v)}" for k, v in value.items() if not isinstance(v, (dict, list)))
+    if isinstance(value, list):
+        return escape(", ".join(str(v) for v in value[:20]) + (" ..." if len(value) > 20 else ""))
+    return escape(str(value))
+
+
+def table(header: list[str], rows: list[list], cls: str = "") -> str:
+    head = "".join(f"<th>{escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def img(uri: str, alt: str) -> str:
+    return f'<img src="{uri}" alt="{escape(alt)}">'
+
+
+# ---- summaries
+
+
+def corpus_summary(run_dir: Path) -> str:
+    m = _need(inputs.corpus_manifest(run_dir), "corpus/manifest.json is missing")
+    counts = [[k, m.get(k)] for k in ("documents_in", "documents_written", "rejected", "deduplicated",
+                                      "tokens_written")]
+    counts.append(["shards", len(m.get("shards", []))])
+    counts.append(["tokenizer", m.get("tokenizer")])
+    splits = m.get("per_split", {})
+    per_label = m.get("per_label", {})
+    split_names = sorted({s for v in per_label.values() for s in v} | set(splits))
+    label_rows = [[name, *[per_label[name].get(s, 0) for s in split_names]] for name in sorted(per_label)]
+    parts = [table(["count", "value"], counts, "kv"),
+             table(["split", "documents"], [[s, n] for s, n in splits.items()], "kv")]
+    out = '<div class="row">' + "".join(parts) + "</div>"
+    out += (f"<details><summary>{len(per_label)} labels: documents per label and split</summary>"
+            f"{table(['label', *split_names], label_rows, 'compact')}</details>")
+    return out
+
+
+def run_summary(run_dir: Path) -> str:
+    stages, store, dumps = inputs.stage_records(run_dir), inputs.store_state(run_dir), inputs.dump_summaries(run_dir)
+    if not stages and store is None:
+        raise NotRun("no stages/*.json and no activations/store.json")
+    out = ""
+    if stages:
+        rows = [[s.get("stage", s["_file"]), s.get("seconds"), s.get("skipped", False), s.get("summary", {})]
+                for s in stages]
+        total = sum(float(s.get("seconds") or 0) for s in stages)
+        out += table(["stage", "wall time (s)", "skipped", "summary / throughput"], rows + [["total", total, "", ""]])
+    if store is not None:
+        keys = ("model", "layers", "d_model", "dtype", "n_docs", "n_tokens", "short_docs", "complete")
+        out += "<h3>Activation store</h3>" + table(["key", "value"], [[k, store.get(k)] for k in keys], "kv")
+    if dumps:
+        keys = ("process", "documents", "tokens", "seconds", "tokens_per_s", "mb_per_s", "shards_written",
+                "shards_skipped")
+        out += "<h3>Dump throughput</h3>" + table(list(keys), [[d.get(k) for k in keys] for d in dumps])
+    return out
+
+
+# ---- concepts
+
+
+def _layer_geometry(run_dir: Path):
+    """(names, best layer, geometry dict of eval.json or recomputed from the bank, eval.json)."""
+    evaluation, bank = inputs.concept_eval(run_dir), inputs.concept_bank(run_dir)
+    if evaluation is None and bank is None:
+        raise NotRun("concepts/eval.json and concepts/bank.* are missing")
+    best = inputs.best_layer(evaluation, bank)
+    names = list(evaluation["concepts"]) if evaluation else list(bank.names)
+    geometry = ((evaluation or {}).get("per_layer", {}).get(str(best)) or {}).get("geometry")
+    if geometry is None:
+        _need(bank, f"no geometry for layer {best} in eval.json and no bank")
+        from emojax.concepts.geometry import layer_geometry
+
+        geometry = layer_geometry(tuple(bank.names), bank.at_layer(best), 10, 0)
+        names = list(bank.names)
+    return names, best, geometry, evaluation
+
+
+def emotion_map(run_dir: Path) -> str:
+    from emojax.corpus.catalogue import load_catalogue
+
+    names, best, geo, _ = _layer_geometry(run_dir)
+    known = load_catalogue().by_name
+    scores = np.array([(geo["pc_scores"][n] + [0.0, 0.0])[:2] for n in names], float)
+    valence = [float(known[n].valence) if n in known else None for n in names]
+    clusters = [int(geo["clusters"][n]) for n in names] if geo.get("clusters") else None
+    uri = figures.emotion_map(names, scores, valence, geo.get("explained_variance", []), clusters)
+    ann = geo.get("annotations", {})
+    corr = [[k, ann.get(k)] for k in ("pc1_valence_r", "pc1_arousal_r", "pc2_valence_r", "pc2_arousal_r")
+            if k in ann]
+    note = (f"<p>Residual index {best}: {len(names)} concepts, [k] = k-means cluster. The study found PC1 ~ "
+            "valence and PC2 ~ arousal; Pearson r with the catalogue's annotations "
+            f"({ann.get('n_annotated', 0)} annotated concepts):</p>")
+    return img(uri, "emotion map") + note + (table(["correlation", "r"], corr, "kv") if corr else "")
+
+
+def cosine_heatmap(run_dir: Path) -> str:
+    names, best, geo, _ = _layer_geometry(run_dir)
+    cos = np.asarray(geo["cosine"], float)
+    order = figures.cluster_order(cos)
+    clusters = geo.get("clusters") or {}
+    groups: dict[int, list[str]] = {}
+    for n in names:
+        if n in clusters:
+            groups.setdefault(int(clusters[n]), []).append(n)
+    rows = [[k, ", ".join(v)] for k, v in sorted(groups.items())]
+    return (img(figures.cosine_heatmap(names, cos, order), "cosine similarity heatmap")
+            + f"<p>Residual index {best}; rows ordered by average-linkage clustering on 1 - cosine.</p>"
+            + (f"<h3>k-means clusters (k={len(groups)})</h3>" + table(["cluster", "concepts"], rows) if rows else ""))
+
+
+def accuracy(run_dir: Path) -> str:
+    evaluation = _need(inputs.concept_eval(run_dir), "concepts/eval.json is missing")
+    per_layer = evaluation.get("per_layer", {})
+    layers = sorted(int(k) for k in per_layer)
+    series: dict[str, list] = {}
+    for split in ("test", "implicit", "val"):
+        for readout in ("nearest", "probe"):
+            for k in ("top1", "top5"):
+                values = [per_layer[str(L)].get(split, {}).get(readout, {}).get(k) for L in layers]
+                if any(v is not None for v in values):
+                    series[f"{split} {readout} {k}"] = values
+    _need(series, "eval.json has no held-out metrics")
+    C = len(evaluation.get("concepts", []))
+    best = evaluation.get("best_layer")
+    rows = []
+    for L in layers:
+        for split in ("test", "implicit"):
+            for readout in ("nearest", "probe"):
+                m = per_layer[str(L)].get(split, {}).get(readout)
+                if m:
+                    rows.append([L, split, readout, m.get("n"), m.get("top1"), m.get("top5"), m.get("macro_auroc")])
+    return (img(figures.accuracy_by_layer(layers, series, C, best), "held-out accuracy by layer")
+            + f"<p>Method {escape(str(evaluation.get('method')))}; best layer {best} by "
+              f"{escape(str(evaluation.get('best_by', '')))}; {C} concepts.</p>"
+            + f"<details><summary>all metrics</summary>"
+              f"{table(['layer', 'split', 'readout', 'n', 'top-1', 'top-5', 'macro AUROC'], rows)}</details>")
+
+
+def logit_lens(run_dir: Path) -> str:
+    evaluation = _need(inputs.concept_eval(run_dir), "concepts/eval.json is missing")
+    best = inputs.best_layer(evaluation, None)
+    lens = _need((evaluation.get("per_layer", {}).get(str(best)) or {}).get("logit_lens"),
+                 f"eval.json has no logit lens at layer {best} (fit.model was not set)")
+
+    def toks(ts):
+        return " ".join(f"<code>{escape(repr(t)[1:-1])}</code>" for t in ts)
+
+    body = "".join(
+        f"<tr><td>{escape(name)}</td><td>{toks(e.get('top', []))}</td><td>{toks(e.get('bottom', []))}</td>"
+        f"<td>{escape(str(e.get('own_token', '-')))}</td><td>{_fmt(e.get('own_rank'))}</td></tr>"
+        for name, e in lens.items())
+    return (f"<p>Each concept vector at residual index {best} through the final norm and unembedding.</p>"
+            '<table class="lens"><thead><tr><th>concept</th><th>top tokens</th><th>bottom tokens</th>'
+            f"<th>own token</th><th>its rank</th></tr></thead><tbody>{body}</tbody></table>")
+
+
+# ---- SAE, steering, monitoring
+
+
+def sae(run_dir: Path) -> str:
+    rows = _need(inputs.sae_metrics(run_dir), "no sae/*/metrics.json")
+    keys = ["name", "l0", "fvu", "dead_fraction"] + [k for k in ("ce_loss_recovered", "delta_loss", "kl")
+                                                      if any(k in r for r in rows)]
+    return img(figures.sae_tradeoff(rows), "SAE L0 vs FVU") + table(keys, [[r.get(k) for k in keys] for r in rows])
+
+
+def steering(run_dir: Path) -> str:
+    curves = _need(inputs.steering_curves(run_dir), "steer/curves.json is missing")
+    concepts = _need(curves["concepts"], "steer/curves.json has no concepts")
+    return (f"<p>Steered at residual index {curves.get('layer', '-')}, read at residual index "
+            f"{curves.get('read_layer', '-')}; strength in units of the mean residual-stream norm.</p>"
+            + img(figures.steering_curves(concepts), "steering curves"))
+
+
+def monitor(run_dir: Path) -> str:
+    sample = _need(inputs.monitored_sample(run_dir), "steer/monitor.json is missing")
+    readings = np.asarray(sample["readings"], float).reshape(len(sample["tokens"]), len(sample["concepts"]))
+    _need(sample["tokens"], "steer/monitor.json has no tokens")
+    top = np.argsort(-np.abs(readings).max(0), kind="stable")[:MONITOR_TOP]
+    names = [sample["concepts"][i] for i in top]
+    uri = figures.monitor_heatmap(list(sample["tokens"]), names, readings[:, top])
+    return (f"<p>Layer {sample.get('layer', '-')}; the {len(names)} concepts with the largest |reading| of "
+            f"{len(sample['concepts'])}.</p><blockquote>{escape(sample.get('text', ''))}</blockquote>"
+            + img(uri, "monitored generation heatmap"))
+
+
+SECTIONS = (
+    ("corpus", "Corpus", corpus_summary),
+    ("run", "Run: stages, wall time and throughput", run_summary),
+    ("emotion-map", "1. Emotion map: PC1 vs PC2 of the concept vectors", emotion_map),
+    ("cosine", "2. Clustered cosine similarity", cosine_heatmap),
+    ("accuracy", "3. Held-out accuracy by layer", accuracy),
+    ("logit-lens", "4. Logit lens", logit_lens),
+    ("sae", "5. Sparse autoencoders: L0 vs FVU and dead latents", sae),
+    ("steering", "6. Steering: concept readout and fluency vs strength", steering),
+    ("monitor", "7. Monitored generation", monitor),
+)

@@ -1,0 +1,191 @@
+"""The report (issue 9 item 4): every section from a synthetic run directory, figures as valid PNG data URIs,
+"not run" for absent stages, and a render in headless Chromium that checks every figure loaded."""
+
+import base64
+import json
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from synthetic_store import write_synthetic_store
+
+from emojax.concepts import FitConfig, fit
+from emojax.corpus.catalogue import load_catalogue
+from emojax.report import build_report
+
+LAYERS = (2, 4)
+CONCEPTS = ("afraid", "angry", "anxious", "bored", "calm", "cheerful", "blissful", "bitter", "amused", "ashamed",
+            "at ease", "brooding")
+SECTION_IDS = ("corpus", "run", "emotion-map", "cosine", "accuracy", "logit-lens", "sae", "steering", "monitor")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _write(path, value):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value))
+
+
+def _corpus(run):
+    per_label = {n: {"train": 30, "val": 8, "test": 8} for n in CONCEPTS}
+    _write(run / "corpus" / "manifest.json", {
+        "format": "emojax-corpus-v1", "tokenizer": "byte", "label_ids": {n: i for i, n in enumerate(CONCEPTS)},
+        "documents_in": 700, "documents_written": 652, "rejected": 31, "deduplicated": 17, "tokens_written": 81234,
+        "per_split": {"train": 460, "val": 96, "test": 96}, "per_label": per_label,
+        "shards": [{"name": "corpus-00000", "rows": 652, "tokens": 81234}]})
+
+
+def _store_and_fit(run, rng):
+    """A store whose concept means lie on a valence/arousal plane plus noise; fitted by the real fit stage."""
+    known = load_catalogue().by_name
+    D = 29
+    axes = np.linalg.qr(rng.normal(size=(D, 4)))[0].T
+    acts = {L: [] for L in LAYERS}
+    labels, split = [], []
+    for c, name in enumerate(CONCEPTS):
+        mean = 3 * known[name].valence * axes[0] + 2 * (1 if known[name].arousal == "high" else -1) * axes[1]
+        mean = mean + rng.normal(size=D)
+        for L in LAYERS:
+            acts[L].append(mean * L / 4 + rng.normal(size=(46, D)) * (1.5 if L == 2 else 0.8))
+        labels += [c] * 46
+        split += ["train"] * 30 + ["val"] * 8 + ["test"] * 8
+    for L in LAYERS:
+        acts[L].append(rng.normal(size=(60, D)))
+    labels += [-1] * 60
+    split += ["train"] * 60
+    pooled = {L: np.concatenate(v).astype(np.float32) for L, v in acts.items()}
+    store = write_synthetic_store(run / "activations", pooled, labels, split,
+                                  label_ids={n: i for i, n in enumerate(CONCEPTS)})
+    _write(run / "activations" / "summary" / "process-000.json",
+           {"tokens": 81234, "documents": 652, "seconds": 12.5, "tokens_per_s": 6498.7, "mb_per_s": 3.2,
+            "shards_written": 1, "shards_skipped": 0, "process": 0})
+    fit(FitConfig(store=store, out=str(run / "concepts"), mesh=(1, 1, 1), probe_epochs=15, kmeans_k=4,
+                  eval_splits=("test",), norm_tokens=0))
+    # The logit lens needs a model; add one in the structure evaluate.logit_lens writes.
+    evaluation = json.loads((run / "concepts" / "eval.json").read_text())
+    best = str(evaluation["best_layer"])
+    evaluation["per_layer"][best]["logit_lens"] = {
+        n: {"top": [" " + n, " <fear>", " é"], "bottom": [" the", "\n", " &amp;"], "own_token": " " + n.split()[0],
+            "own_rank": i} for i, n in enumerate(CONCEPTS)}
+    (run / "concepts" / "eval.json").write_text(json.dumps(evaluation))
+
+
+def _rest(run, rng):
+    _write(run / "sae" / "topk" / "metrics.json", [
+        {"name": f"k={k}", "l0": float(k), "fvu": 0.5 / k ** 0.5, "dead_fraction": 0.02 * i,
+         "ce_loss_recovered": 0.9, "delta_loss": 0.1, "kl": 0.05} for i, k in enumerate((8, 32, 128))])
+    _write(run / "sae" / "relu" / "metrics.json", {"name": "relu", "l0": 50.0, "fvu": 0.2, "dead_fraction": 0.3})
+    strengths = [-0.1, -0.05, 0.0, 0.05, 0.1]
+    _write(run / "steer" / "curves.json", {"layer": 2, "read_layer": 4, "concepts": {
+        n: {"strengths": strengths, "readout": [s * (3 + i) for s in strengths],
+            "fluency_ppl": [20 + 400 * s * s for s in strengths], "logprob_shift": [s * 2 for s in strengths]}
+        for i, n in enumerate(CONCEPTS[:3])}})
+    tokens = ["The", " storm", " <b>", " hit", " and", " she", " felt", "\n", " calm"] * 7
+    _write(run / "steer" / "monitor.json", {
+        "text": "".join(tokens), "tokens": tokens, "concepts": list(CONCEPTS), "layer": 4,
+        "readings": rng.normal(size=(len(tokens), len(CONCEPTS))).round(4).tolist()})
+    for i, (stage, seconds, skipped) in enumerate((("corpus", 3.2, False), ("dump", 12.5, False),
+                                                   ("fit", 4.0, True), ("sae", 30.1, False))):
+        _write(run / "stages" / f"{stage}.json", {"stage": stage, "seconds": seconds, "skipped": skipped,
+                                                  "started": i, "summary": {"tokens_per_s": 6498.7, "docs": 652}})
+
+
+@pytest.fixture(scope="module")
+def full_report(tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    rng = np.random.default_rng(0)
+    _corpus(run)
+    _store_and_fit(run, rng)
+    _rest(run, rng)
+    return build_report(run)
+
+
+def _images(html):
+    return re.findall(r'<img src="([^"]*)"', html)
+
+
+def test_every_section_renders_with_png_figures(full_report):
+    html = full_report.read_text()
+    assert full_report.name == "index.html" and full_report.parent.name == "report"
+    for anchor in SECTION_IDS:
+        assert re.search(rf'<section id="{anchor}" data-status="ok">', html), anchor
+    assert "not run" not in html and "could not render" not in html
+    uris = _images(html)
+    assert len(uris) == 6  # map, heatmap, accuracy, SAE, steering, monitor
+    for uri in uris:
+        assert uri.startswith("data:image/png;base64,")
+        png = base64.b64decode(uri.split(",", 1)[1], validate=True)
+        assert png.startswith(PNG_MAGIC) and png[12:16] == b"IHDR"
+        width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+        assert 200 < width < 3000 and 100 < height < 3000
+    assert not re.search(r'(src|href)="(https?:)?//', html), "the report must not load anything external"
+    for expected in ("652", "rejected", "81,234", "tokens_per_s", "k=128", "relu", "blissful", "&lt;fear&gt;",
+                     "at ease"):
+        assert expected in html, expected
+
+
+def test_only_corpus_renders_not_run_sections(tmp_path):
+    _corpus(tmp_path)
+    html = build_report(tmp_path).read_text()
+    assert 'id="corpus" data-status="ok"' in html
+    for anchor in SECTION_IDS[1:]:
+        assert f'<section id="{anchor}" data-status="not-run">' in html, anchor
+    assert html.count("not run</span>") == len(SECTION_IDS) - 1 and not _images(html)
+
+
+def test_malformed_input_is_reported_in_its_section(tmp_path):
+    _corpus(tmp_path)
+    (tmp_path / "steer").mkdir()
+    (tmp_path / "steer" / "monitor.json").write_text('{"tokens": ["a"], "concepts": ["x"], "readings": [[1, 2]]}')
+    html = build_report(tmp_path).read_text()
+    assert 'id="monitor" data-status="failed"' in html and "readings must be" in html
+
+
+def test_cli_prints_the_path(tmp_path, capsys):
+    import argparse
+
+    from emojax.report import register
+
+    _corpus(tmp_path)
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["report", str(tmp_path)])
+    assert args.func(args) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "report" / "index.html")
+
+
+def _chromium():
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_renders_in_headless_chromium(full_report, tmp_path):
+    binary = _chromium()
+    if binary is None:
+        pytest.skip("no chromium or chromium-browser on PATH (Debian: apt-get install chromium)")
+    flags = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
+             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--enable-logging=stderr"]
+    done = subprocess.run([*flags, "--dump-dom", full_report.as_uri()], capture_output=True, text=True,
+                          timeout=120, check=True)
+    dom = done.stdout
+    assert "Uncaught" not in done.stderr, done.stderr[-2000:]  # script errors reach the console log
+    n = len(_images(full_report.read_text()))
+    body = re.search(r"<body[^>]*>", dom)
+    assert body, dom[:500]
+    assert f'data-images-loaded="{n}/{n}"' in body.group(0), body.group(0)
+    assert "data-error" not in body.group(0) and 'data-broken="1"' not in dom
+
+
+
+def test_bank_without_eval_still_maps_the_concepts(tmp_path):
+    from emojax.concepts import ConceptBank
+
+    rng = np.random.default_rng(1)
+    vectors = rng.normal(size=(len(CONCEPTS), 2, 13)).astype(np.float32)
+    ConceptBank(names=CONCEPTS, layers=(1, 3), vectors=vectors, raw=vectors,
+                resid_norm=np.ones(2, np.float32)).save(tmp_path / "concepts")
+    html = build_report(tmp_path).read_text()
+    for anchor, status in (("emotion-map", "ok"), ("cosine", "ok"), ("accuracy", "not-run"),
+                           ("logit-lens", "not-run"), ("corpus", "not-run")):
+        assert f'<section id="{anchor}" data-status="{status}">' in html, anchor
+    assert "Residual index 3" in html  # two-thirds of the way up when eval.json names no best layer
