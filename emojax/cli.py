@@ -129,6 +129,35 @@ def cmd_corpus_build(args) -> int:
     return 0
 
 
+def _start_distributed(args) -> None:
+    """jax.distributed for multi-host runs: explicit coordinator flags, or auto-detection (TPU, SLURM)."""
+    if not (args.distributed or args.coordinator):
+        return
+    import jax
+
+    if args.cpu_collectives:
+        jax.config.update("jax_cpu_collectives_implementation", args.cpu_collectives)
+    if args.coordinator:
+        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                   process_id=args.process_id)
+    else:
+        jax.distributed.initialize()
+
+
+def cmd_dump(args) -> int:
+    from emojax.config_loader import load_section
+    from emojax.store import DumpConfig, dump
+
+    overrides = list(args.overrides)
+    for flag in ("corpus", "model", "out"):
+        if getattr(args, flag) is not None:
+            overrides.append(f"{flag}={getattr(args, flag)}")
+    config = load_section(DumpConfig, "dump", args.config, overrides)
+    _start_distributed(args)
+    dump(config, show_progress=not args.quiet)
+    return 0
+
+
 def cmd_corpus_prompts(args) -> int:
     from emojax.corpus.prompts import write_prompts
 
@@ -195,6 +224,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value settings of the corpus section")
     p.set_defaults(func=cmd_corpus_build, beam_args=[])
 
+    p = sub.add_parser("dump", help="run the model over the corpus and write activations to a TensorStore store",
+                       epilog="A rerun resumes: complete shards are skipped, partial ones rewritten.")
+    p.add_argument("--config", help="YAML run config (its dump: section)")
+    p.add_argument("--corpus")
+    p.add_argument("--model")
+    p.add_argument("--out", help="a folder or a kvstore URL such as gs://bucket/run/activations")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--distributed", action="store_true",
+                   help="multi-host: jax.distributed.initialize() with auto-detection (TPU pods, SLURM)")
+    p.add_argument("--coordinator", help="multi-host: coordinator HOST:PORT (with --num-processes, --process-id)")
+    p.add_argument("--num-processes", type=int)
+    p.add_argument("--process-id", type=int)
+    p.add_argument("--cpu-collectives", choices=["gloo", "mpi"], help="collectives for multi-process CPU runs")
+    p.add_argument("overrides", nargs="*", help="key=value settings of the dump section")
+    p.set_defaults(func=cmd_dump)
+
     p = csub.add_parser("prompts", help="write JSONL prompts for an LLM to write the corpus")
     p.add_argument("--out", required=True)
     p.add_argument("--stories-per-prompt", type=int, default=12)
@@ -207,6 +252,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--text-field", default="response")
     p.set_defaults(func=cmd_corpus_collect)
+
+    # Stages whose subcommands live beside their library code.
+    from emojax.concepts.commands import register as register_fit
+    from emojax.report.commands import register as register_report
+    from emojax.run.commands import register as register_run
+    from emojax.train.commands import register as register_train_lm
+
+    register_train_lm(sub)
+    register_fit(sub)
+    register_report(sub)
+    register_run(sub)
     return parser
 
 
