@@ -1,0 +1,77 @@
+"""SaeConfig: every setting of one SAE training run (the `sae:` section of a run config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from emojax.config_loader import load_section
+from emojax.errors import ConfigError
+
+VARIANTS = ("relu_l1", "topk", "batchtopk", "jumprelu")
+SWEEPABLE = ("k", "sparsity_coeff")
+
+
+@dataclass(frozen=True)
+class SaeConfig:
+    variant: str = "topk"
+    n_latents: int = 4096
+    k: int = 32  # active latents per token (topk, batchtopk: mean per token)
+    sparsity_coeff: float = 5.0  # L1 (relu_l1) or L0 (jumprelu) coefficient, on unit-mean-square inputs
+    sparsity_warmup_steps: int = 0  # the coefficient ramps linearly from 0 over these steps
+    aux_k: int = 256  # latents in the AuxK reconstruction of the residual from dead latents (topk, batchtopk)
+    aux_coeff: float = 1 / 32
+    dead_after_tokens: int = 10_000_000  # a latent silent this many tokens is dead
+    jump_bandwidth: float = 0.001  # width of the straight-through kernel of jumprelu thresholds
+    jump_init_threshold: float = 0.001
+    threshold_decay: float = 0.99  # EMA decay of the batchtopk inference threshold
+    lr: float = 2e-4
+    lr_warmup_steps: int = 100
+    lr_decay_frac: float = 0.2  # linear decay to zero over the last fraction of the steps
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    batch_size: int = 4096
+    steps: int = 10_000
+    seed: int = 0
+    sweep: str = ""  # "k" or "sparsity_coeff": trains len(sweep_values) SAEs in one pass over the data
+    sweep_values: tuple[float, ...] = ()
+    mesh: tuple[int, ...] = (1, 1)  # (data, tensor): batch over "data", latents over "tensor"
+    checkpoint_every: int = 1000  # steps; 0 = never
+    log_every: int = 100
+    init_sample_tokens: int = 16384  # tokens for the input scale and the decoder-bias geometric median
+    buffer_chunks: int = 64
+    layer: int = 1  # residual index in the store
+    store: str = ""
+    out: str = ""
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"sae.variant={self.variant!r} is not one of {list(VARIANTS)}")
+        if self.sweep and self.sweep not in SWEEPABLE:
+            raise ConfigError(f"sae.sweep={self.sweep!r}: only {list(SWEEPABLE)} can be swept")
+        if self.sweep and not self.sweep_values:
+            raise ConfigError(f"sae.sweep={self.sweep!r} needs sae.sweep_values")
+        if len(self.mesh) != 2 or min(self.mesh) < 1:
+            raise ConfigError(f"sae.mesh={list(self.mesh)} must be two positive sizes [data, tensor]")
+        if self.batch_size % self.mesh[0]:
+            raise ConfigError(f"sae.batch_size={self.batch_size} is not divisible by mesh data={self.mesh[0]}")
+        if self.n_latents % self.mesh[1]:
+            raise ConfigError(f"sae.n_latents={self.n_latents} is not divisible by mesh tensor={self.mesh[1]}")
+        if self.variant in ("topk", "batchtopk") and not 0 < self.k_max <= self.n_latents // self.mesh[1]:
+            raise ConfigError(f"sae.k={self.k_max} must be in 1..n_latents/tensor={self.n_latents // self.mesh[1]}")
+
+    @property
+    def n_sae(self) -> int:
+        return len(self.sweep_values) if self.sweep else 1
+
+    def values(self, name: str) -> tuple[float, ...]:
+        """The per-SAE values of a sweepable setting (length n_sae)."""
+        return tuple(self.sweep_values) if self.sweep == name else (getattr(self, name),) * self.n_sae
+
+    @property
+    def k_max(self) -> int:
+        return int(max(self.values("k")))
+
+
+def load_sae_config(config_file: str | Path | None = None, overrides=()) -> SaeConfig:
+    return load_section(SaeConfig, "sae", config_file, overrides)

@@ -1,0 +1,263 @@
+"""Sparse dictionaries: ground-truth recovery, sharded == single device, exact resume after SIGKILL, NaN input
+reports, SAELens-style export round trip, metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import time
+
+import jax
+import numpy as np
+import pytest
+from dump_helpers import run_child
+
+from emojax.sae import (ArraySource, NonFiniteBatchError, SaeConfig, SaeTrainer, bank_max_cosine, export_sae,
+                        load_sae, reconstruction_metrics, train_sae)
+from emojax.sae.sharding import sae_mesh
+from emojax.sae.train import input_statistics
+
+D, ATOMS, ACTIVE = 48, 256, 4
+
+
+def ground_truth(n: int = 8192, seed: int = 0, noise: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+    """x [n, D] = sum of ACTIVE of ATOMS random unit atoms with coefficients in [0.5, 1.5], plus noise."""
+    rng = np.random.default_rng(seed)
+    atoms = rng.normal(size=(ATOMS, D))
+    atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
+    idx = np.argsort(rng.random((n, ATOMS)), axis=1)[:, :ACTIVE]
+    coef = rng.uniform(0.5, 1.5, size=(n, ACTIVE))
+    x = np.einsum("nk,nkd->nd", coef, atoms[idx]) + noise * rng.normal(size=(n, D))
+    return x.astype(np.float32), atoms
+
+
+GT = dict(n_latents=ATOMS, batch_size=256, steps=300, lr=1e-2, lr_warmup_steps=20, dead_after_tokens=256 * 20,
+          aux_k=32, log_every=0, init_sample_tokens=4096)
+VARIANTS = {
+    "topk": dict(variant="topk", sweep="k", sweep_values=(4, 32)),  # two SAEs in one pass over the data
+    "batchtopk": dict(variant="batchtopk", k=32),
+    "relu_l1": dict(variant="relu_l1", sparsity_coeff=0.05),
+    "jumprelu": dict(variant="jumprelu", sparsity_coeff=0.05),
+}
+
+
+@pytest.fixture(scope="module")
+def data():
+    return ground_truth()
+
+
+@pytest.fixture(scope="module")
+def trained(data):
+    x, _ = data
+    return {name: train_sae(SaeConfig(**GT, **changes), ArraySource(x, 256), log=None)
+            for name, changes in VARIANTS.items()}
+
+
+def _unit(w):
+    return w / np.linalg.norm(w, axis=1, keepdims=True)
+
+
+def test_topk_recovers_the_atoms(data, trained):
+    x, atoms = data
+    sae = trained["topk"].sae(0)  # k = 4, the true number of active atoms
+    mean_max_cos = np.abs(atoms @ _unit(sae.decoder_rows()).T).max(axis=1).mean()
+    assert mean_max_cos >= 0.9, mean_max_cos
+    assert reconstruction_metrics(x[:2048], sae.reconstruct(x[:2048]), sae.encode(x[:2048]))["l0"] == 4
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_each_variant_reaches_low_fvu(data, trained, name):
+    x, _ = data
+    result = trained[name]
+    sae = result.sae(result.config.n_sae - 1)
+    m = reconstruction_metrics(x[:4096], sae.reconstruct(x[:4096]), sae.encode(x[:4096]))
+    assert m["fvu"] < 0.1, m
+    assert m["cosine"] > 0.9, m
+    W = result.state["params"]["W_dec"]
+    np.testing.assert_allclose(np.linalg.norm(W, axis=-1), 1.0, atol=1e-5)  # unit decoder rows
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_export_loads_back_with_the_same_reconstructions(data, trained, name, tmp_path):
+    x = data[0][:512] * 3.0  # raw units differ from the training scale: the folded scale is exercised
+    sae = trained[name].sae(0)
+    folder = export_sae(sae, tmp_path / name, hook_layer=2)
+    assert {p.name for p in folder.iterdir()} == {"cfg.json", "sae_weights.safetensors"}
+    back = load_sae(folder)
+    np.testing.assert_array_equal(np.asarray(back.encode(x)) > 0, np.asarray(sae.encode(x)) > 0)
+    np.testing.assert_allclose(back.reconstruct(x), sae.reconstruct(x), rtol=1e-5, atol=1e-5)
+
+
+def test_sweep_axis_trains_independent_saes(data, trained):
+    x, _ = data
+    result = trained["topk"]
+    l0 = [reconstruction_metrics(x[:1024], s.reconstruct(x[:1024]), s.encode(x[:1024]))["l0"]
+          for s in (result.sae(0), result.sae(1))]
+    assert l0 == [4, 32]
+
+
+# ---- sharding
+
+
+SHARD = dict(variant="topk", n_latents=128, k=8, batch_size=64, steps=20, lr=3e-3, lr_warmup_steps=5,
+             dead_after_tokens=64 * 3, aux_k=16, sweep="k", sweep_values=(4, 8))
+
+
+def _run_steps(config: SaeConfig, x: np.ndarray) -> list[dict]:
+    trainer = SaeTrainer(config, D, sae_mesh(config.mesh))
+    scale, b_dec = input_statistics(x[:1024])
+    state = trainer.init(b_dec)
+    params = []
+    for batch, _ in zip(ArraySource(x, config.batch_size).batches(0), range(config.steps)):
+        state, _ = trainer.run_step(state, batch.acts, scale)
+        params.append(jax.device_get(state["params"]))
+    return params
+
+
+@pytest.mark.parametrize("variant", ["topk", pytest.param("batchtopk", marks=pytest.mark.slow)])
+def test_sharded_training_matches_single_device(data, variant):
+    x = data[0]
+    base = SaeConfig(**{**SHARD, "variant": variant})
+    single = _run_steps(base, x)
+    for mesh in ((8, 1), (2, 4)):
+        sharded = _run_steps(dataclasses.replace(base, mesh=mesh), x)
+        for step, (a, b) in enumerate(zip(single, sharded)):
+            for key in a:
+                np.testing.assert_allclose(b[key], a[key], atol=1e-4, rtol=1e-4,
+                                           err_msg=f"mesh {mesh} step {step + 1} {key}")
+
+
+# ---- crashes and bad input
+
+KILL_CHILD = """
+import sys, time
+from test_sae import ground_truth, kill_config
+from emojax.sae import ArraySource, train_sae
+def on_step(step, metrics):
+    print("step", step, flush=True)
+    time.sleep(0.03)
+train_sae(kill_config(sys.argv[1]), ArraySource(ground_truth(2048)[0], 64), log=None, on_step=on_step)
+"""
+
+
+def kill_config(out: str) -> SaeConfig:
+    return SaeConfig(variant="topk", n_latents=96, k=6, batch_size=64, steps=40, lr=3e-3, lr_warmup_steps=5,
+                     dead_after_tokens=64 * 4, aux_k=16, checkpoint_every=10, log_every=0, out=out,
+                     init_sample_tokens=1024)
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
+    x = ground_truth(2048)[0]
+    out = tmp_path / "killed"
+    child = run_child(KILL_CHILD, str(out))
+    deadline = time.time() + 120
+    for line in child.stdout:  # kill mid-run, once a checkpoint past the first is committed
+        if line.startswith("step") and int(line.split()[1]) >= 17:
+            break
+        assert time.time() < deadline, "child did not reach step 17"
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert child.returncode == -signal.SIGKILL
+    committed = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    assert committed and max(committed) < 40, committed
+    log: list[str] = []
+    resumed = train_sae(kill_config(str(out)), ArraySource(x, 64), log=log.append)
+    assert log and log[0].startswith("sae: resuming at step")
+    straight = train_sae(dataclasses.replace(kill_config(str(tmp_path / "straight")), checkpoint_every=0),
+                         ArraySource(x, 64), log=None)
+    for key in ("params", "opt", "stats"):
+        for a, b in zip(jax.tree.leaves(resumed.state[key]), jax.tree.leaves(straight.state[key])):
+            assert np.asarray(a).tobytes() == np.asarray(b).tobytes(), key  # bitwise
+
+
+def test_nan_in_a_batch_stops_training_with_its_rows(tmp_path):
+    x = ground_truth(2048)[0]
+    bad = x.copy()
+    bad[[77, 1500]] = np.nan
+    bad[901, 3] = np.inf
+    config = dataclasses.replace(kill_config(str(tmp_path / "nan")), steps=30, checkpoint_every=5)
+    seen: list[int] = []
+    with pytest.raises(NonFiniteBatchError) as err:
+        train_sae(config, ArraySource(bad, 64), log=None, on_step=lambda s, m: seen.append(s))
+    first_bad = next(b for b in ArraySource(bad, 64).batches(0) if not np.isfinite(b.acts).all())
+    want = sorted(int(r) for r in first_bad.rows if r in (77, 1500, 901))
+    assert sorted(err.value.rows.tolist()) == want and err.value.step == first_bad.index + 1
+    assert "store rows" in str(err.value) and str(want[0]) in str(err.value)
+    assert seen == list(range(1, first_bad.index + 1))  # nothing after the bad step was reported as trained
+    # No checkpoint holds the bad batch, and the saved state is finite.
+    steps = [int(p.name) for p in (tmp_path / "nan" / "checkpoints").iterdir() if p.name.isdigit()]
+    assert all(s <= first_bad.index for s in steps)
+
+
+def test_bank_max_cosine_finds_planted_directions(data, trained):
+    from emojax.concepts.bank import ConceptBank
+
+    sae = trained["topk"].sae(0)
+    rows = sae.decoder_rows()
+    vectors = np.stack([rows[7] * 2.0, rows[100] + 1e-3])[:, None, :].astype(np.float32)
+    bank = ConceptBank(names=("calm", "afraid"), layers=(3,), vectors=vectors, raw=vectors,
+                       resid_norm=np.ones(1, np.float32))
+    got = bank_max_cosine(bank, 3, sae)
+    assert got["calm"][1] == 7 and got["calm"][0] == pytest.approx(1.0, abs=1e-5)
+    assert got["afraid"][1] == 100
+
+
+# ---- the store, the command line and the spliced metrics
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory):
+    from dump_helpers import dump_config, make_corpus
+
+    from emojax.store import dump
+
+    root = tmp_path_factory.mktemp("sae_store")
+    corpus = make_corpus(root / "corpus")
+    dump(dump_config(corpus, root / "acts"), show_progress=False, log=lambda *_: None)
+    return root / "acts"
+
+
+@pytest.mark.slow  # the dump of a small corpus dominates (~30 s on 2 cores)
+def test_sae_command_trains_on_the_store_and_exports(store_path, tmp_path):
+    import argparse
+    import json
+
+    from emojax.sae.commands import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    config = tmp_path / "run.yaml"
+    config.write_text(f"sae:\n  variant: topk\n  n_latents: 64\n  k: 4\n  batch_size: 64\n  steps: 6\n"
+                      f"  lr_warmup_steps: 2\n  layer: 2\n  store: {store_path}\n  checkpoint_every: 3\n"
+                      f"  init_sample_tokens: 256\n  buffer_chunks: 4\n")
+    args = parser.parse_args(["sae", "--config", str(config), "--quiet", f"out={tmp_path / 'out'}",
+                              "sweep=k", "sweep_values=[2,4]"])
+    assert args.func(args) == 0
+    summary = json.loads((tmp_path / "out" / "sae.json").read_text())
+    assert len(summary["saes"]) == 2 and summary["tokens"] == 6 * 64
+    sae = load_sae(tmp_path / "out" / "sae_1")
+    assert sae.n_latents == 64 and sae.k == 4
+
+
+@pytest.mark.slow
+def test_spliced_metrics_on_held_out_documents(store_path):
+    import emojax
+    from emojax.sae import Sae, heldout_tokens, spliced_metrics
+    from emojax.sae.variants import ReluL1
+    from emojax.store import ActivationStore
+
+    store = ActivationStore(str(store_path))
+    tokens, mask = heldout_tokens(store, split="test", max_docs=4, max_len=64)
+    lm = emojax.load_model("random:tiny")
+    D = store.d_model
+    eye = np.eye(D, dtype=np.float32)
+    # relu(x) - relu(-x) = x: a 2D-latent ReLU SAE that reconstructs exactly.
+    exact = Sae(ReluL1(), {"W_enc": np.concatenate([eye, -eye], 1), "b_enc": np.zeros(2 * D, np.float32),
+                           "W_dec": np.concatenate([eye, -eye], 0), "b_dec": np.zeros(D, np.float32)})
+    m = spliced_metrics(lm, exact, 1, tokens, mask)
+    assert m["ce_spliced"] == pytest.approx(m["ce_clean"], abs=1e-4) and m["kl"] == pytest.approx(0, abs=1e-5)
+    assert m["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-3) and m["ce_zero"] != m["ce_clean"]
+    blind = dataclasses.replace(exact, params={**exact.params, "W_dec": exact.params["W_dec"] * 0})
+    m = spliced_metrics(lm, blind, 1, tokens, mask)  # outputs b_dec = 0: the zero ablation
+    assert m["ce_spliced"] == pytest.approx(m["ce_zero"], abs=1e-4) and m["kl"] > 0
+    assert m["ce_loss_recovered"] == pytest.approx(0.0, abs=1e-3)
