@@ -1,0 +1,59 @@
+"""Next-token choice: greedy, or temperature / top-k / top-p sampling with an explicit PRNG key.
+
+Every setting is a per-example array, so changing it never recompiles; a batch that is all greedy
+(temperature 0) skips the sort at run time (a `lax.cond`, not a Python branch).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from emojax.errors import InputError
+
+
+@struct.dataclass
+class Sampling:
+    """temperature [B] (0 = greedy), top_k [B] int32 (0 = no limit), top_p [B] (1 = no limit)."""
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+
+    @classmethod
+    def make(cls, batch: int, temperature=0.0, top_k=0, top_p=1.0) -> Sampling:
+        def per_row(value, dtype, name):
+            a = np.broadcast_to(np.asarray(value, dtype), (batch,)) if np.ndim(value) == 0 else np.asarray(value, dtype)
+            if a.shape != (batch,):
+                raise InputError(f"{name} must be a scalar or [batch={batch}], got shape {a.shape}")
+            return np.array(a)
+
+        t, k, p = per_row(temperature, np.float32, "temperature"), per_row(top_k, np.int32, "top_k"), \
+            per_row(top_p, np.float32, "top_p")
+        if (t < 0).any() or (k < 0).any() or ((p <= 0) | (p > 1)).any():
+            raise InputError("temperature must be >= 0, top_k >= 0 and top_p in (0, 1]")
+        return cls(temperature=t, top_k=k, top_p=p)
+
+
+def choose(logits_BV: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
+    """Token ids [B] int32: argmax where temperature is 0, else a draw after temperature, top-k, top-p
+    (in that order, as transformers' generate applies them)."""
+    greedy = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+
+    def draw(_):
+        V = logits_BV.shape[-1]
+        scaled = logits_BV.astype(jnp.float32) / jnp.maximum(sampling.temperature, 1e-6)[:, None]
+        sorted_BV = -jnp.sort(-scaled, axis=-1)
+        k = jnp.where(sampling.top_k > 0, jnp.minimum(sampling.top_k, V), V)
+        rank = jnp.arange(V)[None, :]
+        sorted_BV = jnp.where(rank < k[:, None], sorted_BV, -jnp.inf)
+        probs = jax.nn.softmax(sorted_BV, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly better tokens
+        n_keep = jnp.clip(jnp.sum((before < sampling.top_p[:, None]) & (rank < k[:, None]), axis=-1), 1, V)
+        cutoff = jnp.take_along_axis(sorted_BV, (n_keep - 1)[:, None], axis=-1)
+        drawn = jax.random.categorical(key, jnp.where(scaled >= cutoff, scaled, -jnp.inf), axis=-1)
+        return jnp.where(sampling.temperature > 0, drawn.astype(jnp.int32), greedy)
+
+    return jax.lax.cond(jnp.any(sampling.temperature > 0), draw, lambda _: greedy, None)
