@@ -21,12 +21,11 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 demo: $(STAMP)
-	$(VENV)/bin/emojax init-random tiny --out runs/demo/model
-	$(VENV)/bin/emojax info runs/demo/model
-	$(VENV)/bin/emojax forward runs/demo/model --tokens 1,2,3,4,5 --capture 0 1 2
+	$(VENV)/bin/emojax run --config configs/demo.yaml
 
 bench: $(STAMP)
 	$(PY) scripts/bench_forward.py
+	$(PY) scripts/bench_dump.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -257,10 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     from emojax.concepts.commands import register as register_fit
     from emojax.report.commands import register as register_report
     from emojax.run.commands import register as register_run
+    from emojax.sae.commands import register as register_sae
+    from emojax.steer.commands import register as register_steer
     from emojax.train.commands import register as register_train_lm
 
     register_train_lm(sub)
     register_fit(sub)
+    register_sae(sub)
+    register_steer(sub)
     register_report(sub)
     register_run(sub)
     return parser
@@ -269,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
+    # key=value overrides may come after options (argparse takes positionals in one run only).
+    if hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *(u for u in unknown if "=" in u and not u.startswith("-"))]
+        unknown = [u for u in unknown if not ("=" in u and not u.startswith("-"))]
     if unknown:
         if getattr(args, "func", None) is not cmd_corpus_build or not all(u.startswith("--") for u in unknown):
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")

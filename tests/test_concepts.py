@@ -205,7 +205,7 @@ def test_bad_input_errors_name_the_problem(tmp_path):
     ids = {"c0": 0, "c1": 1, "c2": 2, "ghost": 7}
     path = write_synthetic_store(tmp_path / "s", {LAYER: x}, labels, split, label_ids=ids)
     with pytest.raises(FitError, match="ghost"):
-        fit(FitConfig(store=path, out=str(tmp_path / "b1"), probe=False, mesh=(1, 1, 1)))
+        fit(FitConfig(store=path, out=str(tmp_path / "b1"), labels=("c0", "ghost"), probe=False, mesh=(1, 1, 1)))
     with pytest.raises(StoreError, match="layer 5"):
         fit(FitConfig(store=path, out=str(tmp_path / "b2"), layers=(5,), labels=("c0", "c1", "c2"), probe=False,
                       mesh=(1, 1, 1)))

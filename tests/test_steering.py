@@ -81,6 +81,7 @@ def test_matches_a_transformers_forward_hook(tmp_path, tokens):
 
 def test_patch_replaces_the_stream_where_it_is_read(lm, tokens):
     base = lm(tokens, capture=(1, 2, 3))
+    full = lm(tokens, capture=(L,))
     values = np.random.default_rng(6).normal(size=(*tokens.shape, D)).astype(np.float32)
     out = lm(tokens, capture=(1, 2, 3), patch=emojax.Patch(values=jnp.asarray(values), index=2))
     np.testing.assert_array_equal(np.asarray(out.hidden[0]), np.asarray(base.hidden[0]))
@@ -91,13 +92,20 @@ def test_patch_replaces_the_stream_where_it_is_read(lm, tokens):
     assert not np.allclose(np.asarray(out.logits), np.asarray(base.logits), atol=1e-3)
     embed = lm(tokens, capture=(0,), patch=emojax.Patch(values=jnp.asarray(values), index=0))
     np.testing.assert_array_equal(np.asarray(embed.hidden[0]), values)
+    # Index L is the final normed stream: the logits are the unembedding of the patch.
+    last = lm(tokens, capture=(L,), patch=emojax.Patch(values=jnp.asarray(values), index=L))
+    np.testing.assert_array_equal(np.asarray(last.hidden[0]), values)
+    head = np.asarray(lm.params["lm_head"][...]) if "lm_head" in lm.params else np.asarray(lm.params["embed"][...]).T
+    np.testing.assert_allclose(np.asarray(last.logits), values @ head, rtol=1e-4, atol=1e-4)
+    same_last = lm(tokens, capture=(L,), patch=emojax.Patch(values=full.hidden[0], index=L))
+    np.testing.assert_allclose(np.asarray(same_last.logits), np.asarray(base.logits), atol=1e-6)
 
 
 def test_patch_of_a_wrong_shape_or_index_is_refused(lm, tokens):
     with pytest.raises(emojax.errors.InputError, match="patch.values"):
         lm(tokens, patch=emojax.Patch(values=jnp.zeros((1, 2, D)), index=1))
     with pytest.raises(emojax.errors.InputError, match="patch index"):
-        lm(tokens, patch=emojax.Patch(values=jnp.zeros((*tokens.shape, D)), index=L))
+        lm(tokens, patch=emojax.Patch(values=jnp.zeros((*tokens.shape, D)), index=L + 1))
 
 
 def test_hidden_only_forward_equals_the_full_forward(lm, tokens):

@@ -62,6 +62,9 @@ def fit(config: FitConfig, log: Callable[[str], None] | None = None) -> ConceptB
     for layer in layers:
         store.check_layer(layer)
     names = resolve_labels(store, config.labels)
+    unused = [n for n, i in store.label_ids.items() if i != NEUTRAL_ID and n not in names]
+    if unused and not config.labels:
+        log(f"fit: {len(unused)} label(s) of the store's table have no documents and are not fitted")
     mesh = fit_mesh(config.mesh)
     lm = None
     if config.model:

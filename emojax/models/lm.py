@@ -80,8 +80,8 @@ class LanguageModel:
             want = (B, T, self.config.d_model)
             if tuple(patch.values.shape) != want:
                 raise InputError(f"patch.values must be [batch, seq, d_model] = {want}, got {patch.values.shape}")
-            if not 0 <= patch.index < self.config.n_layers:
-                raise InputError(f"patch index {patch.index} is outside 0..{self.config.n_layers - 1}")
+            if not 0 <= patch.index <= self.config.n_layers:
+                raise InputError(f"patch index {patch.index} is outside 0..{self.config.n_layers}")
         pad = -B % batch_multiple(self.mesh)  # shard the batch evenly; padded rows are dropped below
         if pad:
             tokens = np.pad(tokens, ((0, pad), (0, 0)))

@@ -56,7 +56,8 @@ class Steering:
 
 @struct.dataclass
 class Patch:
-    """Replaces the residual stream at one index (0 = embeddings, i = output of layer i - 1, i < L).
+    """Replaces the residual stream at one index (0 = embeddings, i = output of layer i - 1, L = the final
+    normed stream the unembedding reads).
 
     values: [B, T, D]; what later layers read instead of the model's own stream there (e.g. an SAE
     reconstruction, for the spliced-in loss). Captures at `index` return the patched values.
@@ -143,8 +144,8 @@ class Transformer(nnx.Module):
         for i in capture:
             if not 0 <= i <= L:
                 raise ValueError(f"capture index {i} is outside 0..{L} (embeddings, then one per layer)")
-        if patch is not None and not 0 <= patch.index < L:
-            raise ValueError(f"patch index {patch.index} is outside 0..{L - 1}")
+        if patch is not None and not 0 <= patch.index <= L:
+            raise ValueError(f"patch index {patch.index} is outside 0..{L}")
         B, T = tokens_BT.shape
         if attention_mask_BT is None:
             valid_BT = jnp.ones((B, T), bool)
@@ -182,7 +183,8 @@ class Transformer(nnx.Module):
         layer_graph, layer_state = nnx.split(self.layers)
         windows_L = jnp.asarray(cfg.layer_windows, jnp.int32)
         steer_rows = jnp.arange(1, L + 1)
-        patched_L = jnp.arange(1, L + 1) == (-1 if patch is None else patch.index)
+        patched_L = jnp.arange(1, L) == (-1 if patch is None else patch.index)
+        patched_L = jnp.concatenate([patched_L, jnp.zeros((1,), bool)])  # index L is patched after the final norm
         depth = L if logits or not capture else max(max(capture), 0)
         scanned = jax.tree.map(lambda a: a[:depth],
                                (layer_state, windows_L, jnp.asarray(slot_of), steer_rows, patched_L))
@@ -212,6 +214,8 @@ class Transformer(nnx.Module):
 
         if depth == L:
             x = self.final_norm(x)
+            if patch is not None and patch.index == L:
+                x = patch.values.astype(x.dtype)
         logits_BTV = None
         if logits:
             head = self.embed[...].T if self.lm_head is None else self.lm_head[...]

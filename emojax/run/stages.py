@@ -180,6 +180,154 @@ class Fit(Stage):
         return all(ctx.path("concepts", f).is_file() for f in ("bank.json", "bank.safetensors", "eval.json"))
 
 
+class SaeStage(Stage):
+    """Trains the configured SAE(s) on the store, exports each, and writes metrics.json (held-out
+    reconstruction, dead fraction, spliced-in LM loss, and the concept bank's best-matching latents)."""
+
+    name = "sae"
+    depends = ("dump", "fit")
+
+    def _config(self, ctx: Context):
+        from emojax.sae import SaeConfig
+
+        return typed_section(SaeConfig, ctx.run_file, "sae",
+                             {"store": str(ctx.path("activations")), "out": str(ctx.path("sae", "main"))})
+
+    def settings(self, ctx):
+        config = self._config(ctx)
+        return {k: v for k, v in dataclasses.asdict(config).items() if k not in ("store", "out")}
+
+    def run(self, ctx):
+        import numpy as np
+
+        from emojax.models import load_model
+        from emojax.sae import (bank_max_cosine, dead_fraction, evaluate_batches, export_sae, heldout_tokens,
+                                spliced_metrics, train_sae)
+        from emojax.store import ActivationStore
+
+        config = self._config(ctx)
+        result = train_sae(config, log=print if ctx.show_progress else None)
+        store = ActivationStore(config.store)
+        test = store.select("test")
+        held = [store.document_tokens(config.layer, int(i)).astype(np.float32) for i in test[:256]]
+        tokens, mask = heldout_tokens(store, "test", max_docs=16)
+        lm = load_model(ctx.model)
+        bank = None
+        if ctx.path("concepts", "bank.json").is_file():
+            from emojax.concepts import load_bank
+
+            bank = load_bank(ctx.path("concepts"))
+            if config.layer not in bank.layers:
+                bank = None
+        entries = []
+        for i in range(config.n_sae):
+            sae = result.sae(i)
+            value = config.values(config.sweep)[i] if config.sweep else None
+            name = f"{config.variant}" + (f" {config.sweep}={value:g}" if config.sweep else f" k={config.k}")
+            folder = export_sae(sae, ctx.path("sae", "main", f"sae_{i}"), hook_layer=config.layer,
+                                extra={"sweep": config.sweep, "value": value})
+            entry = {"name": name, "folder": str(folder), "layer": config.layer,
+                     **evaluate_batches(sae, held),
+                     "dead_fraction": dead_fraction(np.asarray(result.state["stats"]["since_fired"][i]),
+                                                    config.dead_after_tokens),
+                     **spliced_metrics(lm, sae, config.layer, tokens, mask)}
+            if bank is not None:
+                matches = bank_max_cosine(bank, config.layer, sae)
+                entry["bank_max_cosine"] = {k: round(v[0], 4) for k, v in matches.items()}
+                entry["bank_mean_max_cosine"] = float(np.mean([v[0] for v in matches.values()]))
+            entries.append(entry)
+        metrics = ctx.path("sae", "main", "metrics.json")
+        metrics.write_text(json.dumps(entries, indent=1) + "\n")
+        return {"saes": len(entries), "tokens": result.tokens, "seconds": round(result.seconds, 2),
+                "tokens_per_s": result.tokens / max(result.seconds, 1e-9),
+                **{k: entries[0][k] for k in ("l0", "fvu", "dead_fraction", "ce_loss_recovered")}}
+
+    def outputs(self, ctx):
+        return [ctx.path("sae")]
+
+    def outputs_exist(self, ctx):
+        return ctx.path("sae", "main", "metrics.json").is_file()
+
+
+@dataclasses.dataclass(frozen=True)
+class SteerSettings:
+    """The run's steering evaluation and monitored sample (the `steer:` section)."""
+
+    concepts: tuple[str, ...] = ("desperate", "calm", "afraid", "joyful")  # those in the bank are used
+    strengths: tuple[float, ...] = (-0.2, -0.1, 0.0, 0.1, 0.2)  # fractions of the layer's mean residual norm
+    prompts: tuple[str, ...] = ("I opened the letter and", "The meeting started late, and she",
+                                "When the phone rang at midnight, he")
+    max_new_tokens: int = 24
+    monitor_prompt: str = "The deadline was in an hour and nothing worked. She"
+    monitor_new_tokens: int = 40
+
+
+class Steer(Stage):
+    """Steering curves (evaluate_steering) and one monitored generation, for the report."""
+
+    name = "steer"
+    depends = ("fit",)
+
+    def _config(self, ctx: Context) -> SteerSettings:
+        return typed_section(SteerSettings, ctx.run_file, "steer", {})
+
+    def settings(self, ctx):
+        return {**dataclasses.asdict(self._config(ctx)), "layer": ctx.run_file.run.layer}
+
+    def run(self, ctx):
+        import numpy as np
+
+        from emojax.concepts import load_bank
+        from emojax.models import load_model
+        from emojax.steer import Decoder, Readout
+        from emojax.steer.evaluate import SteeringEval, evaluate_steering
+        from emojax.steer.text import encode_prompts, token_texts, tokenizer_for
+
+        config = self._config(ctx)
+        bank = load_bank(ctx.path("concepts"))
+        lm = load_model(ctx.model)
+        report = json.loads(ctx.path("concepts", "eval.json").read_text())
+        layer = ctx.run_file.run.layer or int(report.get("best_layer") or bank.layers[-1])
+        concepts = [c for c in config.concepts if c in bank.names] or list(bank.names[:4])
+        decoder = Decoder(lm)
+        rows = evaluate_steering(lm, bank, concepts, list(config.prompts),
+                                 SteeringEval(strengths=config.strengths, layer=layer,
+                                              max_new_tokens=config.max_new_tokens), decoder=decoder)
+        out = ctx.path("steer")
+        out.mkdir(parents=True, exist_ok=True)
+        with (out / "evaluation.jsonl").open("w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        curves = {"layer": layer, "read_layer": rows[0]["readout_layer"] if rows else layer, "concepts": {}}
+        for c in concepts:
+            mine = [r for r in rows if r["concept"] == c]
+            curves["concepts"][c] = {"strengths": [r["strength"] for r in mine],
+                                     "readout": [r["readout"] for r in mine],
+                                     "fluency_ppl": [r["perplexity"] for r in mine],
+                                     "logprob_shift": [r["logprob_shift"] for r in mine]}
+        (out / "curves.json").write_text(json.dumps(curves, indent=1) + "\n")
+
+        tokenizer = tokenizer_for(lm)
+        tokens, mask = encode_prompts(tokenizer, [config.monitor_prompt])
+        gen = decoder.generate(tokens, mask, max_new_tokens=config.monitor_new_tokens,
+                               readout=Readout(concepts=bank.at_layer(layer).astype(np.float32), index=layer))
+        valid = np.asarray(gen.valid)[0]
+        ids = np.asarray(gen.tokens)[0][valid]
+        readings = np.asarray(gen.readings)[0][valid]
+        monitor = {"text": tokenizer.decode(ids.tolist()), "tokens": token_texts(tokenizer, ids.tolist()),
+                   "concepts": list(bank.names), "readings": np.round(readings, 5).tolist(), "layer": layer,
+                   "prompt_tokens": int(np.asarray(mask).sum())}
+        (out / "monitor.json").write_text(json.dumps(monitor) + "\n")
+        with (out / "generations.jsonl").open("w") as f:
+            f.write(json.dumps({"prompt": config.monitor_prompt, **monitor}) + "\n")
+        strongest = max(rows, key=lambda r: abs(r["logprob_shift"])) if rows else {}
+        return {"layer": layer, "concepts": concepts, "rows": len(rows),
+                "largest_logprob_shift": strongest.get("logprob_shift")}
+
+    def outputs_exist(self, ctx):
+        return all(ctx.path("steer", f).is_file() for f in ("curves.json", "monitor.json"))
+
+
 class Report(Stage):
     name = "report"
     depends = ("corpus", "dump", "fit", "sae", "steer")
@@ -196,13 +344,16 @@ class Report(Stage):
         return ctx.path("report", "index.html").is_file()
 
 
-STAGES: dict[str, Stage] = {s.name: s for s in (Train(), Corpus(), Dump(), Fit(), Report())}
+STAGES: dict[str, Stage] = {s.name: s for s in (Train(), Corpus(), Dump(), Fit(), SaeStage(), Steer(),
+                                                  Report())}
 
 # Sections typed by a stage config, and the keys `emojax run` sets itself (placeholders for the early check).
 SECTION_CLASSES = {
     "corpus": ("emojax.corpus.config:CorpusConfig", {"out": "-", "tokenizer": "byte"}),
     "dump": ("emojax.store:DumpConfig", {"corpus": "-", "out": "-", "model": "-"}),
     "fit": ("emojax.concepts:FitConfig", {"store": "-", "out": "-", "model": "-"}),
+    "sae": ("emojax.sae:SaeConfig", {"store": "-", "out": "-"}),
+    "steer": ("emojax.run.stages:SteerSettings", {}),
 }
 
 
