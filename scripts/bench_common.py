@@ -107,3 +107,15 @@ def emit(record: dict) -> None:
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def timed_rounds(steps: dict[str, Callable[[], object]], iters: int, rounds: int) -> dict:
+    """Times the sides alternately, `rounds` times, so slow drift of a shared machine hits both alike.
+    Returns per side the per-round timings; the first call of round 0 is each side's warmup."""
+    results = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            with ForeignLoad() as load:
+                timing = time_fn(step, iters, warmup=1)
+            results[name].append({**timing, "foreign_cores": load.cores})
+    return results

@@ -28,7 +28,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import ForeignLoad, emit, env_info, log, offline, time_fn  # noqa: E402
+from bench_common import emit, env_info, log, offline, timed_rounds  # noqa: E402
 
 SHAPE_NAMES = {"tiny": "tiny", "56m": "llama-56m", "1b": "tinyllama-1.1b"}
 
@@ -102,16 +102,6 @@ def transformers_side(path, tokens, vector, layer: int, new_tokens: int, dtype: 
         return out[:, tokens.shape[1]:].cpu().numpy().astype(np.int32)
 
     return step
-
-
-def timed_rounds(steps: dict, iters: int, rounds: int) -> dict:
-    results = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            with ForeignLoad() as load:
-                timing = time_fn(step, iters, warmup=1)
-            results[name].append({**timing, "foreign_cores": load.cores})
-    return results
 
 
 def main(argv=None) -> None:

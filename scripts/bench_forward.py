@@ -29,7 +29,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import ForeignLoad, emit, env_info, log, offline, time_fn  # noqa: E402
+from bench_common import emit, env_info, log, offline, timed_rounds  # noqa: E402
 
 SHAPE_NAMES = {"tiny": "tiny", "56m": "llama-56m", "1b": "tinyllama-1.1b"}
 
@@ -138,18 +138,6 @@ def baseline_step(cfg, tokens, capture, dtype: str, device: str, seed: int):
         return hidden
 
     return step, sum(p.numel() for p in model.parameters())
-
-
-def timed_rounds(steps: dict, iters: int, rounds: int) -> dict:
-    """Times the sides alternately, `rounds` times, so slow drift of a shared machine hits both alike.
-    Returns per side the per-round timings; the first call of round 0 is each side's warmup."""
-    results = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            with ForeignLoad() as load:
-                timing = time_fn(step, iters, warmup=1)
-            results[name].append({**timing, "foreign_cores": load.cores})
-    return results
 
 
 def main(argv=None) -> None:

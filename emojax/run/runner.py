@@ -34,12 +34,11 @@ def run(run_file: RunFile, show_progress: bool = True) -> dict:
         settings = stage.settings(context)
         fp = fingerprint(name, settings, [context.fingerprints.get(d) for d in stage.depends])
         status = records.status(name, fp)
-        if status == "complete":
-            context.results[name] = records.read(name).get("summary", {})
-        if status == "complete" and stage.outputs_exist(context):
-            record = records.read(name)
+        record = records.read(name) if status == "complete" else None
+        if record is not None:
+            context.results[name] = record.get("summary", {})  # outputs_exist may need it (train: the path)
+        if record is not None and stage.outputs_exist(context):
             console.print(f"[bold]{name}[/]: skipped (complete, inputs unchanged)")
-            context.results[name] = record.get("summary", {})
             done[name] = {**record, "skipped": True}
             records.write(name, {**record, "skipped": True})
         else:

@@ -50,10 +50,13 @@ def zarr3_spec(path: str, shape: tuple[int, ...], dtype: str, write_rows: int, r
     }
 
 
-def create(path: str, shape: tuple[int, ...], dtype: str, write_rows: int, read_rows: int) -> ts.TensorStore:
-    """Creates the array (an existing array at `path` is an error: the caller decides about resuming)."""
+def create(path: str, shape: tuple[int, ...], dtype: str, write_rows: int, read_rows: int,
+           replace: bool = False) -> ts.TensorStore:
+    """Creates the array. An existing array at `path` is an error (the caller decides about resuming), unless
+    `replace`, which deletes it first."""
     try:
-        return ts.open(zarr3_spec(path, shape, dtype, write_rows, read_rows), create=True).result()
+        spec = zarr3_spec(path, shape, dtype, write_rows, read_rows)
+        return ts.open(spec, create=True, delete_existing=replace).result()
     except ValueError as e:
         raise StoreError(f"{path}: cannot create array ({e})") from None
 

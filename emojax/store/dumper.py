@@ -28,6 +28,7 @@ from emojax.errors import EmojaxError
 from emojax.models import load_model, make_mesh
 from emojax.models.sharding import batch_multiple
 from emojax.store import corpus_shards
+from emojax.store.arrays import StoreError, read_rows
 from emojax.store.batches import batch_arrays, plan_batches, rows_per_bucket
 from emojax.store.config import DumpConfig, default_buckets, default_layers
 from emojax.store.layout import ShardRange, StoreLayout, plan_layout
@@ -190,8 +191,6 @@ def _open_or_create(folder: KeyValueFolder, config: DumpConfig, fingerprints: di
 
 def _readable(where: ShardRange, arrays: dict, specs, log) -> bool:
     """Reads every row of a complete shard back (checksums verified); False if any is damaged."""
-    from emojax.store.arrays import StoreError, read_rows
-
     for spec in specs:
         start = where.token_start if spec.per == "token" else where.doc_start
         count = where.n_tokens if spec.per == "token" else where.n_docs

@@ -57,14 +57,8 @@ def array_path(root: str, name: str) -> str:
 
 def create_arrays(root: str, specs: list[ArraySpec]) -> dict[str, ts.TensorStore]:
     """Creates every array, replacing any left by a run that died before it recorded its store.json."""
-    out = {}
-    for s in specs:
-        spec = arrays.zarr3_spec(array_path(root, s.name), s.shape, s.dtype, s.write_rows, s.read_rows)
-        try:
-            out[s.name] = ts.open(spec, create=True, delete_existing=True).result()
-        except ValueError as e:
-            raise StoreError(f"{array_path(root, s.name)}: cannot create array ({e})") from None
-    return out
+    return {s.name: arrays.create(array_path(root, s.name), s.shape, s.dtype, s.write_rows, s.read_rows,
+                                  replace=True) for s in specs}
 
 
 def open_arrays(root: str, specs: list[ArraySpec]) -> dict[str, ts.TensorStore]:
