@@ -96,6 +96,29 @@ def test_sweep_axis_trains_independent_saes(data, trained):
     assert l0 == [4, 32]
 
 
+@pytest.mark.parametrize("variant", ["topk", "batchtopk"])
+def test_auxk_runs_only_while_a_latent_is_dead_and_trains_the_dead(data, variant):
+    """The step's AuxK branch: zero loss while nothing is dead; once latents are dead, their encoder columns
+    move differently from a run without AuxK (aux_coeff 0), i.e. the auxiliary loss reaches them."""
+    x = data[0]
+
+    def two_steps(aux_coeff):
+        config = SaeConfig(variant=variant, n_latents=64, k=4, batch_size=128, steps=100, lr=1e-3,
+                           lr_warmup_steps=0, dead_after_tokens=10 ** 5, aux_k=8, aux_coeff=aux_coeff, mesh=(1, 1))
+        trainer = SaeTrainer(config, D, sae_mesh(config.mesh))
+        scale, b_dec = input_statistics(x[:1024])
+        state, first = trainer.run_step(trainer.init(b_dec), x[:128], scale)
+        state["stats"]["since_fired"] = state["stats"]["since_fired"].at[0, :8].set(10 ** 6)  # 8 dead latents
+        state, second = trainer.run_step(state, x[128:256], scale)
+        return float(first["aux_loss"][0]), float(second["aux_loss"][0]), np.asarray(state["params"]["W_enc"][0])
+
+    first, second, with_aux = two_steps(1 / 32)
+    assert first == 0.0 and second > 0.0
+    _, _, without = two_steps(0.0)
+    assert np.abs(with_aux[:, :8] - without[:, :8]).max() > 1e-6  # the dead latents' columns
+    np.testing.assert_allclose(with_aux[:, 8:], without[:, 8:], atol=1e-6)  # AuxK reaches only dead latents
+
+
 # ---- sharding
 
 

@@ -4,8 +4,8 @@
     sae = result.sae(0)                       # inference on raw activations: sae.reconstruct(x_BD)
 
 The step is pure: dead-latent statistics (tokens since each latent fired) and every metric are outputs, read
-on the host one step late so the device never waits. A batch holding NaN/inf leaves the state unchanged (a
-mask, not a branch); the host sees the flag a step later and stops with the store rows of the bad tokens.
+on the host one step late so the device never waits. A batch holding NaN/inf leaves the state unchanged (an
+on-device branch); the host sees the flag a step later and stops with the store rows of the bad tokens.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,7 @@ from emojax.sae.config import SaeConfig
 from emojax.sae.data import BatchSource, StoreSource, sample_rows
 from emojax.sae.model import Sae
 from emojax.sae.sharding import BATCH_SPEC, sae_mesh, state_shardings
-from emojax.sae.variants import Variant, decode, make_variant
+from emojax.sae.variants import Variant, make_variant
 
 # Settings that change the math: a checkpoint written with other values is not resumed.
 FINGERPRINT_KEYS = ("variant", "n_latents", "k", "sparsity_coeff", "aux_k", "aux_coeff", "dead_after_tokens",
@@ -114,12 +115,12 @@ class SaeTrainer:
 
     # ---- step
 
-    def _update_one(self, params, opt, stats, hyper, x_BD, coeff_scale, any_dead):
+    def _update_one(self, params, opt, stats, hyper, x_BD, coeff_scale, with_aux):
         c = self.config
         dead_F = stats["since_fired"] >= c.dead_after_tokens
 
         def loss_fn(p):
-            enc = self.variant.encode_train(p, stats, x_BD, hyper, dead_F, any_dead)
+            enc = self.variant.encode_train(p, stats, x_BD, hyper, dead_F, with_aux)
             recon = enc.decode(p)
             mse = jnp.mean(jnp.sum((recon - x_BD) ** 2, axis=-1))
             loss = mse + coeff_scale * hyper["coeff"] * enc.penalty + enc.aux_loss
@@ -132,12 +133,12 @@ class SaeTrainer:
         updates, opt = self.optimizer.update(grads, opt, params)
         params = optax.apply_updates(params, updates)
         params["W_dec"] = params["W_dec"] / jnp.linalg.norm(params["W_dec"], axis=-1, keepdims=True)
-        fired_F = enc.fired(c.n_latents)
-        since = jnp.where(fired_F, 0, jnp.minimum(stats["since_fired"] + x_BD.shape[0], 2 ** 30))
+        counts_F = enc.fire_counts()
+        since = jnp.where(counts_F > 0, 0, jnp.minimum(stats["since_fired"] + x_BD.shape[0], 2 ** 30))
         stats = {**stats, **enc.stats, "since_fired": since}
         variance = jnp.sum((x_BD - x_BD.mean(0)) ** 2)
         metrics = {"loss": loss, "mse": mse, "fvu": jnp.sum((recon - x_BD) ** 2) / variance,
-                   "l0": enc.l0(), "aux_loss": enc.aux_loss,
+                   "l0": jnp.sum(counts_F) / x_BD.shape[0], "aux_loss": enc.aux_loss,
                    "dead_frac": jnp.mean(since >= c.dead_after_tokens)}
         return params, opt, stats, metrics
 
@@ -147,12 +148,22 @@ class SaeTrainer:
         x = jax.lax.with_sharding_constraint(x, self.batch_sharding)
         warm = self.config.sparsity_warmup_steps
         coeff_scale = jnp.minimum((state["step"] + 1) / warm, 1.0) if warm else jnp.ones(())
+        per_sae = (state["params"], state["opt"], state["stats"], hyper)
+
+        def update(with_aux: bool):
+            params, opt, stats, metrics = jax.vmap(partial(self._update_one, with_aux=with_aux),
+                                                   in_axes=(0, 0, 0, 0, None, None))(*per_sae, x, coeff_scale)
+            return {"params": params, "opt": opt, "stats": stats, "step": state["step"] + 1}, metrics
+
+        def keep():  # a corrupted batch leaves the state as it was (the host stops one step later)
+            metrics = jax.eval_shape(lambda: update(False)[1])
+            return state, jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metrics)
+
+        # One of three compiled branches runs: keep, update, or update with AuxK (only while a latent of the
+        # sweep is dead). Branches, not masks, so the common case pays for neither.
         any_dead = jnp.any(state["stats"]["since_fired"] >= self.config.dead_after_tokens)
-        params, opt, stats, metrics = jax.vmap(self._update_one, in_axes=(0, 0, 0, 0, None, None, None))(
-            state["params"], state["opt"], state["stats"], hyper, x, coeff_scale, any_dead)
-        new = {"params": params, "opt": opt, "stats": stats, "step": state["step"] + 1}
-        # A corrupted batch leaves the state as it was (the host stops one step later).
-        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+        branch = jnp.where(finite, 1 + any_dead.astype(jnp.int32), 0)
+        new, metrics = jax.lax.switch(branch, [keep, partial(update, False), partial(update, True)])
         return new, {**metrics, "finite": finite}
 
     def run_step(self, state, acts_BD: np.ndarray, input_scale: float):

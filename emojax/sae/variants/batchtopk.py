@@ -30,7 +30,7 @@ class BatchTopK(Variant):
         pre = pre_acts(params, x_BD)
         return jnp.where(pre > stats["threshold"], jax.nn.relu(pre), 0.0)
 
-    def encode_train(self, params, stats, x_BD, hyper, dead_F, any_dead):
+    def encode_train(self, params, stats, x_BD, hyper, dead_F, with_aux):
         pre = pre_acts(params, x_BD)
         B = pre.shape[0]
         relu = jax.nn.relu(pre)
@@ -44,6 +44,6 @@ class BatchTopK(Variant):
         first = stats["threshold_steps"] == 0
         threshold = jnp.where(first, smallest,
                               self.threshold_decay * stats["threshold"] + (1 - self.threshold_decay) * smallest)
-        aux = aux_k_loss(params, x_BD, decode(params, acts), dead_F, any_dead, self.aux_k, self.groups)
+        aux = aux_k_loss(params, pre, x_BD, decode(params, acts), dead_F, with_aux, self.aux_k, self.groups)
         new = {"threshold": threshold, "threshold_steps": stats["threshold_steps"] + 1}
         return Encoded(acts, jnp.zeros(()), self.aux_coeff * aux, new)

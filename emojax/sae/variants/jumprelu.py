@@ -71,7 +71,7 @@ class JumpRelu(Variant):
         pre = jax.nn.relu(pre_acts(params, x_BD))
         return jnp.where(pre > jnp.exp(params["log_threshold"]), pre, 0.0)
 
-    def encode_train(self, params, stats, x_BD, hyper, dead_F, any_dead):
+    def encode_train(self, params, stats, x_BD, hyper, dead_F, with_aux):
         pre = jax.nn.relu(pre_acts(params, x_BD))
         theta = jnp.exp(params["log_threshold"])
         eps = jnp.asarray(self.bandwidth, pre.dtype)

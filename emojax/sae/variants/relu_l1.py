@@ -17,7 +17,7 @@ class ReluL1(Variant):
     def encode(self, params, stats, x_BD, hyper):
         return jax.nn.relu(pre_acts(params, x_BD))
 
-    def encode_train(self, params, stats, x_BD, hyper, dead_F, any_dead):
+    def encode_train(self, params, stats, x_BD, hyper, dead_F, with_aux):
         acts = self.encode(params, stats, x_BD, hyper)
         norms_F = jnp.linalg.norm(params["W_dec"], axis=-1)
         penalty = jnp.mean(jnp.sum(acts * norms_F, axis=-1))

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import jax
 import jax.numpy as jnp
 
-from emojax.sae.variants.base import Encoded, Variant, aux_k_loss, decode, pre_acts, scatter, top_k
+from emojax.sae.variants.base import Encoded, Variant, aux_k_loss, decode, keep_top_k, pre_acts
 
 
 @dataclass(frozen=True)
@@ -18,17 +17,13 @@ class TopK(Variant):
     groups: int = 1  # latent shards ("tensor" size): local top-k then merge
     name: str = "topk"
 
-    def _select(self, pre_BF, k):
-        vals, idx = top_k(pre_BF, self.k_max, self.groups)
-        vals = jnp.where(jnp.arange(self.k_max) < k, jax.nn.relu(vals), 0.0)
-        return scatter(vals, idx, pre_BF.shape[1])
-
     def encode(self, params, stats, x_BD, hyper):
-        return self._select(pre_acts(params, x_BD), hyper["k"])
+        return keep_top_k(pre_acts(params, x_BD), hyper["k"], self.k_max, self.groups)
 
-    def encode_train(self, params, stats, x_BD, hyper, dead_F, any_dead):
+    def encode_train(self, params, stats, x_BD, hyper, dead_F, with_aux):
         # Dense code and decode: on CPU, XLA's gathers of K encoder/decoder rows per token cost more than the
         # [B, F] matmuls they replace (measured: 0.2 s vs 0.06 s at B=1024, D=512, F=4096, K=32).
-        acts = self._select(pre_acts(params, x_BD), hyper["k"])
-        aux = aux_k_loss(params, x_BD, decode(params, acts), dead_F, any_dead, self.aux_k, self.groups)
+        pre = pre_acts(params, x_BD)
+        acts = keep_top_k(pre, hyper["k"], self.k_max, self.groups)
+        aux = aux_k_loss(params, pre, x_BD, decode(params, acts), dead_F, with_aux, self.aux_k, self.groups)
         return Encoded(acts, jnp.zeros(()), self.aux_coeff * aux, {})
