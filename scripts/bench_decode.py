@@ -15,7 +15,7 @@ emojax is warmed up (compiled) first; its first call is reported as `emojax_comp
 timed alternately for --rounds rounds (one untimed call each per round, then --iters timed calls) so drift of
 a shared machine hits both alike; every round's ratio is in the JSON line. `*_foreign_cores` records how many
 cores other processes kept busy during each side's timing (CPU figures mean little when it is not near 0).
-emojax decodes with its default configuration (scanned layers) unless --unroll-layers. Nothing is downloaded.
+emojax decodes with its default configuration (unrolled layers) unless --scan-layers. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="default float32 (bfloat16 for 1b on gpu)")
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--unroll-layers", action="store_true",
-                   help="decode with unrolled layers (DecodeConfig(unroll_layers=True)) instead of the default scan")
+    p.add_argument("--scan-layers", action="store_true",
+                   help="decode with a scan over the layers (DecodeConfig(unroll_layers=False)) instead of unrolled")
     args = p.parse_args(argv)
     if args.dtype is None:
         args.dtype = "bfloat16" if args.device == "gpu" and args.model_shape == "1b" else "float32"
@@ -135,7 +135,7 @@ def main(argv=None) -> None:
             log(f"bench_decode: {shape} ({args.dtype}, {args.device}) batch {B}, prompt {args.prompt_len}, "
                 f"{args.new_tokens} new tokens, vector of norm {args.strength} at residual index {layer}")
             emo_step, compile_s, emo_tokens, decoder = emojax_side(lm, tokens, vector, layer, args.new_tokens,
-                                                                   unroll=args.unroll_layers)
+                                                                   unroll=not args.scan_layers)
             base_step = transformers_side(tmp, tokens, vector, layer, args.new_tokens, args.dtype, args.device)
             base_tokens = base_step()
             agreement = float(np.mean(emo_tokens == base_tokens))
@@ -151,7 +151,7 @@ def main(argv=None) -> None:
                 "rounds": args.rounds, "round_ratios": ratios, "median_round_ratio": statistics.median(ratios),
                 "emojax_compile_s": compile_s, "emojax_median_s": emo_s, "baseline_median_s": base_s,
                 "emojax_traces": decoder.trace_count, "token_agreement": agreement,
-                "unroll_layers": args.unroll_layers,
+                "unroll_layers": not args.scan_layers,
                 "emojax_foreign_cores": max(r["foreign_cores"] or 0 for r in rounds["emojax"]),
                 "baseline_foreign_cores": max(r["foreign_cores"] or 0 for r in rounds["transformers"]),
                 "threads": torch.get_num_threads(),

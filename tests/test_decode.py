@@ -96,8 +96,8 @@ def test_greedy_equals_transformers_and_cached_logits_equal_recompute(checkpoint
 
 def test_unrolled_layers_equal_scanned_layers(lm, dec):
     tokens, mask = _prompts(CONFIG.vocab_size, seed=1)
-    scanned = dec.generate(tokens, mask, max_new_tokens=MAX_NEW, return_logits=True)
-    unrolled = Decoder(lm, DecodeConfig(prompt_buckets=(8,), new_token_buckets=(8,), unroll_layers=True)).generate(
+    unrolled = dec.generate(tokens, mask, max_new_tokens=MAX_NEW, return_logits=True)
+    scanned = Decoder(lm, DecodeConfig(prompt_buckets=(8,), new_token_buckets=(8,), unroll_layers=False)).generate(
         tokens, mask, max_new_tokens=MAX_NEW, return_logits=True)
     np.testing.assert_array_equal(np.asarray(unrolled.tokens), np.asarray(scanned.tokens))
     _assert_step_logits(unrolled, _step_logits_from_forward(lm, unrolled), atol=1e-4)

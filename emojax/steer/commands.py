@@ -130,7 +130,7 @@ def _load_model(spec: str, dtype: str) -> LanguageModel:
 
 
 def _decode_config(args) -> DecodeConfig:
-    return DecodeConfig(unroll_layers=args.unroll_layers)
+    return DecodeConfig(unroll_layers=not args.scan_layers)
 
 
 def _write_jsonl(path: str | None, records: list[dict]) -> None:
@@ -232,8 +232,8 @@ def register(subparsers) -> None:
         p.add_argument("--bank", required=True, help="concept bank folder (written by `emojax fit`)")
         p.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable: one batch)")
         p.add_argument("--max-new-tokens", type=int, default=48)
-        p.add_argument("--unroll-layers", action="store_true",
-                       help="decode with unrolled layers instead of a scan (longer compile)")
+        p.add_argument("--scan-layers", action="store_true",
+                       help="decode with a scan over the layers instead of unrolled layers (shorter compile)")
 
     p = subparsers.add_parser("steer", help="generate with concept vectors added to the residual stream")
     common(p)
