@@ -191,6 +191,7 @@ def main(argv=None) -> None:
     info = env_info()
     record = {
         "bench": "forward_capture", "shape": shape, "device": args.device, "dtype": args.dtype,
+        "attention": os.environ.get("EMOJAX_ATTENTION", "xla"),
         "batch": B, "seq": T, "capture": list(capture), "iters": args.iters,
         "emojax_tok_s": emo_tok_s, "baseline_tok_s": base_tok_s, "ratio": emo_tok_s / base_tok_s,
         "rounds": args.rounds, "round_ratios": ratios, "median_round_ratio": statistics.median(ratios),

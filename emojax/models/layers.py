@@ -8,6 +8,7 @@ attention scores and softmax are float32.
 from __future__ import annotations
 
 import math
+import os
 from functools import partial
 
 import jax
@@ -108,6 +109,52 @@ _ACTIVATIONS = {
 }
 
 
+ATTENTION_ENV = "EMOJAX_ATTENTION"
+ATTENTION_CHOICES = ("xla", "cudnn", "auto")
+
+
+def attention_implementation(dtype, head_dim: int, softcap: float | None) -> str:
+    """The attention kernel of the full forward pass: "blocked" (emojax's causal query-block attention, XLA) or
+    "cudnn" (jax.nn.dot_product_attention's fused cuDNN kernel), chosen by $EMOJAX_ATTENTION at trace time:
+
+        xla    (default) the blocked path everywhere
+        cudnn  cuDNN; an error where it cannot run (not a GPU, not bf16/fp16, head_dim not a multiple of 8
+               or above 128, or tanh soft-capping)
+        auto   cuDNN where it can run, else the blocked path
+
+    The default stays "xla" until a GPU benchmark (scripts/gpu_check.sh runs the forward both ways) shows
+    cuDNN faster on the anchor shape.
+    """
+    choice = os.environ.get(ATTENTION_ENV, "xla").lower()
+    if choice not in ATTENTION_CHOICES:
+        raise ValueError(f"${ATTENTION_ENV}={choice!r}: expected one of {', '.join(ATTENTION_CHOICES)}")
+    if choice == "xla":
+        return "blocked"
+    reasons = []
+    if jax.default_backend() != "gpu":
+        reasons.append(f"the backend is {jax.default_backend()}, not gpu")
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        reasons.append(f"activations are {jnp.dtype(dtype).name}, not bfloat16/float16")
+    if head_dim % 8 or head_dim > 128:
+        reasons.append(f"head_dim {head_dim} is not a multiple of 8 up to 128")
+    if softcap is not None:
+        reasons.append("the model soft-caps attention scores")
+    if not reasons:
+        return "cudnn"
+    if choice == "cudnn":
+        raise ValueError(f"${ATTENTION_ENV}=cudnn cannot run here: {'; '.join(reasons)}")
+    return "blocked"
+
+
+def fused_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale: float, implementation: str) -> jax.Array:
+    """jax.nn.dot_product_attention (grouped heads, boolean mask) -> [B, T, N, H]. Queries that see no key
+    (left padding) get zeros rather than whatever the kernel leaves there, so nothing non-finite can reach
+    later layers through the padded positions."""
+    out = jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None], scale=scale,
+                                       implementation=implementation)
+    return jnp.where(jnp.any(mask_BTS, axis=-1)[:, :, None, None], out, jnp.zeros((), out.dtype))
+
+
 class Attention(nnx.Module):
     """Grouped-query attention (MHA when n_kv_heads == n_heads, MQA when 1).
 
@@ -166,6 +213,10 @@ class Attention(nnx.Module):
 
         B, T, N, H = q.shape
         K = self.n_kv_heads
+        if attention_implementation(q.dtype, H, self.softcap) == "cudnn":
+            out = fused_attention(q, k, v, mask_BTS, self.scale, "cudnn")
+            out = constrain(out, ("batch", "seq", "act_heads", "head_dim"), mesh)
+            return self._output(out)
         # Heads-major layout before the score and value matmuls: both become plain batched matmuls over
         # (B, K) with contiguous operands (about 1.8x faster on CPU than contracting in the [B, T, ...] layout).
         q_BKGTH = q.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)  # query head n uses kv head n // G
@@ -181,11 +232,13 @@ class Attention(nnx.Module):
                                      mask_BTS[:, start:end, :end]))
         out = jnp.concatenate(outs, axis=3).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
         out = constrain(out, ("batch", "seq", "act_heads", "head_dim"), mesh)
-        y = jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...])
+        return self._output(out)
+
+    def _output(self, out_BTNH: jax.Array) -> jax.Array:
+        y = jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o_proj[...])
         if self.has_o_bias:
             y = y + self.o_bias[...]
         return y
-
 
     def _attend(self, q_BKGTH, k_BKSH, v_BKSH, mask_BTS):
         scores = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k_BKSH, preferred_element_type=jnp.float32)
