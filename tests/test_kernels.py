@@ -1,0 +1,122 @@
+"""Pallas kernels against their pure-JAX references, in interpret mode on CPU: values and gradients.
+
+Shapes are small and mostly odd so tiling bugs show: B, F and D that divide no block size, D that forces the
+padded path, block sizes small enough that every grid has several tiles, and indices repeated both across
+tokens and within one token (both make the d W scatter-add collide). A last test lowers the kernels for CUDA
+(Triton) without a GPU, which catches what the Triton lowering refuses (non-power-of-two tiles, ops).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from emojax.kernels import reference_sparse_decode, sparse_decode
+
+SMALL_BLOCKS = dict(block_b=8, block_d=16, block_f=16, chunk=16)  # several tiles even at test sizes
+
+
+def _inputs(B, K, F, D, seed=0, idx_BK=None):
+    rng = np.random.default_rng(seed)
+    vals_BK = jnp.asarray(rng.normal(size=(B, K)), jnp.float32)
+    if idx_BK is None:
+        idx_BK = rng.integers(0, F, size=(B, K))
+    W_FD = jnp.asarray(rng.normal(size=(F, D)) / np.sqrt(D), jnp.float32)
+    probe_BD = jnp.asarray(rng.normal(size=(B, D)), jnp.float32)  # turns out_BD into a scalar loss
+    return vals_BK, jnp.asarray(idx_BK, jnp.int32), W_FD, probe_BD
+
+
+def _value_and_grads(decode, vals_BK, idx_BK, W_FD, probe_BD):
+    def loss(vals_BK, W_FD):
+        out_BD = decode(vals_BK, idx_BK, W_FD)
+        return jnp.sum(out_BD * probe_BD), out_BD
+    (_, out_BD), (d_vals_BK, d_W_FD) = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(vals_BK, W_FD)
+    return {"out": out_BD, "d_vals": d_vals_BK, "d_W": d_W_FD}
+
+
+def _assert_matches_reference(inputs, **blocks):
+    got = _value_and_grads(lambda v, i, w: sparse_decode(v, i, w, **blocks), *inputs)
+    want = _value_and_grads(reference_sparse_decode, *inputs)
+    for name in want:
+        scale = float(jnp.abs(want[name]).max())
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5 * scale, err_msg=name)
+
+
+@pytest.mark.parametrize("B, K, F, D", [
+    (16, 4, 64, 32),    # everything divides the blocks
+    (37, 5, 101, 40),   # nothing divides; D has no power-of-two divisor >= 16, so W and g are padded
+    (61, 8, 256, 96),   # D tile 32 divides 96: no padding of W
+    (3, 1, 17, 16),     # K = 1, fewer tokens than a block
+])
+def test_matches_reference(B, K, F, D):
+    _assert_matches_reference(_inputs(B, K, F, D), **SMALL_BLOCKS)
+
+
+def test_matches_reference_default_blocks():
+    _assert_matches_reference(_inputs(64, 8, 200, 128, seed=1))
+
+
+def test_repeated_indices():
+    B, K, F, D = 48, 6, 80, 48
+    rng = np.random.default_rng(2)
+    idx_BK = rng.integers(0, F, size=(B, K))
+    idx_BK[:, 0] = 7                 # one latent chosen by every token: 48 pairs on one row, several chunks
+    idx_BK[:, 1] = idx_BK[:, 2]      # the same row twice within each token
+    idx_BK[::3, 3:] = 79             # the last row (last, partly padded F tile) chosen often
+    _assert_matches_reference(_inputs(B, K, F, D, seed=2, idx_BK=idx_BK), **SMALL_BLOCKS)
+
+
+def test_jit_matches_eager():
+    vals_BK, idx_BK, W_FD, _ = _inputs(20, 4, 50, 32, seed=3)
+    eager = sparse_decode(vals_BK, idx_BK, W_FD, **SMALL_BLOCKS)
+    jitted = jax.jit(lambda v, i, w: sparse_decode(v, i, w, **SMALL_BLOCKS))(vals_BK, idx_BK, W_FD)
+    np.testing.assert_array_equal(eager, jitted)
+    np.testing.assert_allclose(eager, reference_sparse_decode(vals_BK, idx_BK, W_FD), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("vals, idx, W, match", [
+    ((8, 4), (8, 3), (16, 32), "idx_BK \\(8, 3\\)"),
+    ((8, 4), (8, 4), (2, 16, 32), "W_FD \\(2, 16, 32\\)"),
+    ((0, 4), (0, 4), (16, 32), "non-empty"),
+])
+def test_refuses_bad_shapes(vals, idx, W, match):
+    with pytest.raises(ValueError, match=match):
+        sparse_decode(jnp.zeros(vals, jnp.float32), jnp.zeros(idx, jnp.int32), jnp.zeros(W, jnp.float32))
+
+
+@pytest.mark.parametrize("vals_dtype, idx_dtype, W_dtype", [
+    (jnp.bfloat16, jnp.int32, jnp.float32),
+    (jnp.float32, jnp.int16, jnp.float32),
+    (jnp.float32, jnp.int32, jnp.float16),
+    (jnp.float32, jnp.float32, jnp.float32),
+])
+def test_refuses_bad_dtypes(vals_dtype, idx_dtype, W_dtype):
+    with pytest.raises(ValueError, match="float32 vals_BK and W_FD and int32 idx_BK"):
+        sparse_decode(jnp.zeros((8, 4), vals_dtype), jnp.zeros((8, 4), idx_dtype), jnp.zeros((16, 32), W_dtype))
+
+
+def test_refuses_bad_block_sizes():
+    args = (jnp.zeros((8, 4), jnp.float32), jnp.zeros((8, 4), jnp.int32), jnp.zeros((16, 32), jnp.float32))
+    with pytest.raises(ValueError, match="block_d must be a power of two >= 16, got 24"):
+        sparse_decode(*args, block_d=24)
+    with pytest.raises(ValueError, match="chunk must be a power of two >= 16, got 8"):
+        sparse_decode(*args, chunk=8)
+
+
+def _lowers_for_cuda_here() -> bool:
+    """jaxlib <= 0.10.2 lowers Pallas to Triton IR without a GPU; later ones also compile it, which needs CUDA."""
+    import jaxlib
+    version = tuple(int(p) for p in jaxlib.__version__.split(".")[:3] if p.isdigit())
+    return version <= (0, 10, 2) or jax.default_backend() == "gpu"
+
+
+@pytest.mark.skipif(not _lowers_for_cuda_here(), reason="this jaxlib compiles Triton at lowering; needs a GPU")
+@pytest.mark.parametrize("B, K, F, D", [(4096, 32, 32768, 2048), (1000, 20, 5000, 768), (37, 5, 101, 40)])
+def test_lowers_to_triton(B, K, F, D):
+    """Forward and backward lower for CUDA with interpret=False: three Triton kernels, nothing else refused."""
+    def loss(vals_BK, idx_BK, W_FD, probe_BD):
+        return jnp.sum(sparse_decode(vals_BK, idx_BK, W_FD, interpret=False) * probe_BD)
+    shapes = [jax.ShapeDtypeStruct(s, t) for s, t in
+              (((B, K), jnp.float32), ((B, K), jnp.int32), ((F, D), jnp.float32), ((B, D), jnp.float32))]
+    lowered = jax.jit(jax.grad(loss, (0, 2))).trace(*shapes).lower(lowering_platforms=("cuda",))
+    assert lowered.as_text().count("__gpu$xla.gpu.triton") == 3
