@@ -24,8 +24,7 @@ demo: $(STAMP)
 	$(VENV)/bin/emojax run --config configs/demo.yaml
 
 bench: $(STAMP)
-	$(PY) scripts/bench_forward.py
-	$(PY) scripts/bench_dump.py
+	$(PY) scripts/bench.py --device cpu
 
 clean-venv:
 	rm -rf $(VENV)

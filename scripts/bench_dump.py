@@ -1,7 +1,7 @@
 """Activation dump: `emojax dump` (forward + capture + TensorStore writes) vs a transformers activation cache.
 
     python scripts/bench_dump.py [--model-shape tiny|56m|1b] [--device cpu|gpu] [--docs N] [--layer I]
-                                 [--dtype float32|bfloat16] [--full-depth]
+                                 [--dtype float32|bfloat16] [--buckets T ...] [--full-depth]
 
 Both sides read the same corpus (built-in generator stories, byte tokens, truncated to --max-tokens), run the
 same random-init model (emojax writes it with lm.save, transformers loads that folder: the same weights) over
@@ -49,6 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="model dtype (default float32 on cpu, bfloat16 on gpu)")
     p.add_argument("--tokens-per-batch", type=int, default=None, help="default 4096 cpu, 16384 gpu")
+    p.add_argument("--buckets", type=int, nargs="+", default=None,
+                   help="padded lengths, each compiled once (default: the dump's default buckets up to "
+                        "--max-tokens; the generated documents are mostly --max-tokens long)")
     p.add_argument("--full-depth", action="store_true", help="also time emojax capturing the last layer")
     p.add_argument("--workdir", default=None, help="where the corpus and stores go (default: a temp folder)")
     args = p.parse_args(argv)
@@ -56,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.docs = args.docs or (4000 if gpu else 120)
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
     args.tokens_per_batch = args.tokens_per_batch or (16384 if gpu else 4096)
+    if args.buckets and max(args.buckets) < args.max_tokens:
+        p.error(f"--buckets: the largest, {max(args.buckets)}, must be at least --max-tokens ({args.max_tokens})")
     return args
 
 
@@ -122,7 +127,7 @@ def main(argv=None) -> None:
     work.mkdir(parents=True)
     docs, tokenizer_sha, label_ids = corpus_docs(args.docs, args.max_tokens)
     write_corpus(work / "corpus", docs, args.max_tokens, tokenizer_sha, label_ids)
-    buckets = default_buckets(args.max_tokens)
+    buckets = tuple(sorted(args.buckets)) if args.buckets else default_buckets(args.max_tokens)
     warm_docs = [(f"warm/{T}", 0, "train", [1] * T) for T in buckets]  # one document per bucket: every shape
     write_corpus(work / "warm", warm_docs, args.max_tokens, tokenizer_sha, label_ids, n_shards=1)
 

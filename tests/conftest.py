@@ -1,6 +1,9 @@
 """Test setup, before JAX picks its backend: 8 simulated CPU devices for the sharding tests, and a low XLA
 backend optimisation level, since the suite's tiny models are dominated by compile time (about 5x faster
-compiles; the parity tolerances hold either way)."""
+compiles; the parity tolerances hold either way).
+
+The suite runs on CPU. EMOJAX_TEST_PLATFORMS (JAX's platform list, e.g. "cuda,cpu") makes the default backend an
+accelerator instead: scripts/gpu_check.sh runs its selection of device-sensitive tests that way, on one GPU."""
 
 import os
 import sys
@@ -12,4 +15,4 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests import their shared help
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
-jax.config.update("jax_platforms", "cpu")
+jax.config.update("jax_platforms", os.environ.get("EMOJAX_TEST_PLATFORMS") or "cpu")

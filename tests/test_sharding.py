@@ -66,6 +66,18 @@ def test_batch_not_divisible_by_mesh_is_padded_and_trimmed(checkpoint, inputs, r
     np.testing.assert_allclose(np.asarray(out.logits), reference.logits[:5], atol=1e-5, rtol=0)
 
 
+def test_one_device_of_the_default_backend_matches_a_cpu_mesh(checkpoint, inputs):
+    """The sharded path on a 1-device mesh of the default backend gives an 8-device CPU mesh's results. In the
+    suite both are CPU; scripts/gpu_check.sh runs it with one GPU as the default backend, where the meshes
+    above cannot be built (float32 on both sides: the suite's parity tolerance)."""
+    cpu = emojax.load_model(checkpoint, mesh=make_mesh((1, 2, 4), jax.devices("cpu")))(*inputs, capture=(0, 1, 3))
+    one = emojax.load_model(checkpoint, mesh=make_mesh((1, 1, 1), jax.devices()[:1]))(*inputs, capture=(0, 1, 3))
+    assert one.logits.devices() == {jax.devices()[0]}
+    np.testing.assert_allclose(np.asarray(one.logits), np.asarray(cpu.logits), atol=1e-4, rtol=0)
+    for got, want in zip(one.hidden, cpu.hidden):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=0)
+
+
 def test_indivisible_dimensions_are_replicated():
     mesh = make_mesh((1, 2, 4))
     assert logical_to_spec(("vocab", "embed"), (101, 72), mesh) == jax.sharding.PartitionSpec(None, "fsdp")
