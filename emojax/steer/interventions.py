@@ -74,8 +74,10 @@ class SaeClamp:
         pre = jax.nn.relu(pre + self.b_enc.astype(jnp.float32))
         if self.spec.activation == "relu":
             return pre
-        kth = jax.lax.top_k(pre, self.spec.k)[0][..., -1:]
-        return jnp.where(pre >= kth, pre, 0.0)
+        from emojax.sae.variants.base import keep_top_k  # the SAE trainer's selection (no import at start-up)
+
+        k = self.spec.k
+        return keep_top_k(pre.reshape(-1, pre.shape[-1]), jnp.int32(k), k).reshape(pre.shape)
 
     def decode(self, f_BTF: jax.Array) -> jax.Array:
         return jnp.einsum("BTF,FD->BTD", f_BTF, self.W_dec.astype(jnp.float32)) + self.b_dec.astype(jnp.float32)

@@ -81,8 +81,10 @@ def keep_top_k(pre_BF: jax.Array, k: jax.Array, k_max: int, groups: int = 1) -> 
 
     The selection is a threshold (the k-th largest value) compared elementwise, not a scatter of the top-k values
     into zeros: one fused pass, and its gradient is the same mask. Ties at the threshold keep every tied latent.
+    The barrier keeps XLA from rewriting a top-k whose indices go unused into a full sort: with a constant k
+    that rewrite made this 30x slower on CPU (367 vs 14 ms for 512 x 4096).
     """
-    vals, _ = top_k(jax.lax.stop_gradient(pre_BF), k_max, groups)
+    vals = jax.lax.optimization_barrier(top_k(jax.lax.stop_gradient(pre_BF), k_max, groups)[0])
     kth = jnp.take(vals, jnp.clip(k - 1, 0, k_max - 1), axis=1)[:, None]
     return jnp.where((pre_BF >= kth) & (pre_BF > 0), pre_BF, 0.0)
 
