@@ -50,7 +50,7 @@ FORWARD_ARGS = {"tiny": ["--batch", "2", "--seq", "32", "--iters", "3", "--round
 # the default buckets give too, without compiling nine unused ones.
 DUMP_ARGS = {"tiny": ["--docs", "16", "--max-tokens", "32", "--buckets", "32"],
              "50m": {"cpu": ["--docs", "60", "--buckets", "512"], "gpu": ["--docs", "1000", "--buckets", "512"]},
-             "1b": {"gpu": ["--docs", "2000", "--buckets", "512"],
+             "1b": {"gpu": ["--docs", "500", "--buckets", "512"],
                     "cpu": ["--docs", "8", "--max-tokens", "32", "--buckets", "32"]}}
 SAE_ARGS = {"tiny": ["--steps", "5", "--rounds", "2"],
             "50m": {"cpu": ["--steps", "8", "--rounds", "3"], "gpu": ["--steps", "20", "--rounds", "3"]},
@@ -170,6 +170,8 @@ def figure_of(bench: str, record: dict) -> dict:
                 "shape": f"{record['shape']}, batch {record['batch']}, prompt {record['prompt_len']}, "
                          f"{record['new_tokens']} new tokens",
                 "emojax_compile_s": record["emojax_compile_s"], "token_agreement": record["token_agreement"],
+                "near_tie_divergences": record.get("near_tie_divergences"),
+                "diverged_rows": record.get("diverged_rows"),
                 "emojax_foreign_cores": record["emojax_foreign_cores"],
                 "baseline_foreign_cores": record["baseline_foreign_cores"]}
     raise ValueError(f"{bench}: unknown record kind {kind!r}")

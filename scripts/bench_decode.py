@@ -9,7 +9,10 @@ to the residual stream after layer n_layers // 2 at every position, the usual ho
 `register_forward_hook` on that decoder layer. Both generate exactly --new-tokens tokens greedily
 (transformers: min_new_tokens = max_new_tokens, no EOS). tokens/s = batch * new tokens / seconds per
 generate call (prefill included). The generated tokens of the two sides are compared and the agreement is
-reported (float32: they should agree, up to rare near-ties).
+reported (float32: they should agree, up to rare near-ties). Where a row's tokens part, transformers scores the
+common prefix once more: `near_tie_divergences` counts the rows whose first differing token was within rounding
+of transformers' own choice (its logit margin over emojax's token <= 2^-7 x the top logit's size in bf16, 1e-4
+in float32), so a low agreement from near-tied logits of random weights is told apart from a wrong decode.
 
 emojax is warmed up (compiled) first; its first call is reported as `emojax_compile_s`. The sides are then
 timed alternately for --rounds rounds (one untimed call each per round, then --iters timed calls) so drift of
@@ -101,7 +104,32 @@ def transformers_side(path, tokens, vector, layer: int, new_tokens: int, dtype: 
             sync()
         return out[:, tokens.shape[1]:].cpu().numpy().astype(np.int32)
 
-    return step
+    def next_logits(prefix) -> np.ndarray:
+        """[V] float32: the steered model's logits for the token after `prefix` (1-D token ids)."""
+        with torch.inference_mode():
+            ids = torch.from_numpy(np.asarray(prefix, np.int64)[None]).to(torch_device)
+            return model(ids).logits[0, -1].float().cpu().numpy()
+
+    return step, next_logits
+
+
+def divergences(prompts, emo_tokens, base_tokens, next_logits, dtype: str) -> dict:
+    """Where each row's generations part first, and whether transformers' choice there was a near-tie."""
+    import numpy as np
+
+    tolerance = 2.0 ** -7 if dtype == "bfloat16" else 1e-4
+    first, near_ties = [], 0
+    for prompt, emo, base in zip(prompts, emo_tokens, base_tokens):
+        differ = np.flatnonzero(emo != base)
+        if not differ.size:
+            continue
+        p = int(differ[0])
+        logits = next_logits(np.concatenate([prompt, base[:p]]))
+        margin = float(logits[base[p]] - logits[emo[p]])
+        first.append(p)
+        near_ties += margin <= tolerance * max(1.0, float(np.abs(logits).max()))
+    return {"diverged_rows": len(first), "first_divergence_median": float(np.median(first)) if first else None,
+            "near_tie_divergences": near_ties}
 
 
 def main(argv=None) -> None:
@@ -136,9 +164,11 @@ def main(argv=None) -> None:
                 f"{args.new_tokens} new tokens, vector of norm {args.strength} at residual index {layer}")
             emo_step, compile_s, emo_tokens, decoder = emojax_side(lm, tokens, vector, layer, args.new_tokens,
                                                                    unroll=not args.scan_layers)
-            base_step = transformers_side(tmp, tokens, vector, layer, args.new_tokens, args.dtype, args.device)
+            base_step, next_logits = transformers_side(tmp, tokens, vector, layer, args.new_tokens, args.dtype,
+                                                       args.device)
             base_tokens = base_step()
             agreement = float(np.mean(emo_tokens == base_tokens))
+            parted = divergences(tokens, emo_tokens, base_tokens, next_logits, args.dtype)
             rounds = timed_rounds({"emojax": emo_step, "transformers": base_step}, args.iters, args.rounds)
             ratios = [b["median"] / e["median"] for e, b in zip(rounds["emojax"], rounds["transformers"])]
             emo_s = statistics.median(r["median"] for r in rounds["emojax"])
@@ -150,7 +180,7 @@ def main(argv=None) -> None:
                 "emojax_tok_s": n / emo_s, "baseline_tok_s": n / base_s, "ratio": base_s / emo_s,
                 "rounds": args.rounds, "round_ratios": ratios, "median_round_ratio": statistics.median(ratios),
                 "emojax_compile_s": compile_s, "emojax_median_s": emo_s, "baseline_median_s": base_s,
-                "emojax_traces": decoder.trace_count, "token_agreement": agreement,
+                "emojax_traces": decoder.trace_count, "token_agreement": agreement, **parted,
                 "unroll_layers": not args.scan_layers,
                 "emojax_foreign_cores": max(r["foreign_cores"] or 0 for r in rounds["emojax"]),
                 "baseline_foreign_cores": max(r["foreign_cores"] or 0 for r in rounds["transformers"]),
@@ -160,7 +190,10 @@ def main(argv=None) -> None:
             }
             log(f"  emojax {n / emo_s:,.0f} tok/s (compile+first {compile_s:.1f}s), transformers "
                 f"{n / base_s:,.0f} tok/s, ratio {record['ratio']:.2f}x (rounds: "
-                f"{', '.join(f'{r:.2f}' for r in ratios)}), token agreement {agreement:.3f}")
+                f"{', '.join(f'{r:.2f}' for r in ratios)}), token agreement {agreement:.3f}"
+                + (f"; {parted['diverged_rows']} of {B} rows part, at token {parted['first_divergence_median']:.0f} "
+                   f"(median), {parted['near_tie_divergences']} of them at a near-tie" if parted["diverged_rows"]
+                   else ""))
             emit(record)
 
 

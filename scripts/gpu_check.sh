@@ -2,26 +2,35 @@
 # The accelerator check of issue 10, for a lent GPU machine (or, with --device cpu, any machine):
 #   1. versions: python, jax, jaxlib, flax, torch, transformers, ...; jax's devices; nvidia-smi -L
 #   2. the device-sensitive tests (bf16 parity, the sharded path on one device, decode compile counts,
-#      steering) with `python -m pytest`, run on the GPU (EMOJAX_TEST_PLATFORMS, see tests/conftest.py)
-#   3. scripts/bench.py --only sae,dump,decode: emojax vs transformers / PyTorch in the same run
-#   4. (GPU, time permitting) the forward with EMOJAX_ATTENTION=xla vs cudnn: attention.jsonl
-# Everything lands in $OUT (a temp folder when unset): versions.txt, pytest.txt, pytest.xml, bench.jsonl,
-# bench.log. Each step has a timeout so the whole stays within --budget seconds; a failed step does not stop
-# the next, and the exit status is 1 if any failed.
+#      steering, cuDNN attention) with `python -m pytest`, run on the GPU (EMOJAX_TEST_PLATFORMS, see tests/conftest.py); on a
+#      GPU, meanwhile, the default suite on that machine's CPU with its jax (pytest-xdist): cpu_suite.txt
+#   3. scripts/bench_kernels.py: the Pallas kernels against their references, values and times: kernels.jsonl
+#   4. scripts/bench.py --only decode,sae,dump: emojax vs transformers / PyTorch in the same run
+#   5. (GPU, time permitting) the forward with EMOJAX_ATTENTION=xla vs cudnn: attention.jsonl
+# Everything lands in $OUT (a temp folder when unset): versions.txt, pytest.txt, cpu_suite.txt, kernels.jsonl,
+# bench.jsonl, bench.log, attention.jsonl. Each step has a timeout so the whole stays within --budget seconds; a
+# failed step does not stop the next, and the exit status is 1 if any failed.
 #
-#   scripts/gpu_check.sh [--device gpu|cpu] [--model-shape 1b|50m|tiny] [--budget 360] [--skip-tests]
+#   scripts/gpu_check.sh [--device gpu|cpu] [--model-shape 1b|50m|tiny] [--budget 540] [--skip-tests]
+#                        [--benches decode,sae,dump] [--suite "tests"]
+#
+# --benches is bench.py's --only, in the order they run; --suite the pytest paths of the CPU suite. Where emojax is
+# not installed (a bare copy of the repository), it is installed in place first (pip -e, offline, no deps), since
+# its subpackages emojax.kernels and emojax.pipelines exist only through the install's mapping.
 #
 # Defaults: --device gpu --model-shape 1b (TinyLlama-1.1B's shape). `--device cpu --model-shape tiny` runs the
 # same steps on CPU in ~2 minutes; there the GPU-only checks (nvidia-smi, the GPU backend checks, running the
 # tests on the accelerator) are skipped with a notice, and the test selection is only collected (the default
-# suite runs those tests on CPU). Needs no install: runs from a copy of the repository with PYTHONPATH=., and
-# `import apache_beam` is made to fail throughout, as on the GPU image, which has no Beam.
+# suite runs those tests on CPU). Runs from a copy of the repository with PYTHONPATH=. (installed in place where
+# needed, above), and `import apache_beam` is made to fail throughout, as on the GPU image, which has no Beam.
 set -u -o pipefail
 
 DEVICE=gpu
 SHAPE=1b
-BUDGET=360
+BUDGET=540
 SKIP_TESTS=0
+BENCHES=decode,sae,dump
+SUITE=tests
 usage() { sed -n '2,/^set -u/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -29,6 +38,8 @@ while [ $# -gt 0 ]; do
         --model-shape) SHAPE=${2:-}; shift 2 ;;
         --budget) BUDGET=${2:-}; shift 2 ;;
         --skip-tests) SKIP_TESTS=1; shift ;;
+        --benches) BENCHES=${2:-}; shift 2 ;;
+        --suite) SUITE=${2:-}; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) echo "gpu_check.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
@@ -62,6 +73,7 @@ TESTS=(
     tests/test_sharding.py::test_one_device_of_the_default_backend_matches_a_cpu_mesh
     tests/test_decode.py::test_nothing_recompiles_for_new_values_in_the_same_bucket
     tests/test_steering.py
+    tests/test_attention.py
 )
 
 START=$SECONDS
@@ -125,26 +137,61 @@ if device == "gpu":
 EOF
 cat "$WORK/versions.txt" >>"$OUT/versions.txt"
 
+if ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('emojax.kernels') is None)" 2>/dev/null; then
+    step install "$(cap 60)" "$WORK/install.log" "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e .
+fi
+
 if [ "$SKIP_TESTS" = 1 ]; then
     notice "--skip-tests: the tests are not run"
 elif [ "$DEVICE" = gpu ]; then
-    step tests "$(cap $((BUDGET * 3 / 10)))" "$OUT/pytest.txt" \
-        env EMOJAX_TEST_PLATFORMS=cuda,cpu "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT/pytest.xml" \
-        "${TESTS[@]}"
+    # The default suite on this machine's CPU (its jax may be newer than CI's), in the background while the GPU
+    # runs its tests and the kernels; it must end before the benches, which it would slow down. Beam is blocked
+    # here, so the corpus pipeline's tests fail by design; every other failure is a finding.
+    SUITE_LIMIT=$(cap $((BUDGET * 1 / 4)))
+    if "$PY" -c "import xdist" 2>/dev/null; then
+        echo "== cpu-suite in the background (timeout ${SUITE_LIMIT}s)"
+        # shellcheck disable=SC2086  # --suite is a list of paths
+        timeout -k 10 "$SUITE_LIMIT" "$PY" -m pytest -q -p no:cacheprovider -n 8 --deselect tests/test_bench.py \
+            $SUITE >"$OUT/cpu_suite.txt" 2>&1 &
+        SUITE_PID=$!
+    else
+        notice "no pytest-xdist: the default suite is not run on this machine's CPU"
+    fi
+    step tests "$(cap $((BUDGET * 1 / 4)))" "$OUT/pytest.txt" \
+        env EMOJAX_TEST_PLATFORMS=cuda,cpu "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}"
 else
     notice "--device cpu: the tests are only collected (the default suite runs them on CPU; here they run on a GPU)"
     step tests "$(cap 90)" "$OUT/pytest.txt" "$PY" -m pytest -q -p no:cacheprovider --collect-only "${TESTS[@]}"
 fi
 
-BENCH_LIMIT=$(($(left) - 5))
+# The kernels' first run on a real backend is also their correctness check (errors against the reference).
+if [ "$DEVICE" = gpu ]; then KERNEL_ARGS=(--device gpu --rounds 2); else KERNEL_ARGS=(--device cpu --iters 1 --rounds 1); fi
+step kernels "$(cap 45)" "$WORK/kernels.log" "$PY" scripts/bench_kernels.py "${KERNEL_ARGS[@]}"
+grep '^{' "$WORK/kernels.log" >"$OUT/kernels.jsonl"
+
+if [ -n "${SUITE_PID:-}" ]; then
+    wait "$SUITE_PID"
+    rc=$?
+    tail -n 40 "$OUT/cpu_suite.txt"
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        echo "gpu_check.sh: FAILED cpu-suite: timed out after ${SUITE_LIMIT}s"; FAILED+=("cpu-suite (timed out)")
+    elif [ "$rc" -ne 0 ]; then
+        echo "gpu_check.sh: FAILED cpu-suite: exit status $rc"; FAILED+=("cpu-suite (exit status $rc)")
+    fi
+fi
+
+# On a GPU the attention comparison keeps ~140 s at the end; decode first, the figure with the GPU target.
+RESERVE=0
+[ "$DEVICE" = gpu ] && RESERVE=140
+BENCH_LIMIT=$(($(left) - 5 - RESERVE))
 step bench "$BENCH_LIMIT" "$OUT/bench.log" "$PY" scripts/bench.py --device "$DEVICE" --model-shape "$SHAPE" \
-    --only sae,dump,decode --out "$OUT/bench.jsonl" --budget $((BENCH_LIMIT - 10))
+    --only "$BENCHES" --out "$OUT/bench.jsonl" --budget $((BENCH_LIMIT - 10))
 
 # The forward with emojax's blocked attention vs cuDNN's fused kernel (EMOJAX_ATTENTION, emojax/models/layers.py):
 # the default stays "xla" until this shows cuDNN faster. Only on a GPU, and only with the time that is left.
 if [ "$DEVICE" = gpu ] && [ "$(left)" -ge 40 ]; then
     for impl in xla cudnn; do
-        step "forward-attention-$impl" "$(cap 60)" "$WORK/attention-$impl.log" \
+        step "forward-attention-$impl" "$(cap 70)" "$WORK/attention-$impl.log" \
             env EMOJAX_ATTENTION=$impl "$PY" scripts/bench_forward.py --device gpu --model-shape "$SHAPE" \
             --iters 5 --rounds 1
         grep '^{' "$WORK/attention-$impl.log" >>"$OUT/attention.jsonl"

@@ -51,11 +51,15 @@ def test_gpu_check_on_cpu_runs_every_step_and_writes_the_figures(tmp_path):
     collected = (out / "pytest.txt").read_text()  # the selection exists and imports no Beam
     assert re.search(r"\b\d+ tests collected", collected) and not re.search(r"\d+ errors?\b", collected), collected
     lines = [json.loads(text) for text in (out / "bench.jsonl").read_text().splitlines()]
-    assert [line["bench"] for line in lines] == ["sae", "dump", "decode", "decode"]
+    assert [line["bench"] for line in lines] == ["decode", "decode", "sae", "dump"]
     _check_figures(lines, "cpu", "tiny")
+    kernels = [json.loads(text) for text in (out / "kernels.jsonl").read_text().splitlines()]
+    assert [k["bench"] for k in kernels] == ["sparse_decode_forward", "sparse_decode_forward_backward"]
+    assert all(k["kernel_mode"] == "interpret" and k["max_rel_err_out" if k["bench"].endswith("forward")
+                                                   else "max_rel_err_loss"] < 1e-5 for k in kernels)
     assert {line["record"]["batch"] for line in lines if line["bench"] == "decode"} == {1, 32}
     assert all(line["target"] is None and line["meets_target"] is None for line in lines)  # not an anchor shape
-    assert lines[0]["emojax_mfu"] is None  # no peak FLOP/s known for a CPU
+    assert lines[2]["emojax_mfu"] is None  # no peak FLOP/s known for a CPU
 
 
 def _fake(records: list[dict], exit_code: int = 0, sleep_s: float = 0) -> list[str]:

@@ -6,6 +6,11 @@ tokens and within one token (both make the d W scatter-add collide). A last test
 (Triton) without a GPU, which catches what the Triton lowering refuses (non-power-of-two tiles, ops).
 """
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -120,3 +125,17 @@ def test_lowers_to_triton(B, K, F, D):
               (((B, K), jnp.float32), ((B, K), jnp.int32), ((F, D), jnp.float32), ((B, D), jnp.float32))]
     lowered = jax.jit(jax.grad(loss, (0, 2))).trace(*shapes).lower(lowering_platforms=("cuda",))
     assert lowered.as_text().count("__gpu$xla.gpu.triton") == 3
+
+
+def test_the_repository_folder_imports_as_the_top_level_kernels_module_too():
+    """From the repository root, kernels/ is also the top-level module `kernels`: the name of Hugging Face's
+    kernel-hub package, which transformers imports while probing for it. It must load there, without emojax's
+    install mapping (as in a bare copy of the repository), and transformers must not take it for that package."""
+    repo = Path(__file__).resolve().parent.parent
+    probe = ("import sys; sys.modules['emojax.kernels'] = None; "  # as if emojax were not installed
+             "import kernels; assert kernels.sparse_decode.__module__ == 'kernels.sparse_decode'; "
+             "from transformers.utils.import_utils import is_kernels_available; assert not is_kernels_available(); "
+             "import transformers; transformers.LlamaConfig")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=repo, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
