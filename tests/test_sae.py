@@ -8,14 +8,18 @@ import signal
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from dump_helpers import run_child
 
+from emojax.errors import ConfigError
 from emojax.sae import (ArraySource, NonFiniteBatchError, SaeConfig, SaeTrainer, bank_max_cosine, export_sae,
                         load_sae, reconstruction_metrics, train_sae)
 from emojax.sae.sharding import sae_mesh
 from emojax.sae.train import input_statistics
+from emojax.sae.variants import make_variant
+from emojax.sae.variants.base import decode, decode_selected, select_top_k
 
 D, ATOMS, ACTIVE = 48, 256, 4
 
@@ -148,6 +152,47 @@ def test_sharded_training_matches_single_device(data, variant):
             for key in a:
                 np.testing.assert_allclose(b[key], a[key], atol=1e-4, rtol=1e-4,
                                            err_msg=f"mesh {mesh} step {step + 1} {key}")
+
+
+def test_gathered_and_dense_decoders_train_the_same_sae(data):
+    """decoder "gather" (the CPU default: the K selected decoder rows per token) and "dense" (the [B, F] code times
+    W_dec) agree step for step, a k sweep included; so do their gradients, on one batch, at a tight tolerance."""
+    x = data[0]
+    gathered = SaeConfig(**{**SHARD, "decoder": "gather"})
+    assert SaeTrainer(gathered, D).variant.gather_decode
+    runs = {name: _run_steps(dataclasses.replace(gathered, decoder=name), x) for name in ("gather", "dense")}
+    for step, (a, b) in enumerate(zip(runs["gather"], runs["dense"])):
+        for key in a:
+            np.testing.assert_allclose(a[key], b[key], atol=1e-5, rtol=1e-5, err_msg=f"step {step + 1} {key}")
+
+    rng = np.random.default_rng(1)
+    params = {"W_dec": jnp.asarray(rng.normal(size=(128, D)), jnp.float32),
+              "b_dec": jnp.asarray(rng.normal(size=(D,)), jnp.float32)}
+    pre = jnp.asarray(rng.normal(size=(16, 128)), jnp.float32)
+    probe = jnp.asarray(rng.normal(size=(16, D)), jnp.float32)
+
+    def loss(pre, params, gather):
+        acts, vals, idx = select_top_k(pre, jnp.int32(6), 8)  # k 6 of k_max 8: two masked slots
+        recon = decode_selected(params, acts, vals, idx) if gather else decode(params, acts)
+        return jnp.sum(recon * probe)
+
+    (g_pre, g_params), (d_pre, d_params) = (jax.grad(loss, (0, 1))(pre, params, gather) for gather in (True, False))
+    np.testing.assert_allclose(loss(pre, params, True), loss(pre, params, False), rtol=1e-5)
+    np.testing.assert_allclose(g_pre, d_pre, atol=1e-5)
+    assert int(np.sum(np.asarray(g_pre) != 0)) <= 16 * 6  # only the selected latents get a gradient
+    for key in params:
+        np.testing.assert_allclose(g_params[key], d_params[key], atol=1e-4, rtol=1e-5)
+
+
+def test_decoder_choice_follows_the_platform_and_refuses_what_cannot_gather():
+    config = SaeConfig(**SHARD)  # decoder "auto"
+    assert make_variant(config, groups=1, platform="cpu").gather_decode
+    assert not make_variant(config, groups=1, platform="gpu").gather_decode
+    assert not make_variant(config, groups=4, platform="cpu").gather_decode
+    with pytest.raises(ConfigError, match="sae.decoder='gather' needs variant topk and mesh tensor=1"):
+        SaeConfig(**{**SHARD, "decoder": "gather", "mesh": (2, 4)})
+    with pytest.raises(ConfigError, match="sae.decoder='sparse' is not one of"):
+        SaeConfig(**{**SHARD, "decoder": "sparse"})
 
 
 # ---- crashes and bad input

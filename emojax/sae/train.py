@@ -83,7 +83,8 @@ class SaeTrainer:
 
     def __post_init__(self):
         self.mesh = self.mesh or sae_mesh(self.config.mesh)
-        self.variant = make_variant(self.config, groups=self.mesh.shape["tensor"])
+        self.variant = make_variant(self.config, groups=self.mesh.shape["tensor"],
+                                    platform=self.mesh.devices.flat[0].platform)
         self.optimizer = optax.adam(lr_schedule(self.config), b1=self.config.adam_b1, b2=self.config.adam_b2)
         abstract = jax.eval_shape(self._init, jax.ShapeDtypeStruct((self.d_model,), jnp.float32))
         self.shardings = state_shardings(abstract, self.mesh)

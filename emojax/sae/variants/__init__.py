@@ -7,12 +7,15 @@ from emojax.sae.variants.relu_l1 import ReluL1
 from emojax.sae.variants.topk import TopK
 
 
-def make_variant(config, groups: int = 1) -> Variant:
-    """The variant a SaeConfig names, with its static settings; groups = latent shards ("tensor" size)."""
+def make_variant(config, groups: int = 1, platform: str = "cpu") -> Variant:
+    """The variant a SaeConfig names, with its static settings; groups = latent shards ("tensor" size), platform
+    the devices' (config.decoder "auto" gathers the selected decoder rows on CPU, where that is faster)."""
     if config.variant == "relu_l1":
         return ReluL1()
     if config.variant == "topk":
-        return TopK(k_max=config.k_max, aux_k=config.aux_k, aux_coeff=config.aux_coeff, groups=groups)
+        gather = config.decoder == "gather" or (config.decoder == "auto" and platform == "cpu" and groups == 1)
+        return TopK(k_max=config.k_max, aux_k=config.aux_k, aux_coeff=config.aux_coeff, groups=groups,
+                    gather_decode=gather)
     if config.variant == "batchtopk":
         return BatchTopK(k_max=config.k_max, aux_k=config.aux_k, aux_coeff=config.aux_coeff,
                          threshold_decay=config.threshold_decay, groups=groups)

@@ -21,12 +21,16 @@ class Encoded:
     penalty: jax.Array  # scalar sparsity penalty (before the coefficient); 0 for variants with none
     aux_loss: jax.Array  # scalar auxiliary loss, already weighted; 0 for none
     stats: dict = field(default_factory=dict)  # updated variant statistics (e.g. the batchtopk threshold)
+    recon: jax.Array | None = None  # [B, D] the reconstruction, where the variant computed it already
+    counts: jax.Array | None = None  # [F] fire counts, where the variant computed them already
 
     def decode(self, params: dict) -> jax.Array:
-        return decode(params, self.acts)
+        return decode(params, self.acts) if self.recon is None else self.recon
 
     def fire_counts(self) -> jax.Array:
         """[F] float32: tokens of the batch on which each latent is active (one pass gives L0 and `fired`)."""
+        if self.counts is not None:
+            return self.counts
         return jnp.sum(self.acts > 0, axis=0, dtype=jnp.float32)
 
 
@@ -87,6 +91,53 @@ def keep_top_k(pre_BF: jax.Array, k: jax.Array, k_max: int, groups: int = 1) -> 
     vals = jax.lax.optimization_barrier(top_k(jax.lax.stop_gradient(pre_BF), k_max, groups)[0])
     kth = jnp.take(vals, jnp.clip(k - 1, 0, k_max - 1), axis=1)[:, None]
     return jnp.where((pre_BF >= kth) & (pre_BF > 0), pre_BF, 0.0)
+
+
+def select_top_k(pre_BF: jax.Array, k: jax.Array, k_max: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Exactly the k (<= k_max, traced) largest positive entries of each row, ties to the lower index.
+
+    Returns the dense activations [B, F] (relu(pre) there, else 0; differentiable in pre), and the same
+    selection as values and indices [B, k_max], with zeros in the slots beyond k or not positive. Both forms
+    hold the same numbers, so a decoder may read either (see decode_selected).
+    """
+    vals, idx = jax.lax.optimization_barrier(jax.lax.top_k(jax.lax.stop_gradient(pre_BF), k_max))
+    live = (vals > 0) & (jnp.arange(k_max) < k)
+    B, F = pre_BF.shape
+    mask = jnp.zeros((B, F), bool).at[jnp.arange(B)[:, None], idx].set(live)
+    return jnp.where(mask, pre_BF, 0.0), jnp.where(live, vals, 0.0), idx
+
+
+def decode_selected(params: dict, acts_BF: jax.Array, vals_BK: jax.Array, idx_BK: jax.Array) -> jax.Array:
+    """decode(params, acts) computed from the selection (vals, idx) that acts holds: a gather of K decoder rows
+    per token instead of a [B, F] x [F, D] matmul (on CPU 2.4 vs 36 ms at B 1024, F 4096, D 512, K 32).
+
+    The backward stays dense (the gradients w.r.t. acts and W_dec are the matmuls of `decode`): on CPU a gather-
+    dot for the K selected gradients and a scatter-add for W_dec both measured slower than those matmuls.
+    """
+    return _gather_decode(acts_BF, vals_BK, idx_BK, params["W_dec"]) + params["b_dec"]
+
+
+@jax.custom_vjp
+def _gather_decode(acts_BF, vals_BK, idx_BK, W_FD):
+    out = jnp.zeros((vals_BK.shape[0], W_FD.shape[1]), W_FD.dtype)
+    for j in range(vals_BK.shape[1]):  # one [B]-row gather per slot: XLA's CPU gather is fast in this form,
+        out = out + vals_BK[:, j:j + 1] * W_FD[idx_BK[:, j]]  # and 10x slower as one gather of [B, K] rows
+    return out
+
+
+def _gather_decode_fwd(acts_BF, vals_BK, idx_BK, W_FD):
+    return _gather_decode(acts_BF, vals_BK, idx_BK, W_FD), (acts_BF, W_FD)
+
+
+def _gather_decode_bwd(res, g_BD):
+    acts_BF, W_FD = res
+    # W^T materialised first: XLA's CPU backend runs the [B, D] x [F, D]^T form of this matmul ~1.5x slower.
+    d_acts = g_BD @ jax.lax.optimization_barrier(W_FD.T)
+    d_W = jax.lax.dot_general(acts_BF, g_BD, (((0,), (0,)), ((), ())))
+    return d_acts, None, None, d_W
+
+
+_gather_decode.defvjp(_gather_decode_fwd, _gather_decode_bwd)
 
 
 def scatter(vals_BK: jax.Array, idx_BK: jax.Array, F: int) -> jax.Array:
