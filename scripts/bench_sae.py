@@ -1,7 +1,7 @@
 """SAE training throughput: emojax's TopK trainer vs a plain PyTorch TopK SAE, same sizes, same run.
 
     python scripts/bench_sae.py [--device cpu|gpu] [--d 512] [--latents 4096] [--k 32] [--batch 1024]
-                                [--steps 20] [--rounds 3]
+                                [--steps 20] [--rounds 3] [--decoder auto|dense|gather]
 
 Both sides train a TopK SAE on the same random batches (float32, already in memory) with Adam (lr 1e-4):
 encode (x - b_dec) W_enc + b_enc, top-k, scatter into a dense code, decode, summed squared error, backward,
@@ -72,6 +72,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=20, help="timed steps per round and side")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--n-batches", type=int, default=8, help="distinct random batches cycled through")
+    ap.add_argument("--decoder", choices=("auto", "dense", "gather"), default="auto",
+                    help="emojax's sae.decoder (auto: gather on CPU, dense on GPU)")
     args = ap.parse_args()
     gpu = args.device == "gpu"
     d = args.d or (2048 if gpu else 512)
@@ -92,7 +94,8 @@ def main() -> int:
     xs = [(rng.normal(size=(batch, d)) / np.sqrt(d)).astype(np.float32) for _ in range(args.n_batches)]
 
     config = SaeConfig(variant="topk", n_latents=f, k=args.k, batch_size=batch, steps=10 ** 6, lr=1e-4,
-                       lr_warmup_steps=0, aux_k=256, dead_after_tokens=10_000_000, mesh=(1, 1))
+                       lr_warmup_steps=0, aux_k=256, dead_after_tokens=10_000_000, mesh=(1, 1),
+                       decoder=args.decoder)
     trainer = SaeTrainer(config, d)
     state = trainer.init(jnp.zeros((d,), jnp.float32))
     jx = [jax.device_put(x, trainer.batch_sharding) for x in xs]
@@ -133,6 +136,7 @@ def main() -> int:
     tps = {name: args.steps * batch / statistics.median(t) for name, t in times.items()}
     record = {"bench": "sae_topk_train", "device": args.device, "d": d, "latents": f, "k": args.k, "batch": batch,
               "steps": args.steps, "rounds": args.rounds, "emojax_tokens_per_s": tps["emojax"],
+              "decoder": "gather" if trainer.variant.gather_decode else "dense",
               "torch_tokens_per_s": tps["torch"], "ratio": tps["emojax"] / tps["torch"],
               "round_seconds": times, "torch_threads": torch.get_num_threads(), "env": env_info()}
     emit(record)

@@ -2,14 +2,16 @@
 # The accelerator check of issue 10, for a lent GPU machine (or, with --device cpu, any machine):
 #   1. versions: python, jax, jaxlib, flax, torch, transformers, ...; jax's devices; nvidia-smi -L
 #   2. the device-sensitive tests (bf16 parity, the sharded path on one device, decode compile counts,
-#      steering, cuDNN attention) with `python -m pytest`, run on the GPU (EMOJAX_TEST_PLATFORMS, see tests/conftest.py); on a
-#      GPU, meanwhile, the default suite on that machine's CPU with its jax (pytest-xdist): cpu_suite.txt
+#      steering, cuDNN attention) with `python -m pytest`, run on the GPU (EMOJAX_TEST_PLATFORMS, see
+#      tests/conftest.py); on a GPU, meanwhile, the default suite on that machine's CPU with its jax
+#      (pytest-xdist): cpu_suite.txt
 #   3. scripts/bench_kernels.py: the Pallas kernels against their references, values and times: kernels.jsonl
 #   4. scripts/bench.py --only decode,sae,dump: emojax vs transformers / PyTorch in the same run
-#   5. (GPU, time permitting) the forward with EMOJAX_ATTENTION=xla vs cudnn: attention.jsonl
+#   5. (GPU, time permitting) the forward with EMOJAX_ATTENTION=xla vs cudnn: attention.jsonl; the SAE step with
+#      sae.decoder gather: sae_gather.jsonl
 # Everything lands in $OUT (a temp folder when unset): versions.txt, pytest.txt, cpu_suite.txt, kernels.jsonl,
-# bench.jsonl, bench.log, attention.jsonl. Each step has a timeout so the whole stays within --budget seconds; a
-# failed step does not stop the next, and the exit status is 1 if any failed.
+# bench.jsonl, bench.log, attention.jsonl, sae_gather.jsonl. Each step has a timeout so the whole stays within
+# --budget seconds; a failed step does not stop the next, and the exit status is 1 if any failed.
 #
 #   scripts/gpu_check.sh [--device gpu|cpu] [--model-shape 1b|50m|tiny] [--budget 540] [--skip-tests]
 #                        [--benches decode,sae,dump] [--suite "tests"]
@@ -180,9 +182,10 @@ if [ -n "${SUITE_PID:-}" ]; then
     fi
 fi
 
-# On a GPU the attention comparison keeps ~140 s at the end; decode first, the figure with the GPU target.
+# On a GPU the attention comparison and the gathered SAE decoder keep ~185 s at the end; decode first, the
+# figure with the GPU target.
 RESERVE=0
-[ "$DEVICE" = gpu ] && RESERVE=140
+[ "$DEVICE" = gpu ] && RESERVE=185
 BENCH_LIMIT=$(($(left) - 5 - RESERVE))
 step bench "$BENCH_LIMIT" "$OUT/bench.log" "$PY" scripts/bench.py --device "$DEVICE" --model-shape "$SHAPE" \
     --only "$BENCHES" --out "$OUT/bench.jsonl" --budget $((BENCH_LIMIT - 10))
@@ -198,6 +201,16 @@ if [ "$DEVICE" = gpu ] && [ "$(left)" -ge 40 ]; then
     done
 else
     notice "the attention comparison (xla vs cudnn) runs only on a GPU with >= 40 s of the budget left"
+fi
+
+# The SAE step with the gathered decoder (the CPU default) on the GPU, against bench.jsonl's dense one: whether
+# sae.decoder "auto" should gather there too. Only on a GPU, and only with the time that is left.
+if [ "$DEVICE" = gpu ] && [ "$(left)" -ge 30 ]; then
+    step sae-gather "$(cap 45)" "$WORK/sae-gather.log" "$PY" scripts/bench_sae.py --device gpu --decoder gather \
+        --rounds 2
+    grep '^{' "$WORK/sae-gather.log" >"$OUT/sae_gather.jsonl"
+else
+    notice "the gathered SAE decoder runs only on a GPU with >= 30 s of the budget left"
 fi
 
 echo "== gpu_check.sh: $((SECONDS - START))s of ${BUDGET}s; results in $OUT"
