@@ -189,6 +189,7 @@ def test_decoder_choice_follows_the_platform_and_refuses_what_cannot_gather():
     assert make_variant(config, groups=1, platform="cpu").gather_decode
     assert not make_variant(config, groups=1, platform="gpu").gather_decode
     assert not make_variant(config, groups=4, platform="cpu").gather_decode
+    assert not make_variant(dataclasses.replace(config, decoder="gather"), groups=4).gather_decode  # mesh given
     with pytest.raises(ConfigError, match="sae.decoder='gather' needs variant topk and mesh tensor=1"):
         SaeConfig(**{**SHARD, "decoder": "gather", "mesh": (2, 4)})
     with pytest.raises(ConfigError, match="sae.decoder='sparse' is not one of"):

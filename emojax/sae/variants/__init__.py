@@ -13,7 +13,7 @@ def make_variant(config, groups: int = 1, platform: str = "cpu") -> Variant:
     if config.variant == "relu_l1":
         return ReluL1()
     if config.variant == "topk":
-        gather = config.decoder == "gather" or (config.decoder == "auto" and platform == "cpu" and groups == 1)
+        gather = groups == 1 and (config.decoder == "gather" or (config.decoder == "auto" and platform == "cpu"))
         return TopK(k_max=config.k_max, aux_k=config.aux_k, aux_coeff=config.aux_coeff, groups=groups,
                     gather_decode=gather)
     if config.variant == "batchtopk":

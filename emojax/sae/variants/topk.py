@@ -16,7 +16,7 @@ class TopK(Variant):
     aux_k: int = 256
     aux_coeff: float = 1 / 32
     groups: int = 1  # latent shards ("tensor" size): local top-k then merge
-    gather_decode: bool = False  # training decodes by gathering the K selected rows (groups == 1 only)
+    gather_decode: bool = False  # training decodes by gathering the K selected rows (make_variant: groups == 1)
     name: str = "topk"
 
     def encode(self, params, stats, x_BD, hyper):
@@ -24,7 +24,7 @@ class TopK(Variant):
 
     def encode_train(self, params, stats, x_BD, hyper, dead_F, with_aux):
         pre = pre_acts(params, x_BD)
-        if self.gather_decode and self.groups == 1:
+        if self.gather_decode:
             acts, vals, idx = select_top_k(pre, hyper["k"], self.k_max)
             recon = decode_selected(params, acts, vals, idx)
             counts = jnp.zeros((pre.shape[1],), jnp.float32).at[idx.reshape(-1)].add(
