@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from emojax.errors import EmojaxError
+from emojax.fileio import is_disk_full
 
 
 def _mesh_arg(text: str) -> tuple[int, int, int]:
@@ -285,6 +286,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except EmojaxError as e:
         print(f"emojax: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        where = f" while writing {e.filename}" if e.filename else ""
+        print(f"emojax: error: no space left on the device{where}; free some space and rerun (finished work is "
+              "kept)", file=sys.stderr)
         return 2
 
 
