@@ -115,3 +115,33 @@ def test_legacy_rope_layout_is_read(ckpt):
     _edit_config(ckpt, legacy)
     rope = emojax.load_model(ckpt).config.rope
     assert (rope.kind, rope.theta, rope.factor, rope.original_max_position) == ("llama3", 5e5, 8.0, 64)
+
+
+# config.json values that are malformed: each names the file and the key, instead of int("big") crashing,
+# int(24.5) silently becoming 24, or a zero head count dividing by zero.
+MALFORMED = {
+    "non-numeric size": (dict(hidden_size="big"), r"hidden_size='big' must be a whole number"),
+    "fractional size": (dict(intermediate_size=40.5), r"intermediate_size=40\.5 must be a whole number"),
+    "bool as a size": (dict(vocab_size=True), r"vocab_size=True must be a whole number"),
+    "zero heads": (dict(num_attention_heads=0), r"num_attention_heads=0 must be >= 1"),
+    "negative kv heads": (dict(num_key_value_heads=-2), r"num_key_value_heads=-2 must be >= 1"),
+    "zero layers": (dict(num_hidden_layers=0), r"num_hidden_layers=0 must be >= 1"),
+    "heads not divisible by kv heads": (dict(num_key_value_heads=3),
+                                        r"num_attention_heads=4 is not divisible by num_key_value_heads=3"),
+    "hidden not divisible by heads without head_dim": (
+        dict(head_dim=None, num_attention_heads=5, num_key_value_heads=5),
+        r"hidden_size=24 is not divisible by num_attention_heads=5 and there is no head_dim"),
+    "non-numeric eps": (dict(rms_norm_eps="tiny"), r"rms_norm_eps='tiny' must be a finite number"),
+    "string bool": (dict(tie_word_embeddings="false"), r"tie_word_embeddings='false' must be true or false"),
+    "negative rope theta": (dict(rope_parameters={"rope_type": "default", "rope_theta": -1.0}),
+                            r"rope_parameters\.rope_theta=-1\.0 must be > 0"),
+    "zero positions": (dict(max_position_embeddings=0), r"max_position_embeddings=0 must be >= 1"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED, ids=list(MALFORMED))
+def test_malformed_config_value_names_file_and_key(ckpt, case):
+    changes, message = MALFORMED[case]
+    _edit_config(ckpt, lambda c: c.update(changes))
+    with pytest.raises(CheckpointError, match=r"config\.json: " + message):
+        emojax.load_model(ckpt)

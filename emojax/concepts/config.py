@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from emojax.config_loader import load_section, non_negative, positive, ranged
+
 METHODS = ("mean_diff", "contrastive", "pca_pairs", "probe")
 NEGATIVES = ("neutral", "rest")
 
@@ -12,35 +14,36 @@ NEGATIVES = ("neutral", "rest")
 class FitConfig:
     store: str = "runs/default/activations"  # the dump stage's output (store.json + arrays)
     out: str = "runs/default/bank"  # bank.safetensors, bank.json, eval.json, probes.safetensors
-    layers: tuple[int, ...] = ()  # residual indices to fit; empty: every layer of the store
+    layers: tuple[int, ...] = non_negative(())  # residual indices to fit; empty: every layer of the store
     labels: tuple[str, ...] = ()  # concepts to fit; empty: every non-neutral label of the store
     method: str = "mean_diff"  # mean_diff (the study) | contrastive | pca_pairs | probe
     fit_split: str = "train"  # documents the vectors are fitted on
     eval_splits: tuple[str, ...] = ("test", "implicit")  # held-out readouts (a split absent from the store is skipped)
     # -- the study's recipe
     denoise: bool = True  # project the top neutral principal components out of every vector
-    denoise_variance: float = 0.5  # ...the fewest components explaining this fraction of the neutral variance
+    # ...the fewest components explaining this fraction of the neutral variance
+    denoise_variance: float = ranged(0.5, 0, 1, lo_open=True, hi_open=True)
     neutral_split: str = "train"  # the neutral documents the denoising PCA is fitted on
     unit_norm: bool = False  # scale every vector to norm 1
     # -- alternatives
     negative: str = "neutral"  # contrastive / pca_pairs: the negative set (neutral docs, or all other labels)
-    pca_iters: int = 30  # power iterations (each a pass over the fit split) of pca_pairs
+    pca_iters: int = positive(30)  # power iterations (each a pass over the fit split) of pca_pairs
     probe: bool = True  # also train probes for evaluation when method != probe
-    probe_l2: float = 1e-3  # L2 weight on the probe weights (standardised inputs)
-    probe_lr: float = 0.05  # Adam learning rate
-    probe_epochs: int = 200  # at most this many passes over the fit split
-    probe_patience: int = 10  # stop after this many epochs without a better val loss (early stopping)
+    probe_l2: float = non_negative(1e-3)  # L2 weight on the probe weights (standardised inputs)
+    probe_lr: float = positive(0.05)  # Adam learning rate
+    probe_epochs: int = positive(200)  # at most this many passes over the fit split
+    probe_patience: int = positive(10)  # stop after this many epochs without a better val loss (early stopping)
     probe_val_split: str = "val"
-    probe_seed: int = 0
+    probe_seed: int = non_negative(0)
     # -- geometry and evaluation
-    kmeans_k: int = 10
-    kmeans_seed: int = 0
+    kmeans_k: int = positive(10)
+    kmeans_seed: int = non_negative(0)
     model: str = ""  # checkpoint or preset for the logit lens; empty: no logit lens
-    lens_top_k: int = 10  # top and bottom tokens listed per vector
-    norm_tokens: int = 65536  # token rows averaged for the mean residual norm (0: use pooled rows)
+    lens_top_k: int = positive(10)  # top and bottom tokens listed per vector
+    norm_tokens: int = non_negative(65536)  # token rows averaged for the mean residual norm (0: use pooled rows)
     # -- streaming and sharding
-    chunk_docs: int = 4096  # pooled rows per read (the most activations held in memory at once)
-    mesh: tuple[int, ...] = ()  # (data, fsdp, tensor); empty: every device on data
+    chunk_docs: int = positive(4096)  # pooled rows per read (the most activations held in memory at once)
+    mesh: tuple[int, ...] = positive(())  # (data, fsdp, tensor); empty: every device on data
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -59,6 +62,4 @@ class FitConfig:
 
 
 def load_fit_config(config_file=None, overrides=()) -> FitConfig:
-    from emojax.config_loader import load_section
-
     return load_section(FitConfig, "fit", config_file, overrides)

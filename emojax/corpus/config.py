@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 
+from emojax.config_loader import non_negative, positive, range_violations, ranged
 from emojax.corpus.generator import GeneratorConfig
 from emojax.corpus.readers import ReaderSpec
 
@@ -19,16 +20,19 @@ class CorpusConfig:
     extra_labels: tuple[str, ...] = ()  # labels outside the catalogue that the corpus may use
     generator: GeneratorConfig = GeneratorConfig()
     tokenizer: str = "byte"  # "byte", a tokenizer.json, or a checkpoint directory
-    max_chars: int = 20_000  # longer texts are rejected, not cut
-    max_tokens: int = 512  # token rows are truncated to this many tokens
-    n_shards: int = 8
-    pack_length: int = 0  # > 0: also write packed/ shards of train tokens in rows of exactly this length
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1
+    max_chars: int = positive(20_000)  # longer texts are rejected, not cut
+    max_tokens: int = positive(512)  # token rows are truncated to this many tokens
+    n_shards: int = positive(8)
+    pack_length: int = non_negative(0)  # > 0: also write packed/ shards of train tokens in rows of exactly this length
+    val_fraction: float = ranged(0.1, 0, 1, hi_open=True)
+    test_fraction: float = ranged(0.1, 0, 1, hi_open=True)
 
     def __post_init__(self):
-        if self.n_shards < 1:
-            raise ValueError(f"n_shards must be >= 1, got {self.n_shards}")
+        # The declared ranges again, for library callers that build this class directly: a negative pack_length
+        # would never fill a row (the packer would loop forever).
+        problems = range_violations(self)
+        if problems:
+            raise ValueError("; ".join(problems))
         if not 0 <= self.val_fraction + self.test_fraction < 1:
             raise ValueError("val_fraction + test_fraction must be in [0, 1)")
 

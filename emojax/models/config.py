@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from emojax.config_loader import non_negative, positive, range_violations, ranged
+
 RopeKind = Literal["default", "linear", "llama3"]
 
 
@@ -12,13 +14,22 @@ RopeKind = Literal["default", "linear", "llama3"]
 class RopeConfig:
     """Rotary position embedding settings (the Hugging Face `rope_parameters`)."""
 
-    theta: float = 10_000.0
+    theta: float = positive(10_000.0)
     kind: RopeKind = "default"
-    factor: float = 1.0  # linear and llama3 scaling
-    low_freq_factor: float = 1.0  # llama3
-    high_freq_factor: float = 4.0  # llama3
-    original_max_position: int = 8192  # llama3
-    fraction: float = 1.0  # share of head_dim that is rotated (GPT-NeoX rotary_pct); the rest passes through
+    factor: float = positive(1.0)  # linear and llama3 scaling
+    low_freq_factor: float = positive(1.0)  # llama3
+    high_freq_factor: float = positive(4.0)  # llama3
+    original_max_position: int = positive(8192)  # llama3
+    # share of head_dim that is rotated (GPT-NeoX rotary_pct); the rest passes through
+    fraction: float = ranged(1.0, 0, 1, lo_open=True)
+
+    def __post_init__(self):
+        problems = range_violations(self)
+        if self.kind == "llama3" and not problems and self.high_freq_factor <= self.low_freq_factor:
+            problems.append(f"llama3 needs high_freq_factor > low_freq_factor, got {self.high_freq_factor} <= "
+                            f"{self.low_freq_factor}")
+        if problems:
+            raise ValueError("; ".join(problems))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,14 +42,14 @@ class ModelConfig:
     """
 
     architecture: str  # Hugging Face model_type, e.g. llama, qwen3, gemma2, gpt2, gpt_neox
-    vocab_size: int
-    d_model: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    d_mlp: int
-    norm_eps: float = 1e-6
+    vocab_size: int = positive()
+    d_model: int = positive()
+    n_layers: int = positive()
+    n_heads: int = positive()
+    n_kv_heads: int = positive()
+    head_dim: int = positive()
+    d_mlp: int = positive()
+    norm_eps: float = non_negative(1e-6)
     norm_kind: Literal["rms", "layer"] = "rms"  # layer = LayerNorm with bias (GPT-2, GPT-NeoX)
     norm_offset: bool = False  # Gemma: scale by (1 + w), in float32
     activation: Literal["silu", "gelu_tanh", "gelu"] = "silu"
@@ -51,19 +62,22 @@ class ModelConfig:
     post_norms: bool = False  # Gemma 2/3: norms on the attention and MLP outputs too
     parallel_residual: bool = False  # GPT-NeoX: x + attn(norm1(x)) + mlp(norm2(x))
     embed_scale: bool = False  # Gemma: embeddings times sqrt(d_model), in the activation dtype
-    learned_positions: int = 0  # size of a learned position table (GPT-2); 0 for none
-    attn_scale: float | None = None  # None: head_dim ** -0.5
-    attn_softcap: float | None = None  # Gemma 2: cap * tanh(scores / cap)
-    final_softcap: float | None = None
+    learned_positions: int = non_negative(0)  # size of a learned position table (GPT-2); 0 for none
+    attn_scale: float | None = positive(None)  # None: head_dim ** -0.5
+    attn_softcap: float | None = positive(None)  # Gemma 2: cap * tanh(scores / cap)
+    final_softcap: float | None = positive(None)
     tie_embeddings: bool = False
     rope: RopeConfig | None = RopeConfig()
     rope_local: RopeConfig | None = None
-    layer_windows: tuple[int, ...] = ()
-    max_position_embeddings: int = 4096
+    layer_windows: tuple[int, ...] = non_negative(())
+    max_position_embeddings: int = positive(4096)
 
     def __post_init__(self):
         if not self.layer_windows:
             object.__setattr__(self, "layer_windows", (0,) * self.n_layers)
+        problems = range_violations(self)
+        if problems:  # before the checks below, which divide by head counts
+            raise ValueError("; ".join(problems))
         if len(self.layer_windows) != self.n_layers:
             raise ValueError(f"layer_windows has {len(self.layer_windows)} entries for {self.n_layers} layers")
         if self.n_heads % self.n_kv_heads:

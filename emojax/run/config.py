@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from emojax.config_loader import build, load_section, merge, parse_overrides, read_yaml
+from emojax.config_loader import build, load_section, merge, non_negative, parse_overrides, read_yaml
 from emojax.errors import ConfigError
 
 STAGES = ("train", "corpus", "dump", "fit", "sae", "steer", "report")
@@ -21,7 +21,7 @@ class RunSection:
     dir: str = "runs/demo"
     model: str = "builtin"  # a checkpoint folder, random:SHAPE, builtin or builtin:tiny (trained on first use)
     stages: tuple[str, ...] = STAGES  # the stages to run, in this order
-    layer: int = 0  # the residual index steered and monitored; 0: the fit's best layer
+    layer: int = non_negative(0)  # the residual index steered and monitored; 0: the fit's best layer
 
     def __post_init__(self):
         unknown = [s for s in self.stages if s not in STAGES]
@@ -48,7 +48,7 @@ def load_run_file(config_file: str | Path | None, overrides=()) -> RunFile:
     if unknown:
         raise ConfigError(f"{source}: unknown section(s) {unknown}; sections: {list(SECTIONS)}")
     if overrides:
-        data = merge(data, parse_overrides(overrides))
+        data = merge(data, parse_overrides(overrides), f"{source} + overrides")
         unknown = sorted(set(data) - set(SECTIONS))
         if unknown:
             raise ConfigError(f"command line: unknown section(s) {unknown}; overrides are SECTION.KEY=VALUE")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from emojax.config_loader import load_section
+from emojax.config_loader import fraction, load_section, non_negative, positive, ranged
 from emojax.errors import ConfigError
 
 VARIANTS = ("relu_l1", "topk", "batchtopk", "jumprelu")
@@ -16,36 +16,36 @@ DECODERS = ("auto", "dense", "gather")
 @dataclass(frozen=True)
 class SaeConfig:
     variant: str = "topk"
-    n_latents: int = 4096
-    k: int = 32  # active latents per token (topk, batchtopk: mean per token)
-    sparsity_coeff: float = 5.0  # L1 (relu_l1) or L0 (jumprelu) coefficient, on unit-mean-square inputs
-    sparsity_warmup_steps: int = 0  # the coefficient ramps linearly from 0 over these steps
-    aux_k: int = 256  # latents in the AuxK reconstruction of the residual from dead latents (topk, batchtopk)
-    aux_coeff: float = 1 / 32
-    dead_after_tokens: int = 10_000_000  # a latent silent this many tokens is dead
-    jump_bandwidth: float = 0.001  # width of the straight-through kernel of jumprelu thresholds
-    jump_init_threshold: float = 0.001
-    threshold_decay: float = 0.99  # EMA decay of the batchtopk inference threshold
-    lr: float = 2e-4
-    lr_warmup_steps: int = 100
-    lr_decay_frac: float = 0.2  # linear decay to zero over the last fraction of the steps
-    adam_b1: float = 0.9
-    adam_b2: float = 0.999
-    batch_size: int = 4096
-    steps: int = 10_000
-    seed: int = 0
+    n_latents: int = positive(4096)
+    k: int = positive(32)  # active latents per token (topk, batchtopk: mean per token)
+    sparsity_coeff: float = non_negative(5.0)  # L1 (relu_l1) or L0 (jumprelu) coefficient, on unit-mean-square inputs
+    sparsity_warmup_steps: int = non_negative(0)  # the coefficient ramps linearly from 0 over these steps
+    aux_k: int = positive(256)  # latents in the AuxK reconstruction of the residual from dead latents (topk, batchtopk)
+    aux_coeff: float = non_negative(1 / 32)
+    dead_after_tokens: int = positive(10_000_000)  # a latent silent this many tokens is dead
+    jump_bandwidth: float = positive(0.001)  # width of the straight-through kernel of jumprelu thresholds
+    jump_init_threshold: float = positive(0.001)  # stored as its log
+    threshold_decay: float = fraction(0.99)  # EMA decay of the batchtopk inference threshold
+    lr: float = positive(2e-4)
+    lr_warmup_steps: int = non_negative(100)
+    lr_decay_frac: float = fraction(0.2)  # linear decay to zero over the last fraction of the steps
+    adam_b1: float = ranged(0.9, 0, 1, hi_open=True)
+    adam_b2: float = ranged(0.999, 0, 1, hi_open=True)
+    batch_size: int = positive(4096)
+    steps: int = positive(10_000)
+    seed: int = non_negative(0)
     sweep: str = ""  # "k" or "sparsity_coeff": trains len(sweep_values) SAEs in one pass over the data
-    sweep_values: tuple[float, ...] = ()
-    mesh: tuple[int, ...] = (1, 1)  # (data, tensor): batch over "data", latents over "tensor"
+    sweep_values: tuple[float, ...] = non_negative(())  # k values (>= 1, whole) or coefficients
+    mesh: tuple[int, ...] = positive((1, 1))  # (data, tensor): batch over "data", latents over "tensor"
     # TopK training's decoder: "gather" reads the K selected decoder rows per token (exactly k, ties to the lower
     # index), "dense" multiplies the [B, F] code (a threshold top-k); "auto" gathers on CPU with tensor 1 (1.2x
     # faster a step there) and stays dense elsewhere. The two agree up to float rounding.
     decoder: str = "auto"
-    checkpoint_every: int = 1000  # steps; 0 = never
-    log_every: int = 100
-    init_sample_tokens: int = 16384  # tokens for the input scale and the decoder-bias geometric median
-    buffer_chunks: int = 64
-    layer: int = 1  # residual index in the store
+    checkpoint_every: int = non_negative(1000)  # steps; 0 = never
+    log_every: int = positive(100)
+    init_sample_tokens: int = positive(16384)  # tokens for the input scale and the decoder-bias geometric median
+    buffer_chunks: int = positive(64)
+    layer: int = non_negative(1)  # residual index in the store
     store: str = ""
     out: str = ""
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from emojax.config_loader import non_negative, positive
+
 STORE_DTYPES = ("bfloat16", "float32")
 
 
@@ -12,18 +14,20 @@ class DumpConfig:
     corpus: str = "runs/default/corpus"  # the corpus stage's output folder (manifest.json + shards/)
     model: str = "random:tiny"  # a Hugging Face-format checkpoint folder or a preset
     out: str = "runs/default/activations"  # a folder or a TensorStore kvstore URL (gs://..., s3://...)
-    layers: tuple[int, ...] = ()  # residual indices to capture; empty: about 1/3, 1/2 and 2/3 of the depth
+    # residual indices to capture; empty: about 1/3, 1/2 and 2/3 of the depth
+    layers: tuple[int, ...] = non_negative(())
     dtype: str = "bfloat16"  # token-level activations; pooled means are always float32
     model_dtype: str = "float32"
-    pool_start: int = 50  # pooled means average positions >= pool_start (the study's choice)
-    buckets: tuple[int, ...] = ()  # padded sequence lengths; empty: steps of ~1.33x up to the corpus max_tokens
-    tokens_per_batch: int = 8192  # batch rows per bucket = tokens_per_batch // bucket length
-    token_chunk_rows: int = 16384  # token rows per written shard of a token array (the write unit)
-    token_read_rows: int = 1024  # token rows per compressed chunk (the read unit)
-    doc_chunk_rows: int = 1024  # document rows per written shard of the per-document arrays
-    doc_read_rows: int = 128
-    writes_in_flight: int = 4  # written shards in flight before the loop waits for the oldest
-    mesh: tuple[int, ...] = ()  # (data, fsdp, tensor) over this process's devices; empty: all on data
+    pool_start: int = non_negative(50)  # pooled means average positions >= pool_start (the study's choice)
+    # padded sequence lengths; empty: steps of ~1.33x up to the corpus max_tokens
+    buckets: tuple[int, ...] = positive(())
+    tokens_per_batch: int = positive(8192)  # batch rows per bucket = tokens_per_batch // bucket length
+    token_chunk_rows: int = positive(16384)  # token rows per written shard of a token array (the write unit)
+    token_read_rows: int = positive(1024)  # token rows per compressed chunk (the read unit)
+    doc_chunk_rows: int = positive(1024)  # document rows per written shard of the per-document arrays
+    doc_read_rows: int = positive(128)
+    writes_in_flight: int = positive(4)  # written shards in flight before the loop waits for the oldest
+    mesh: tuple[int, ...] = positive(())  # (data, fsdp, tensor) over this process's devices; empty: all on data
     tokenizer: str = ""  # empty: the model's tokenizer (checkpoints) or "byte" (presets without one)
     verify: bool = False  # reread every complete shard first (checksums) and rewrite the damaged ones
 

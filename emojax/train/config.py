@@ -13,7 +13,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from emojax.config_loader import build, merge, parse_overrides, read_yaml
+from emojax.config_loader import (build, file_section, fraction, merge, non_negative, parse_overrides, positive,
+                                  range_violations, ranged, read_yaml)
 from emojax.errors import ConfigError
 from emojax.models.config import ModelConfig, RopeConfig
 
@@ -26,45 +27,43 @@ FORMAT_VERSION = 1
 class TrainConfig:
     out: str = "runs/default/lm"  # where train-lm writes the HF-format folder (not part of the fingerprint)
     # model shape (Llama family)
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 2
-    d_mlp: int = 688
-    vocab_size: int = 4096  # BPE vocabulary, specials included
-    seq_len: int = 256  # training row length; also the model's max_position_embeddings
-    rope_theta: float = 10_000.0
+    d_model: int = positive(256)
+    n_layers: int = positive(4)
+    n_heads: int = positive(4)
+    n_kv_heads: int = positive(2)
+    d_mlp: int = positive(688)
+    vocab_size: int = ranged(4096, 259)  # BPE vocabulary, specials included (>= 256 bytes + 3 specials)
+    seq_len: int = positive(256)  # training row length; also the model's max_position_embeddings
+    rope_theta: float = positive(10_000.0)
     tie_embeddings: bool = False
     # data: stories of the built-in generator (every concept, spread over every topic) + neutral dialogues.
     # corpus_seed differs from the corpus stage's default seed 0, so the LM never sees those exact stories.
-    corpus_seed: int = 1
-    n_stories: int = 3000
-    neutral_per_topic: int = 3
-    eval_fraction: float = 0.05  # documents held out (by hash of doc_id) for perplexity
+    corpus_seed: int = non_negative(1)
+    n_stories: int = positive(3000)
+    neutral_per_topic: int = non_negative(3)
+    eval_fraction: float = ranged(0.05, 0, 0.5, lo_open=True)  # documents held out (by hash of doc_id)
     # optimisation: AdamW, linear warmup then cosine decay to min_lr_ratio * lr
-    batch_size: int = 4  # rows of seq_len tokens per step (small batches, many steps: best per CPU-minute)
-    steps: int = 280
-    lr: float = 5e-3
-    warmup_steps: int = 20
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    b2: float = 0.95
-    seed: int = 0  # parameter init and data order
-    checkpoint_every: int = 50  # steps between orbax checkpoints (a crash loses at most this many)
+    batch_size: int = positive(4)  # rows of seq_len tokens per step (small batches, many steps: best per CPU-minute)
+    steps: int = positive(280)
+    lr: float = positive(5e-3)
+    warmup_steps: int = non_negative(20)  # and < steps
+    min_lr_ratio: float = fraction(0.1)
+    weight_decay: float = non_negative(0.1)
+    grad_clip: float = positive(1.0)  # global norm
+    b2: float = ranged(0.95, 0, 1, hi_open=True)
+    seed: int = non_negative(0)  # parameter init and data order
+    checkpoint_every: int = positive(50)  # steps between orbax checkpoints (a crash loses at most this many)
 
     def __post_init__(self):
-        checks = {
-            "d_model must be a multiple of n_heads": self.d_model % self.n_heads == 0,
-            "n_heads must be a multiple of n_kv_heads": self.n_heads % max(self.n_kv_heads, 1) == 0,
-            "vocab_size must be >= 259 (256 bytes + 3 specials)": self.vocab_size >= 259,
-            "seq_len, batch_size, steps, n_stories must be >= 1":
-                min(self.seq_len, self.batch_size, self.steps, self.n_stories) >= 1,
-            "eval_fraction must be in (0, 0.5]": 0 < self.eval_fraction <= 0.5,
-            "warmup_steps must be in [0, steps)": 0 <= self.warmup_steps < self.steps,
-            "checkpoint_every must be >= 1": self.checkpoint_every >= 1,
-        }
-        failed = [msg for msg, ok in checks.items() if not ok]
+        # Single-field ranges are declared on the fields (and checked here too, for direct construction).
+        failed = range_violations(self)
+        if not failed:  # the checks across fields assume each field in range (no division by zero heads)
+            checks = {
+                "d_model must be a multiple of n_heads": self.d_model % self.n_heads == 0,
+                "n_heads must be a multiple of n_kv_heads": self.n_heads % self.n_kv_heads == 0,
+                "warmup_steps must be in [0, steps)": self.warmup_steps < self.steps,
+            }
+            failed = [msg for msg, ok in checks.items() if not ok]
         if failed:
             raise ValueError("; ".join(failed))
 
@@ -109,20 +108,24 @@ def load_train_config(config_file: str | Path | None = None, overrides: Sequence
                       section: str = "train") -> TrainConfig:
     """The `train:` section of a YAML file (or defaults) with key=value overrides; `preset: NAME` picks the base.
 
-    Unknown keys and wrong types raise ConfigError naming the key and the file.
+    Unknown keys, wrong types and out-of-range values raise ConfigError naming the key and the file.
     """
     values: dict = {}
     source = "defaults"
     if config_file is not None:
         source = str(config_file)
-        values = read_yaml(config_file).get(section) or {}
-        if not isinstance(values, dict):
-            raise ConfigError(f"{config_file}: section {section!r} must be a mapping")
+        values = file_section(read_yaml(config_file), section, source)
     if overrides:
-        values = merge(values, parse_overrides(overrides))
         source += " + overrides"
+        values = merge(values, parse_overrides(overrides), source)
+    return train_config_from_section(values, source, section)
+
+
+def train_config_from_section(values: dict, source: str, section: str = "train",
+                              default_preset: str = "default") -> TrainConfig:
+    """A parsed `train:` mapping (`preset: NAME` plus fields) as a TrainConfig, without turning it back into text."""
     values = dict(values)
-    preset = values.pop("preset", "default")
-    if preset not in PRESETS:
+    preset = values.pop("preset", default_preset)
+    if not isinstance(preset, str) or preset not in PRESETS:
         raise ConfigError(f"{source}: {section}.preset={preset!r} is not a preset; presets: {', '.join(PRESETS)}")
-    return build(TrainConfig, merge(PRESETS[preset], values), source, prefix=f"{section}.")
+    return build(TrainConfig, merge(PRESETS[preset], values, source), source, prefix=f"{section}.")
