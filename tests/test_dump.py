@@ -53,7 +53,7 @@ def test_activations_equal_a_direct_forward(corpus, reference, lm):
     buckets = tuple(state["fingerprints"]["capture"]["buckets"])
     rows = dict(zip(buckets, state["fingerprints"]["capture"]["batch_rows"]))
     doc = 0
-    for shard, where in zip(shards, state["shards"]):
+    for shard, _where in zip(shards, state["shards"]):
         for batch in plan_batches(shard.lengths, buckets, rows):
             tokens, mask = batch_arrays(batch, shard.tokens, shard.offsets)
             direct = lm(tokens, mask, capture=LAYERS, logits=False).hidden

@@ -4,16 +4,22 @@ Every array is [rows, ...] with the sharding_indexed codec: the outer chunk (a "
 the unit one writer commits, the inner chunk (`read_rows` rows) the unit a reader fetches; chunks are zstd
 compressed and each shard's index carries a crc32c checksum, so a corrupted shard is detected on read.
 Paths may be local folders or any TensorStore kvstore URL (gs://bucket/path, s3://..., memory://...).
+
+Every written unit is stored as a file (`c/<unit>` or `c/<unit>/0`), even one whose values all equal the fill
+value (TensorStore would otherwise skip it): so an absent file of a completed shard always means a lost file,
+never "all zeros" (completeness.py checks for them, since TensorStore reads an absent file as fill values).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
 import tensorstore as ts
 
 from emojax.errors import EmojaxError
+from emojax.fileio import disk_full
 
 
 class StoreError(EmojaxError):
@@ -34,6 +40,7 @@ def zarr3_spec(path: str, shape: tuple[int, ...], dtype: str, write_rows: int, r
     return {
         "driver": "zarr3",
         "kvstore": kvstore(path),
+        "store_data_equal_to_fill_value": True,  # see the module docstring: no unit may be silently absent
         "metadata": {
             "shape": list(shape),
             "data_type": dtype,
@@ -58,14 +65,30 @@ def create(path: str, shape: tuple[int, ...], dtype: str, write_rows: int, read_
         spec = zarr3_spec(path, shape, dtype, write_rows, read_rows)
         return ts.open(spec, create=True, delete_existing=replace).result()
     except ValueError as e:
-        raise StoreError(f"{path}: cannot create array ({e})") from None
+        raise write_error(path, e, "cannot create array") from None
 
 
 def open_array(path: str) -> ts.TensorStore:
+    """An existing array, opened so that writes store every unit (the same rule as `create`)."""
     try:
-        return ts.open({"driver": "zarr3", "kvstore": kvstore(path)}, open=True).result()
+        return ts.open({"driver": "zarr3", "kvstore": kvstore(path), "store_data_equal_to_fill_value": True},
+                       open=True).result()
     except ValueError as e:
         raise StoreError(f"{path}: cannot open array ({e})") from None
+
+
+# TensorStore reports OS errors inside a ValueError's text: "... No space left on device [os_error_code='28']".
+_DISK_FULL = re.compile(r"os_error_code='(28|122)'|No space left on device|Disk quota exceeded")
+
+
+def write_error(path: str, error: BaseException, doing: str = "cannot write") -> EmojaxError:
+    """The one-line error for a failed TensorStore write: a DiskFullError on ENOSPC/EDQUOT (what to do is the
+    same as for any file emojax writes), else a StoreError naming `path`."""
+    text = " ".join(str(error).split())
+    if _DISK_FULL.search(text):
+        return disk_full(path)
+    return StoreError(f"{path}: {doing} ({text}); is the disk full or the location read-only? Shards recorded as "
+                      "complete are kept; rerun to finish")
 
 
 def read_rows(array: ts.TensorStore, start: int, stop: int, source: str = "") -> np.ndarray:

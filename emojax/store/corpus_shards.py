@@ -67,6 +67,18 @@ def read_manifest(corpus: str) -> dict:
     return manifest
 
 
+def read_lengths(corpus: str, info: dict) -> tuple[list[str], np.ndarray]:
+    """One shard's document ids and token counts, reading only those two columns (a cheap check before any
+    compute: which documents are longer than the model can take)."""
+    path = join(corpus, "shards", info["name"])
+    fs, p = _filesystem(path)
+    try:
+        table = pq.read_table(p, columns=["doc_id", "n_tokens"], filesystem=fs)
+    except Exception as e:  # pyarrow raises several types for missing or damaged files
+        raise CorpusReadError(f"{path}: not a readable corpus shard ({e}); rebuild the corpus") from None
+    return table.column("doc_id").to_pylist(), np.asarray(table.column("n_tokens"), np.int64)
+
+
 def read_shard(corpus: str, info: dict) -> CorpusShard:
     """One shard, checked against the manifest's checksum and counts."""
     path = join(corpus, "shards", info["name"])

@@ -9,27 +9,33 @@ A corpus shard counts as complete only once every write of it has committed and 
 (shards/NAME.json) exists; a rerun skips complete shards and rewrites the others. Under jax.distributed each
 process takes the shards whose index is its process index modulo the process count; their row ranges are
 disjoint and write-unit aligned (layout.py), so processes share one store without coordination.
+
+One dump at a time writes a store (a WriterLock on its folder, see `_writer_lock`). store.json records the
+model by content (emojax.models.identity): a moved checkpoint resumes, another model is refused. Nothing wrong
+is written silently: documents longer than the model's position limit stop the dump before any compute, every
+batch's activations are checked finite on device, and a completed shard's absent file is an error (or, with
+verify, a shard to rewrite), never zeros.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import functools
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from emojax.errors import EmojaxError
+from emojax.locks import WriterLock
 from emojax.models import load_model, make_mesh
+from emojax.models.identity import describe_difference, model_identity, same_model
 from emojax.models.sharding import batch_multiple
 from emojax.store import corpus_shards
-from emojax.store.arrays import StoreError, read_rows
 from emojax.store.batches import batch_arrays, plan_batches, rows_per_bucket
+from emojax.store.checks import DumpError, check_positions, check_tokenizer, refuse_non_finite, refuse_too_long
+from emojax.store.completeness import damaged_shards
 from emojax.store.config import DumpConfig, default_buckets, default_layers
 from emojax.store.layout import ShardRange, StoreLayout, plan_layout
 from emojax.store.progress import DumpProgress
@@ -41,6 +47,7 @@ from emojax.store.state import (
     corpus_fingerprint,
     describe_mismatch,
 )
+from emojax.store.step import Step
 from emojax.store.writer import (
     DOC_ARRAYS,
     TOKEN_ID_GAP,
@@ -51,24 +58,39 @@ from emojax.store.writer import (
     layer_name,
     open_arrays,
 )
-from emojax.tokenizer import load_tokenizer
-
-
-class DumpError(EmojaxError):
-    """A dump that cannot start or continue (mismatched store, tokenizer or settings)."""
 
 
 def dump(config: DumpConfig, show_progress: bool = True, log=print, lm=None) -> dict:
     """Runs (or resumes) the dump stage; returns store.json's content.
 
     `lm`: an already loaded model to use instead of loading config.model (its compiled forwards are reused,
-    e.g. by a benchmark that warms up first); config.model still names it in the fingerprint.
+    e.g. by a benchmark that warms up first); config.model still names it in store.json when `lm` has no
+    checkpoint folder to identify it by.
     """
+    with _writer_lock(config.out):  # before the model loads: a second writer fails at once
+        return _dump(config, show_progress, log, lm)
+
+
+def _writer_lock(out: str):
+    """The store's WriterLock, for the whole write (verify included); readers never take it.
+
+    Object stores (gs://, s3://, ...) are skipped: fcntl locks exist only on a local file system, and those
+    stores have none to take. Under jax.distributed the processes of one dump write the same store by design
+    (disjoint shards), so only process 0 takes the lock: any second dump has a process 0 too and fails at once,
+    and its other processes never write, since they wait at the first barrier for their process 0.
+    """
+    if ("://" in out and not out.startswith("file://")) or jax.process_index() != 0:
+        return contextlib.nullcontext()
+    return WriterLock(out.removeprefix("file://"), what="activation store")
+
+
+def _dump(config: DumpConfig, show_progress: bool, log, lm) -> dict:
     manifest = corpus_shards.read_manifest(config.corpus)
     if lm is None:
         lm = load_model(config.model, dtype=config.model_dtype, mesh=_local_mesh(config.mesh))
     mesh = lm.mesh
-    tokenizer_sha = _check_tokenizer(config, lm, manifest)
+    tokenizer_sha = check_tokenizer(config, lm, manifest)
+    check_positions(config, lm, manifest)
     L = lm.config.n_layers
     layers = tuple(config.layers) or default_layers(L)
     bad = [i for i in layers if not 0 <= i <= L]
@@ -82,8 +104,9 @@ def dump(config: DumpConfig, show_progress: bool = True, log=print, lm=None) -> 
     specs = array_specs(layout.n_token_rows, layout.n_doc_rows, lm.config.d_model, layers, config.dtype,
                         (config.token_chunk_rows, config.token_read_rows),
                         (config.doc_chunk_rows, config.doc_read_rows))
-    fingerprints = {
-        "model": checkpoint_fingerprint(lm.source, lm.hf_config or dataclasses.asdict(lm.config)),
+    identity = getattr(lm, "identity", None) or model_identity(config.model)
+    fingerprints = {  # the model by content: its identity's id (path-free), compared as model_identity
+        "model": identity["id"],
         "tokenizer": tokenizer_sha,
         "corpus": corpus_fingerprint(manifest),
         "capture": {"layers": list(layers), "dtype": config.dtype, "model_dtype": config.model_dtype,
@@ -92,24 +115,27 @@ def dump(config: DumpConfig, show_progress: bool = True, log=print, lm=None) -> 
                     "doc_chunk_rows": config.doc_chunk_rows, "doc_read_rows": config.doc_read_rows},
     }
     folder = KeyValueFolder(config.out)
-    state = _open_or_create(folder, config, fingerprints, layout, layers, lm, manifest, specs)
+    state = _open_or_create(folder, config, fingerprints, identity, layout, layers, lm, manifest, specs)
     arrays = open_arrays(config.out, specs)
 
     done = _complete_shards(folder)
     rank, world = jax.process_index(), jax.process_count()
-    if config.verify:
-        for s in layout.shards:
-            if s.index % world == rank and s.name in done and not _readable(s, arrays, specs, log):
-                folder.delete(f"shards/{s.name}.json")
-                done.discard(s.name)
+    complete = [s for s in layout.shards if s.index % world == rank and s.name in done]
+    damaged = damaged_shards(config.out, config.verify, complete, arrays, specs, log)
+    for name in damaged:
+        folder.delete(f"shards/{name}.json")
+        done.discard(name)
+    if damaged and world == 1:  # store.json no longer lists them (multi-process: process 0 in _finish)
+        state = {**state, "complete_shards": sorted(set(state["complete_shards"]) - damaged), "complete": False}
+        folder.write_json("store.json", state)
     mine = [s for s in layout.shards if s.index % world == rank and s.name not in done]
     skipped = [s.name for s in layout.shards if s.index % world == rank and s.name in done]
     if skipped:
         log(f"dump: {len(skipped)} shard(s) already complete, skipped: {', '.join(skipped)}")
 
-    step = _Step(lm, layers, config.pool_start, config.dtype)
+    step = Step(lm, layers, config.pool_start, config.dtype)
     progress = DumpProgress(sum(s.n_tokens for s in mine), len(mine), enabled=show_progress)
-    writes = Writes(config.writes_in_flight)
+    writes = Writes(config.writes_in_flight, config.out)
     started = time.perf_counter()
     with progress, ThreadPoolExecutor(max_workers=1) as reader:
         infos = {s["name"]: s for s in manifest["shards"]}
@@ -119,7 +145,7 @@ def dump(config: DumpConfig, show_progress: bool = True, log=print, lm=None) -> 
             if k + 1 < len(mine):  # read the next shard while this one runs
                 upcoming.append(reader.submit(corpus_shards.read_shard, config.corpus, infos[mine[k + 1].name]))
             record = _dump_shard(shard, shard_range, arrays, layers, buckets, rows, step, writes, progress,
-                                 lm.config.vocab_size)
+                                 lm.config)
             writes.wait_all()  # every array write of the shard has committed: only now is it complete
             folder.write_json(f"shards/{shard.name}.json", record)
             if world == 1:
@@ -127,12 +153,14 @@ def dump(config: DumpConfig, show_progress: bool = True, log=print, lm=None) -> 
                 folder.write_json("store.json", state)
             progress.shard_done()
     seconds = time.perf_counter() - started
-    state = _finish(folder, state, layout, world)
     summary = {"tokens": progress.tokens, "documents": progress.documents, "seconds": round(seconds, 3),
                "tokens_per_s": progress.tokens / max(seconds, 1e-9),
                "mb_written": writes.bytes_written / 1e6, "mb_per_s": writes.bytes_written / 1e6 / max(seconds, 1e-9),
                "shards_written": len(mine), "shards_skipped": len(skipped), "process": rank}
-    folder.write_json(f"summary/process-{rank:03d}.json", summary)
+    summary_key = f"summary/process-{rank:03d}.json"
+    if mine or folder.read_json(summary_key) is None:  # a run that wrote nothing leaves the last one's summary
+        folder.write_json(summary_key, summary)
+    state = _finish(folder, state, layout, world)
     log(f"dump: {summary['tokens']:,} tokens, {summary['documents']:,} documents from {len(mine)} shard(s) in "
         f"{seconds:.1f} s: {summary['tokens_per_s']:,.0f} tokens/s, {summary['mb_per_s']:,.1f} MB/s written"
         f"{'' if state['complete'] else ' (other processes still writing)'}")
@@ -144,29 +172,13 @@ def _local_mesh(shape: tuple[int, ...]):
     return make_mesh(tuple(shape) if shape else (len(devices), 1, 1), devices)
 
 
-def _check_tokenizer(config: DumpConfig, lm, manifest: dict) -> str:
-    """The corpus must have been tokenized by the tokenizer this model reads."""
-    if config.tokenizer:
-        tokenizer, name = load_tokenizer(config.tokenizer), config.tokenizer
-    elif lm.tokenizer is not None:
-        tokenizer, name = lm.tokenizer, f"the tokenizer.json of {lm.source}"
-    else:
-        tokenizer, name = load_tokenizer("byte"), "byte (the default for a model without tokenizer.json)"
-    if tokenizer.fingerprint != manifest["tokenizer_sha256"]:
-        raise DumpError(f"{corpus_shards.join(config.corpus, 'manifest.json')}: the corpus was tokenized with "
-                        f"{manifest.get('tokenizer')!r} (sha256 {manifest['tokenizer_sha256'][:12]}), but the dump "
-                        f"uses {name} (sha256 {tokenizer.fingerprint[:12]}); rebuild the corpus with "
-                        "corpus.tokenizer set to the model's tokenizer, or set dump.tokenizer")
-    return tokenizer.fingerprint
-
-
-def _open_or_create(folder: KeyValueFolder, config: DumpConfig, fingerprints: dict, layout: StoreLayout,
-                    layers: tuple[int, ...], lm, manifest: dict, specs) -> dict:
+def _open_or_create(folder: KeyValueFolder, config: DumpConfig, fingerprints: dict, identity: dict,
+                    layout: StoreLayout, layers: tuple[int, ...], lm, manifest: dict, specs) -> dict:
     state = folder.read_json("store.json") if jax.process_index() == 0 else None
     if jax.process_index() == 0 and state is None:
         create_arrays(config.out, specs)
         state = {
-            "format": STORE_FORMAT, "fingerprints": fingerprints, "layers": list(layers),
+            "format": STORE_FORMAT, "fingerprints": fingerprints, "model_identity": identity, "layers": list(layers),
             "d_model": lm.config.d_model, "n_layers": lm.config.n_layers, "dtype": config.dtype,
             "pool_start": config.pool_start, "model": config.model, "corpus": config.corpus,
             "label_ids": manifest["label_ids"], "split_codes": SPLIT_CODES,
@@ -181,7 +193,9 @@ def _open_or_create(folder: KeyValueFolder, config: DumpConfig, fingerprints: di
         state = folder.read_json("store.json")
     if state.get("format") != STORE_FORMAT:
         raise DumpError(f"{config.out}/store.json: not an emojax activation store ({state.get('format')!r})")
-    diff = describe_mismatch(state["fingerprints"], fingerprints)
+    stored = dict(state["fingerprints"])
+    diff = _model_difference(stored.pop("model", None), state, identity, config, lm)
+    diff += describe_mismatch(stored, {k: v for k, v in fingerprints.items() if k != "model"})
     if diff:
         raise DumpError(f"{config.out}: the existing store was written with other inputs or settings:\n  "
                         + "\n  ".join(diff)
@@ -189,22 +203,22 @@ def _open_or_create(folder: KeyValueFolder, config: DumpConfig, fingerprints: di
     return state
 
 
-def _readable(where: ShardRange, arrays: dict, specs, log) -> bool:
-    """Reads every row of a complete shard back (checksums verified); False if any is damaged."""
-    for spec in specs:
-        start = where.token_start if spec.per == "token" else where.doc_start
-        count = where.n_tokens if spec.per == "token" else where.n_docs
-        unit = spec.write_rows
-        try:
-            read_rows(arrays[spec.name], start, start + -(-count // unit) * unit, spec.name)
-        except StoreError as e:
-            log(f"dump: verify: {where.name} will be rewritten: {e}")
-            return False
-    return True
+def _model_difference(legacy: str | None, state: dict, identity: dict, config: DumpConfig, lm) -> list[str]:
+    """[] when the store's model is this run's by content (wherever either lives), else the line saying how."""
+    stored = state.get("model_identity")
+    if stored is not None:
+        if same_model(stored, identity):
+            return []
+        how = describe_difference(stored, identity)
+    else:  # a store from before model identities: only its path-and-header fingerprint can be compared
+        if legacy == checkpoint_fingerprint(lm.source, lm.hf_config or dataclasses.asdict(lm.config)):
+            return []
+        how = "the store predates content identities, so a moved checkpoint counts as another model"
+    return [f"model: store has {state.get('model')!r}, this run has {config.model!r} ({how})"]
 
 
 def _complete_shards(folder: KeyValueFolder) -> set[str]:
-    return {key[len("shards/"):-len(".json")] for key in folder.list("shards/")}
+    return {key[len("shards/"):-len(".json")] for key in folder.list("shards/") if key.endswith(".json")}
 
 
 def _finish(folder: KeyValueFolder, state: dict, layout: StoreLayout, world: int) -> dict:
@@ -213,10 +227,12 @@ def _finish(folder: KeyValueFolder, state: dict, layout: StoreLayout, world: int
     if jax.process_index() == 0:
         done = _complete_shards(folder)
         records = [folder.read_json(f"shards/{s.name}.json") for s in layout.shards if s.name in done]
-        state = {**state, "complete_shards": sorted(done & {s.name for s in layout.shards}),
-                 "short_docs": sum(r["short_docs"] for r in records)}
-        state["complete"] = len(state["complete_shards"]) == len(layout.shards)
-        folder.write_json("store.json", state)
+        new = {**state, "complete_shards": sorted(done & {s.name for s in layout.shards}),
+               "short_docs": sum(r["short_docs"] for r in records)}
+        new["complete"] = len(new["complete_shards"]) == len(layout.shards)
+        if new != state:  # a rerun over a complete store (verify included) rewrites no file
+            folder.write_json("store.json", new)
+        state = new
     _barrier("emojax-dump-recorded")
     return folder.read_json("store.json") if jax.process_index() else state
 
@@ -228,43 +244,12 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-class _Step:
-    """The jitted forward (hidden states only, layers past the deepest capture skipped) and the on-device
-    reduction to what is stored: activations cast to the store dtype and pooled means in float32."""
-
-    def __init__(self, lm, layers: tuple[int, ...], pool_start: int, dtype: str):
-        self.lm, self.pool_start = lm, pool_start
-        self.forward = lm._forward_fn(layers, None, logits=False)
-        self.reduce = _reduce_fn(pool_start, dtype)
-
-    def __call__(self, tokens: np.ndarray, mask: np.ndarray):
-        with self.lm._precision():
-            out = self.forward(self.lm.params, tokens, mask, None, None)
-        return self.reduce(out.hidden, jnp.asarray(mask))
-
-
-@functools.lru_cache(maxsize=None)
-def _reduce_fn(pool_start: int, dtype: str):
-    return jax.jit(partial(_reduce, pool_start=pool_start, dtype=jnp.dtype(dtype)))
-
-
-def _reduce(hidden, mask_BT, *, pool_start: int, dtype):
-    T = mask_BT.shape[1]
-    valid_BT = mask_BT.astype(bool)
-    n_B = valid_BT.sum(axis=1)
-    # Positions >= pool_start; documents no longer than pool_start are pooled over all their tokens.
-    pooled_BT = valid_BT & ((jnp.arange(T)[None, :] >= pool_start) | (n_B[:, None] <= pool_start))
-    count_B = pooled_BT.sum(axis=1)
-    weights_BT = pooled_BT.astype(jnp.float32) / jnp.maximum(count_B, 1)[:, None].astype(jnp.float32)
-    pooled = tuple(jnp.einsum("BTD,BT->BD", h.astype(jnp.float32), weights_BT,
-                              precision=jax.lax.Precision.HIGHEST) for h in hidden)
-    return tuple(h.astype(dtype) for h in hidden), pooled, count_B
-
-
 def _dump_shard(shard: corpus_shards.CorpusShard, where: ShardRange, arrays: dict, layers: tuple[int, ...],
-                buckets: tuple[int, ...], rows: dict[int, int], step: _Step, writes: Writes, progress,
-                vocab_size: int) -> dict:
+                buckets: tuple[int, ...], rows: dict[int, int], step: Step, writes: Writes, progress,
+                model_config) -> dict:
     """Writes one corpus shard's rows; returns its completion record (written by the caller after commit)."""
+    vocab_size = model_config.vocab_size
+    refuse_too_long(shard.name, shard.doc_ids, shard.lengths, model_config)
     if shard.tokens.size and (shard.tokens.min() < 0 or shard.tokens.max() >= vocab_size):
         bad = int(np.searchsorted(shard.offsets, int(np.argmax((shard.tokens < 0) | (shard.tokens >= vocab_size))),
                                   side="right") - 1)
@@ -286,8 +271,11 @@ def _dump_shard(shard: corpus_shards.CorpusShard, where: ShardRange, arrays: dic
 
     def collect():
         nonlocal position
-        batch, mask, (tokens_out, pooled_out, count) = pending.popleft()
+        batch, mask, (tokens_out, pooled_out, count, finite) = pending.popleft()
         n = len(batch.docs)
+        finite = np.asarray(finite)[:, :n]
+        if not finite.all():
+            refuse_non_finite(shard, batch.docs, layers, finite)
         real = mask[:n].astype(bool)
         for layer, t, p in zip(layers, tokens_out, pooled_out):
             token_rows[layer].append(np.asarray(t)[:n][real])  # pad positions never reach the store

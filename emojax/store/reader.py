@@ -10,6 +10,11 @@ Token batches come from whole read chunks (the store's inner chunks) taken in a 
 `buffer_chunks` at a time, whose valid rows (gap rows are skipped) are shuffled in memory. The sequence is a
 pure function of (seed, batch_size, buffer_chunks, split), so a run restarted at batch k sees exactly the
 batches it would have seen. Read throughput is counted in `read_stats`.
+
+Only completed shards are data. A file absent from one (deleted, never copied) is a StoreError naming it, found
+by one key listing per array on its first read (completeness.py), since TensorStore would return zeros. With
+`allow_incomplete`, the documents of shards still being written are left out of `docs` and everything built
+on it, so no unwritten row is ever read as a document.
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from emojax.store.arrays import StoreError, open_array, read_rows
+from emojax.store.completeness import MissingFile, missing_files
+from emojax.store.layout import ShardRange
 from emojax.store.state import SPLIT_CODES, KeyValueFolder
-from emojax.store.writer import DOC_ARRAYS, array_path, layer_name
+from emojax.store.writer import DOC_ARRAYS, array_path, layer_name, rows_kind
 
 NEUTRAL_ID = -1
 
@@ -85,16 +92,30 @@ class ActivationStore:
         self.label_names: dict[int, str] = {v: k for k, v in self.label_ids.items()}
         self._folder = folder
         self._arrays: dict = {}
+        self._missing: dict[str, list[MissingFile]] = {}
         self._docs: DocTable | None = None
+        done = set(state["complete_shards"])
+        if not state.get("complete"):  # a dump in progress records shards here before store.json lists them
+            done |= {k[len("shards/"):-len(".json")] for k in folder.list("shards/") if k.endswith(".json")}
+        self.complete_shards = [ShardRange(*(s[f] for f in ShardRange.__dataclass_fields__))
+                                for s in state["shards"] if s["name"] in done]  # in store order
 
     # ---- arrays and metadata
 
     def _array(self, name: str):
         if name not in self._arrays:
-            self._arrays[name] = open_array(array_path(self.path, name))
+            array = open_array(array_path(self.path, name))
+            self._missing[name] = missing_files(array_path(self.path, name), name, array, rows_kind(name),
+                                                self.complete_shards)
+            self._arrays[name] = array
         return self._arrays[name]
 
     def _read(self, name: str, start: int, stop: int) -> np.ndarray:
+        self._array(name)
+        for m in self._missing[name]:
+            if m.start < stop and start < m.stop:
+                raise StoreError(f"{m.describe(self.path)}: its rows would read as zeros; rerun the dump with "
+                                 "dump.verify=true to rewrite them")
         t = time.perf_counter()
         out = read_rows(self._array(name), start, stop, f"{self.path}/{name}")
         self.stats.seconds += time.perf_counter() - t
@@ -112,7 +133,10 @@ class ActivationStore:
         if self._docs is None:
             n = self.state["n_doc_rows"]
             cols = {name: self._read(name, 0, n) for name in DOC_ARRAYS}
-            keep = cols["doc_split"] >= 0
+            written = np.zeros(n, bool)  # rows of completed shards; the rest may never have been written
+            for shard in self.complete_shards:
+                written[shard.doc_start:shard.doc_start + shard.n_docs] = True
+            keep = written & (cols["doc_split"] >= 0)
             self._docs = DocTable(rows=np.flatnonzero(keep), label_id=cols["doc_label_id"][keep],
                                   split=cols["doc_split"][keep], token_start=cols["doc_token_start"][keep],
                                   n_tokens=cols["doc_n_tokens"][keep], n_pooled=cols["doc_n_pooled"][keep])
@@ -121,10 +145,11 @@ class ActivationStore:
     def doc_ids(self) -> list[str]:
         """Document ids in store order (the order of `docs`)."""
         ids: list[str] = []
-        for shard in self.state["shards"]:
-            record = self._folder.read_json(f"shards/{shard['name']}.json")
+        for shard in self.complete_shards:
+            record = self._folder.read_json(f"shards/{shard.name}.json")
             if record is None:
-                raise StoreError(f"{self.path}: shard {shard['name']} is not complete")
+                raise StoreError(f"{self.path}/shards/{shard.name}.json is missing, but store.json lists shard "
+                                 f"{shard.name} as complete; rerun the dump with dump.verify=true")
             ids += record["doc_ids"]
         return ids
 

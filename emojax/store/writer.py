@@ -42,13 +42,19 @@ class ArraySpec:
 
 def array_specs(n_token_rows: int, n_doc_rows: int, d_model: int, layers: tuple[int, ...], dtype: str,
                 token_rows: tuple[int, int], doc_rows: tuple[int, int]) -> list[ArraySpec]:
-    specs = [ArraySpec("token_ids", (n_token_rows,), "int32", *token_rows, "token")]
-    specs += [ArraySpec(name, (n_doc_rows,), dt, *doc_rows, "document") for name, (dt, _) in DOC_ARRAYS.items()]
+    specs = [ArraySpec("token_ids", (n_token_rows,), "int32", *token_rows, rows_kind("token_ids"))]
+    specs += [ArraySpec(name, (n_doc_rows,), dt, *doc_rows, rows_kind(name)) for name, (dt, _) in DOC_ARRAYS.items()]
     for layer in layers:
-        specs.append(ArraySpec(f"{layer_name(layer)}/tokens", (n_token_rows, d_model), dtype, *token_rows, "token"))
-        specs.append(ArraySpec(f"{layer_name(layer)}/pooled", (n_doc_rows, d_model), "float32", *doc_rows,
-                               "document"))
+        name = f"{layer_name(layer)}/tokens"
+        specs.append(ArraySpec(name, (n_token_rows, d_model), dtype, *token_rows, rows_kind(name)))
+        name = f"{layer_name(layer)}/pooled"
+        specs.append(ArraySpec(name, (n_doc_rows, d_model), "float32", *doc_rows, rows_kind(name)))
     return specs
+
+
+def rows_kind(name: str) -> str:
+    """Whether an array has a row per token ("token") or per document ("document")."""
+    return "document" if name in DOC_ARRAYS or name.endswith("/pooled") else "token"
 
 
 def array_path(root: str, name: str) -> str:
@@ -73,10 +79,12 @@ def open_arrays(root: str, specs: list[ArraySpec]) -> dict[str, ts.TensorStore]:
 
 
 class Writes:
-    """Array writes in flight, at most `limit`; waiting on one that failed raises a StoreError."""
+    """Array writes in flight, at most `limit`; waiting on one that failed raises a StoreError (a DiskFullError
+    when the disk is full)."""
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, root: str = ""):
         self.limit = limit
+        self.root = root  # the store, so that an error names the array's full path
         self.pending: deque = deque()
         self.bytes_written = 0
 
@@ -97,8 +105,8 @@ class Writes:
             future.commit.result()
         except Exception as e:  # tensorstore reports I/O failures as ValueError or OSError
             self.pending.clear()
-            raise StoreError(f"{what}: writing rows {start}:{stop} failed ({e}); is the disk full or the "
-                             "location read-only? Shards recorded as complete are kept; rerun to finish") from None
+            path = array_path(self.root, what) if self.root else what
+            raise arrays.write_error(path, e, f"writing rows {start}:{stop} failed") from None
         self.bytes_written += nbytes
 
 

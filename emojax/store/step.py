@@ -1,0 +1,48 @@
+"""The dump's device step: the jitted forward and the on-device reduction to what is stored."""
+
+from __future__ import annotations
+
+import functools
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class Step:
+    """The jitted forward (hidden states only, layers past the deepest capture skipped) and the on-device
+    reduction to what is stored: activations cast to the store dtype, pooled means in float32, and whether each
+    document's activations are all finite (checked on device, so the host reads back B booleans per layer)."""
+
+    def __init__(self, lm, layers: tuple[int, ...], pool_start: int, dtype: str):
+        self.lm, self.pool_start = lm, pool_start
+        self.forward = lm._forward_fn(layers, None, logits=False)
+        self.reduce = _reduce_fn(pool_start, dtype)
+
+    def __call__(self, tokens: np.ndarray, mask: np.ndarray):
+        """tokens, mask [B, T] -> (hidden [B, T, D] per layer, pooled [B, D] per layer, count [B],
+        finite [L, B] bool)."""
+        with self.lm._precision():
+            out = self.forward(self.lm.params, tokens, mask, None, None)
+        return self.reduce(out.hidden, jnp.asarray(mask))
+
+
+@functools.cache
+def _reduce_fn(pool_start: int, dtype: str):
+    return jax.jit(partial(_reduce, pool_start=pool_start, dtype=jnp.dtype(dtype)))
+
+
+def _reduce(hidden, mask_BT, *, pool_start: int, dtype):
+    T = mask_BT.shape[1]
+    valid_BT = mask_BT.astype(bool)
+    n_B = valid_BT.sum(axis=1)
+    # Positions >= pool_start; documents no longer than pool_start are pooled over all their tokens.
+    pooled_BT = valid_BT & ((jnp.arange(T)[None, :] >= pool_start) | (n_B[:, None] <= pool_start))
+    count_B = pooled_BT.sum(axis=1)
+    weights_BT = pooled_BT.astype(jnp.float32) / jnp.maximum(count_B, 1)[:, None].astype(jnp.float32)
+    pooled = tuple(jnp.einsum("BTD,BT->BD", h.astype(jnp.float32), weights_BT,
+                              precision=jax.lax.Precision.HIGHEST) for h in hidden)
+    # Only real tokens count: padding never reaches the store, whatever the forward made of it.
+    finite_LB = jnp.stack([jnp.all(jnp.isfinite(h) | ~valid_BT[:, :, None], axis=(1, 2)) for h in hidden])
+    return tuple(h.astype(dtype) for h in hidden), pooled, count_B, finite_LB
