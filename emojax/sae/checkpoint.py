@@ -1,6 +1,8 @@
 """SAE training checkpoints with orbax: the whole train state (params, Adam state, statistics, step) plus a JSON
 record (data position, input scale, the settings that fix the math). Saves are asynchronous; a run killed at
-any point resumes from the last committed checkpoint and reproduces the uninterrupted run exactly.
+any point resumes from the last committed checkpoint and reproduces the uninterrupted run exactly. Orbax commits a
+step by renaming its finished temporary folder, so a crash or a full disk never damages an earlier step; a full
+disk is a one-line DiskFullError.
 """
 
 from __future__ import annotations
@@ -11,6 +13,18 @@ import jax
 import orbax.checkpoint as ocp
 
 from emojax.errors import CheckpointError
+from emojax.fileio import disk_full, is_disk_full
+
+
+def _disk_full_cause(error: BaseException) -> bool:
+    """ENOSPC/EDQUOT anywhere in the chain (orbax re-raises a writer thread's error wrapped)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if is_disk_full(error):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
 
 class SaeCheckpoints:
@@ -24,8 +38,23 @@ class SaeCheckpoints:
         return self.manager.latest_step()
 
     def save(self, step: int, state, meta: dict, force: bool = False) -> bool:
-        return self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                               meta=ocp.args.JsonSave(meta)), force=force)
+        try:
+            return self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                                   meta=ocp.args.JsonSave(meta)), force=force)
+        except Exception as e:
+            self._raise_disk_full(e, step)
+            raise
+
+    def meta(self) -> dict | None:
+        """The JSON record of the latest checkpoint, read without its state (compared before the state is)."""
+        step = self.manager.latest_step()
+        if step is None:
+            return None
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{self.directory}/{step}: cannot read the checkpoint's record ({e}); delete "
+                                  "that step folder to resume from the one before, or use another sae.out") from None
 
     def restore(self, abstract_state) -> tuple[object, dict] | None:
         """(state placed with the shardings of `abstract_state`, meta) of the latest checkpoint, or None."""
@@ -41,11 +70,21 @@ class SaeCheckpoints:
         return out["state"], out["meta"]
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            self._raise_disk_full(e, self.manager.latest_step())
+            raise
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
+
+    def _raise_disk_full(self, error: BaseException, step) -> None:
+        if _disk_full_cause(error):
+            raise disk_full(f"{self.directory}/{step}") from None
 
 
 def abstract_like(state, shardings):

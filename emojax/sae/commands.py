@@ -25,6 +25,8 @@ def cmd_sae(args) -> int:
     from pathlib import Path
 
     from emojax.errors import ConfigError
+    from emojax.fileio import write_json
+    from emojax.locks import WriterLock
     from emojax.sae.config import load_sae_config
     from emojax.sae.export import export_sae
     from emojax.sae.train import train_sae
@@ -32,16 +34,18 @@ def cmd_sae(args) -> int:
     config = load_sae_config(args.config, args.overrides)
     if not config.store or not config.out:
         raise ConfigError("sae.store and sae.out must be set (in the config file or as store=... out=...)")
-    result = train_sae(config, log=None if args.quiet else print)
-    summary = {"steps": config.steps, "tokens": result.tokens, "seconds": result.seconds,
-               "input_scale": result.input_scale, "saes": []}
-    for i in range(config.n_sae):
-        folder = export_sae(result.sae(i), Path(config.out) / f"sae_{i}", hook_layer=config.layer,
-                            extra={"sweep": config.sweep, "value": config.values(config.sweep)[i]
-                                   if config.sweep else None})
-        last = result.history[-1] if result.history else {}
-        summary["saes"].append({"folder": str(folder), **{k: v[i] for k, v in last.items()
-                                                         if isinstance(v, list)}})
-    (Path(config.out) / "sae.json").write_text(json.dumps(summary, indent=2))
+    # One writer for training and the exports together (train_sae re-enters the same lock).
+    with WriterLock(config.out, what="SAE output"):
+        result = train_sae(config, log=None if args.quiet else print)
+        summary = {"steps": config.steps, "tokens": result.tokens, "seconds": result.seconds,
+                   "input_scale": result.input_scale, "saes": []}
+        for i in range(config.n_sae):
+            folder = export_sae(result.sae(i), Path(config.out) / f"sae_{i}", hook_layer=config.layer,
+                                extra={"sweep": config.sweep, "value": config.values(config.sweep)[i]
+                                       if config.sweep else None})
+            last = result.history[-1] if result.history else {}
+            summary["saes"].append({"folder": str(folder), **{k: v[i] for k, v in last.items()
+                                                             if isinstance(v, list)}})
+        write_json(Path(config.out) / "sae.json", summary, indent=2)
     print(json.dumps(summary, indent=2))
     return 0

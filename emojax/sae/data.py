@@ -2,10 +2,13 @@
 
 A source yields batches with `acts [B, D]`, `rows [B]` (where each token came from, for error reports) and
 `index`; `batches(start)` restarts exactly at batch `start` (the data position kept in checkpoints).
+`identity()` names the data by content (a resumed run must read the same tokens; a moved store still does).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -21,6 +24,14 @@ class BatchSource(Protocol):
 
     def batches(self, start: int = 0) -> Iterator[TokenBatch]: ...
 
+    def identity(self) -> str: ...
+
+
+def source_identity(source: BatchSource) -> str:
+    """The source's content identity; "" for a source that has none (then a resume cannot check its data)."""
+    identity = getattr(source, "identity", None)
+    return identity() if callable(identity) else ""
+
 
 @dataclass
 class ArraySource:
@@ -33,6 +44,13 @@ class ArraySource:
     @property
     def d_model(self) -> int:
         return int(self.acts.shape[1])
+
+    def identity(self) -> str:
+        """sha256 of the array's shape, dtype, bytes and the permutation seed."""
+        acts = np.ascontiguousarray(self.acts)
+        h = hashlib.sha256(f"{acts.shape}:{acts.dtype}:{self.seed}".encode())
+        h.update(acts.reshape(-1).view(np.uint8))
+        return h.hexdigest()
 
     def batches(self, start: int = 0) -> Iterator[TokenBatch]:
         per_epoch = len(self.acts) // self.batch_size
@@ -60,6 +78,14 @@ class StoreSource:
     @property
     def d_model(self) -> int:
         return self.store.d_model
+
+    def identity(self) -> str:
+        """sha256 of what store.json says about the content (fingerprints of model, tokenizer, corpus and capture
+        settings, shapes), never its path: a moved store keeps its identity, a re-dumped one does not."""
+        state = self.store.state
+        record = {"fingerprints": state.get("fingerprints"), "d_model": state.get("d_model"),
+                  "dtype": state.get("dtype"), "n_docs": state.get("n_docs"), "n_tokens": state.get("n_tokens")}
+        return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
 
     def batches(self, start: int = 0) -> Iterator[TokenBatch]:
         return iter(self.store.token_batches(self.layer, self.batch_size, seed=self.seed,

@@ -5,12 +5,13 @@
 
 The step is pure: dead-latent statistics (tokens since each latent fired) and every metric are outputs, read
 on the host one step late so the device never waits. A batch holding NaN/inf leaves the state unchanged (an
-on-device branch); the host sees the flag a step later and stops with the store rows of the bad tokens.
+on-device branch); the host sees the flag a step later and stops with the store rows of the bad tokens. Parameters
+that turn NaN/inf anyway (a diverging run) are flagged per SAE the same way, and the host stops before any
+checkpoint or export holds them. One writer at a time: training holds a WriterLock on config.out.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,19 +22,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from emojax.errors import EmojaxError
+from emojax.errors import CheckpointError, EmojaxError
+from emojax.locks import WriterLock
 from emojax.sae.checkpoint import SaeCheckpoints, abstract_like
 from emojax.sae.config import SaeConfig
-from emojax.sae.data import BatchSource, StoreSource, sample_rows
+from emojax.sae.data import BatchSource, StoreSource, sample_rows, source_identity
+from emojax.sae.fingerprint import differences, fingerprint
 from emojax.sae.model import Sae
 from emojax.sae.sharding import BATCH_SPEC, sae_mesh, state_shardings
 from emojax.sae.variants import Variant, make_variant
-
-# Settings that change the math: a checkpoint written with other values is not resumed.
-FINGERPRINT_KEYS = ("variant", "n_latents", "k", "sparsity_coeff", "aux_k", "aux_coeff", "dead_after_tokens",
-                    "lr", "lr_warmup_steps", "lr_decay_frac", "batch_size", "steps", "seed", "sweep",
-                    "sweep_values", "layer", "jump_bandwidth", "jump_init_threshold", "threshold_decay")
-
 
 class NonFiniteBatchError(EmojaxError):
     """An input batch held NaN or inf; training stopped before the state was touched by it."""
@@ -43,6 +40,20 @@ class NonFiniteBatchError(EmojaxError):
         shown = ", ".join(str(int(r)) for r in rows[:10]) + (" ..." if len(rows) > 10 else "")
         super().__init__(f"SAE step {step}: the input batch holds NaN/inf at {len(rows)} token(s), store rows "
                          f"[{shown}]; fix or re-dump those documents (the state before this batch is intact)")
+
+
+class NonFiniteParamsError(EmojaxError):
+    """The parameters of some SAE(s) of the sweep turned NaN/inf: training diverged. Nothing from that step on
+    was checkpointed or exported."""
+
+    def __init__(self, step: int, saes: list[int], config: SaeConfig):
+        self.step, self.saes = step, saes
+        names = ", ".join(f"{i} ({config.sweep}={config.values(config.sweep)[i]})" if config.sweep else str(i)
+                          for i in saes)
+        where = f"; the checkpoints in {config.out}/checkpoints before it are intact" if config.out else ""
+        super().__init__(f"SAE step {step}: the parameters of SAE {names} of the sweep became NaN/inf (training "
+                         f"diverged; nothing from this step on was checkpointed or exported{where}); lower sae.lr "
+                         "or raise sae.lr_warmup_steps and train again in another sae.out")
 
 
 def lr_schedule(config: SaeConfig) -> optax.Schedule:
@@ -165,7 +176,11 @@ class SaeTrainer:
         any_dead = jnp.any(state["stats"]["since_fired"] >= self.config.dead_after_tokens)
         branch = jnp.where(finite, 1 + any_dead.astype(jnp.int32), 0)
         new, metrics = jax.lax.switch(branch, [keep, partial(update, False), partial(update, True)])
-        return new, {**metrics, "finite": finite}
+        # Per SAE [S]: are its parameters finite after this step? The host stops before saving or exporting a
+        # state that fails it (a pass over the parameters: small next to the step's matmuls).
+        params_finite = jnp.stack([jnp.all(jnp.isfinite(v.reshape(v.shape[0], -1)), axis=1)
+                                   for v in jax.tree.leaves(new["params"])]).all(0)
+        return new, {**metrics, "finite": finite, "params_finite": params_finite}
 
     def run_step(self, state, acts_BD: np.ndarray, input_scale: float):
         x = jax.device_put(np.asarray(acts_BD), self.batch_sharding)
@@ -189,18 +204,22 @@ class TrainResult:
                    int(self.config.values("k")[i]))
 
 
-def _fingerprint(config: SaeConfig, d_model: int) -> dict:
-    d = dataclasses.asdict(config)
-    return {**{k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in FINGERPRINT_KEYS}, "d_model": d_model}
-
-
 def train_sae(config: SaeConfig, source: BatchSource | None = None, log: Callable[[str], None] | None = print,
               on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
     """Trains config.n_sae SAEs for config.steps steps; resumes from config.out's checkpoints if present.
 
     source: token batches (default: the store at config.store, layer config.layer). on_step(step, metrics) is
-    called with each step's host metrics (one step late). Raises NonFiniteBatchError on NaN/inf input.
+    called with each step's host metrics (one step late). Raises NonFiniteBatchError on NaN/inf input,
+    NonFiniteParamsError if the parameters diverge, CheckpointError if config.out's checkpoints were written with
+    settings that change the math (emojax.sae.fingerprint), LockedError if another process writes config.out.
     """
+    if not config.out:
+        return _train(config, source, log, on_step)
+    with WriterLock(config.out, what="SAE output"):
+        return _train(config, source, log, on_step)
+
+
+def _train(config: SaeConfig, source: BatchSource | None, log, on_step) -> TrainResult:
     log = log or (lambda *_: None)
     if source is None:
         from emojax.store.reader import ActivationStore
@@ -208,16 +227,19 @@ def train_sae(config: SaeConfig, source: BatchSource | None = None, log: Callabl
         source = StoreSource(ActivationStore(config.store), config.layer, config.batch_size, config.seed,
                              config.buffer_chunks)
     trainer = SaeTrainer(config, source.d_model)
-    fingerprint = _fingerprint(config, source.d_model)
+    settings = fingerprint(config, source.d_model, trainer.variant, source_identity(source))
     ckpt = SaeCheckpoints(f"{config.out}/checkpoints", config.checkpoint_every) \
         if config.out and config.checkpoint_every else None
-    restored = ckpt.restore(trainer.abstract_state) if ckpt else None
+    meta = ckpt.meta() if ckpt else None
+    if meta is not None:  # the settings first: another shape would fail the state's restore less clearly
+        changed = differences(meta.get("fingerprint") or {}, settings)
+        if changed:
+            raise CheckpointError(f"{ckpt.directory}: written with other settings that change the math: "
+                                  f"{'; '.join(changed)}. Rerun with the checkpoint's settings to resume, or use "
+                                  "another sae.out to start over")
+    restored = ckpt.restore(trainer.abstract_state) if meta is not None else None
     if restored is not None:
         state, meta = restored
-        if meta["fingerprint"] != fingerprint:
-            changed = sorted(k for k in fingerprint if meta["fingerprint"].get(k) != fingerprint[k])
-            raise EmojaxError(f"{config.out}/checkpoints: written with other settings ({changed}); "
-                              "use another sae.out or the original settings")
         scale, position = float(meta["input_scale"]), int(meta["data_position"])
         log(f"sae: resuming at step {int(state['step'])} (data position {position})")
     else:
@@ -234,10 +256,14 @@ def train_sae(config: SaeConfig, source: BatchSource | None = None, log: Callabl
         if not bool(host["finite"]):
             bad = ~np.isfinite(np.asarray(batch.acts, np.float32)).all(axis=1)
             raise NonFiniteBatchError(s, np.asarray(batch.rows)[bad])
+        diverged = np.flatnonzero(~np.asarray(host["params_finite"]))
+        if diverged.size:
+            raise NonFiniteParamsError(s, diverged.tolist(), config)
         if on_step:
             on_step(s, host)
         if config.log_every and (s % config.log_every == 0 or s == config.steps):
-            history.append({"step": s, **{k: np.asarray(v).tolist() for k, v in host.items() if k != "finite"}})
+            history.append({"step": s, **{k: np.asarray(v).tolist() for k, v in host.items()
+                                          if k not in ("finite", "params_finite")}})
             log(f"sae step {s}: " + " ".join(f"{k}={np.round(np.asarray(v), 4).tolist()}"
                                              for k, v in host.items() if k in ("mse", "fvu", "l0", "dead_frac")))
 
@@ -251,10 +277,10 @@ def train_sae(config: SaeConfig, source: BatchSource | None = None, log: Callabl
                 drain(pending)
             pending = (step, metrics, batch)
             if ckpt and (step % config.checkpoint_every == 0 or step == config.steps):
-                drain(pending)  # never checkpoint past a bad batch
+                drain(pending)  # never checkpoint past a bad batch or non-finite parameters
                 pending = None
                 ckpt.save(step, state, {"data_position": position, "input_scale": scale,
-                                        "fingerprint": fingerprint}, force=step == config.steps)
+                                        "fingerprint": settings}, force=step == config.steps)
         if pending is not None:
             drain(pending)
     finally:
