@@ -2,14 +2,21 @@
 
     read (built-in generator | JSONL/CSV/Parquet files)
       -> validate   (empty text, invalid UTF-8, unknown label, over-long text, missing column -> rejected)
+      -> unique ids (a doc id seen twice: the first by source and location is kept, the rest rejected)
       -> normalise  (NFC, whitespace)
       -> dedupe     (exact, on sha256 of the normalised text; the smallest doc_id is kept)
       -> split      (train/val/test by sha256 of the doc id; implicit scenarios are their own split)
-      -> tokenize   (the model's tokenizer, created once per worker)
+      -> tokenize   (the model's tokenizer, created once per worker; rows cut to max_tokens, counted)
       -> shards     (fixed count, rows sorted by doc_id) + rejected.jsonl + manifest.json
 
 Runs on any Beam runner. Every output is a pure function of the input and the config (hashes, sorted rows,
 no timestamps), so shards and manifest are byte-identical across runners and worker counts.
+
+Nothing is dropped silently: every input row is written, rejected or deduplicated, each rejection is in
+rejected.jsonl with its source, location and reason, and the manifest is written only if
+documents_in == documents_written + rejected + deduplicated. Every file is written to a temporary name and
+renamed over the old one (local paths through emojax.fileio, fsynced), so a crash or a full disk leaves whole
+files; a rerun rewrites them all.
 """
 
 from __future__ import annotations
@@ -32,8 +39,10 @@ from emojax.corpus.catalogue import NEUTRAL, load_catalogue
 from emojax.corpus.config import CorpusConfig
 from emojax.corpus.generator import implicit_scenarios, neutral_dialogue, story, validate_story
 from emojax.corpus.readers import RawRecord, read_label_names, read_records
+from emojax.fileio import write_bytes
 
 REJECTED = "rejected"
+TRUNCATED = "truncated"
 SHARD_SCHEMA = pa.schema([
     ("doc_id", pa.string()), ("text_sha256", pa.string()), ("label", pa.string()), ("label_id", pa.int32()),
     ("label_ids", pa.list_(pa.int32())), ("split", pa.string()), ("tokens", pa.list_(pa.int32())),
@@ -154,6 +163,23 @@ def normalise_record(record: RawRecord) -> RawRecord:
     return dataclasses.replace(record, text=normalise(record.text))
 
 
+def location_key(source: str, location: str) -> tuple:
+    """Orders locations naturally ("line 9" before "line 10")."""
+    return (source, *(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", location)))
+
+
+def keep_first_id(item: tuple[str, Iterable[RawRecord]]):
+    """Of records with the same doc id, keeps the first by source and location; the rest are rejected (two
+    rows with one id would make the split, the shard and every later per-document lookup ambiguous)."""
+    doc_id, records = item
+    first, *rest = sorted(records, key=lambda r: (*location_key(r.source, r.location), r.text or ""))
+    yield first
+    for r in rest:
+        yield beam.pvalue.TaggedOutput(REJECTED, rejection(
+            r, f"duplicate doc id {doc_id!r}, first at {first.source} {first.location}; doc ids must be unique "
+               "(fix the repeated id, or set reader.id_column to a unique column)", kind="duplicate_id"))
+
+
 def keep_first(item: tuple[str, Iterable[RawRecord]]):
     """Of records with the same normalised text, keeps the smallest doc_id; the rest are rejected."""
     _, records = item
@@ -173,7 +199,7 @@ def assign_split(record: RawRecord, val_fraction: float, test_fraction: float) -
 
 
 class Tokenize(beam.DoFn):
-    """Record -> shard row; the tokenizer is loaded once per worker."""
+    """Record -> shard row, cut to max_tokens; the doc id of each cut row also goes to the 'truncated' output."""
 
     def __init__(self, config: CorpusConfig, label_ids: dict[str, int]):
         self.config = config
@@ -185,7 +211,10 @@ class Tokenize(beam.DoFn):
         self.tokenizer = load_tokenizer(self.config.tokenizer)
 
     def process(self, record: RawRecord):
-        tokens = self.tokenizer.encode(record.text)[: self.config.max_tokens]
+        tokens = self.tokenizer.encode(record.text)
+        if len(tokens) > self.config.max_tokens:
+            tokens = tokens[: self.config.max_tokens]
+            yield beam.pvalue.TaggedOutput(TRUNCATED, record.doc_id)
         ids = [self.label_ids[label] for label in record.labels]
         yield {
             "doc_id": record.doc_id, "text_sha256": sha256_hex(record.text), "label": ",".join(record.labels),
@@ -202,6 +231,8 @@ PACKED_SCHEMA = pa.schema([("tokens", pa.list_(pa.int32())), ("n_real", pa.int32
 def pack(rows: list[dict], length: int, pad_id: int) -> list[dict]:
     """Train-split token rows concatenated in doc_id order and cut into rows of exactly `length` tokens (for
     SAE training). The last row is padded with `pad_id`; `n_real` counts its real tokens."""
+    if length < 1:
+        raise ValueError(f"pack_length must be a positive number of tokens, got {length}")
     packed, current, ids = [], [], []
     for r in rows:
         if r["split"] != "train":
@@ -245,6 +276,9 @@ def write_shard(item: tuple[int, dict], out: str, n_shards: int, pack_length: in
 
 
 def _write_atomic(path: str, data: bytes) -> None:
+    if "://" not in path:  # a local file: temp + fsync + rename, a full disk is a DiskFullError naming it
+        write_bytes(path, data)
+        return
     tmp = path + ".tmp"
     with FileSystems.create(tmp) as f:
         f.write(data)
@@ -254,7 +288,7 @@ def _write_atomic(path: str, data: bytes) -> None:
 
 
 def write_rejected(rejected: list[dict], out: str) -> int:
-    rejected = sorted(rejected, key=lambda r: (r["source"], r["location"], r["doc_id"], r["reason"]))
+    rejected = sorted(rejected, key=lambda r: (*location_key(r["source"], r["location"]), r["doc_id"], r["reason"]))
     _write_atomic(FileSystems.join(out, "rejected.jsonl"),
                   "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejected).encode())
     return len(rejected)
@@ -262,7 +296,9 @@ def write_rejected(rejected: list[dict], out: str) -> int:
 
 def write_manifest(_, out: str, config: CorpusConfig, tokenizer_fingerprint: str, label_ids: dict[str, int],
                    shards: list[dict], counts: list[tuple[tuple[str, str], int]], rejected: list[dict],
-                   n_in: int) -> dict:
+                   n_in: int, n_truncated: int = 0) -> dict:
+    """Writes manifest.json, after checking that every input row is accounted for (else `AccountingError`
+    and no manifest)."""
     per_label: dict[str, dict[str, int]] = {}
     for (label, split), n in sorted(counts):
         per_label.setdefault(label, {})[split] = n
@@ -270,20 +306,31 @@ def write_manifest(_, out: str, config: CorpusConfig, tokenizer_fingerprint: str
     for (_, split), n in counts:
         per_split[split] = per_split.get(split, 0) + n
     deduped = sum(1 for r in rejected if r["kind"] == "duplicate")
+    written = sum(s["rows"] for s in shards)
+    if n_in != written + len(rejected):
+        raise AccountingError(f"{FileSystems.join(out, 'manifest.json')}: {n_in} documents in, but {written} "
+                              f"written + {len(rejected) - deduped} rejected + {deduped} deduplicated = "
+                              f"{written + len(rejected)}; rows were lost or duplicated inside the pipeline (a bug: "
+                              "please report it). No manifest was written.")
     manifest = {
         "format": "emojax-corpus-v1",
         "config_sha256": config.fingerprint(),
         "tokenizer": config.tokenizer, "tokenizer_sha256": tokenizer_fingerprint,
         "max_tokens": config.max_tokens, "pack_length": config.pack_length,
         "label_ids": label_ids,
-        "documents_in": n_in, "documents_written": sum(s["rows"] for s in shards),
-        "rejected": len(rejected) - deduped, "deduplicated": deduped,
+        "documents_in": n_in, "documents_written": written,
+        "rejected": len(rejected) - deduped, "deduplicated": deduped, "documents_truncated": n_truncated,
         "tokens_written": sum(s["tokens"] for s in shards),
         "per_split": dict(sorted(per_split.items())), "per_label": per_label,
         "shards": sorted(shards, key=lambda s: s["name"]),
     }
-    _write_atomic(FileSystems.join(out, "manifest.json"), (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    _write_atomic(FileSystems.join(out, "manifest.json"),
+                  (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
     return manifest
+
+
+class AccountingError(RuntimeError):
+    """Input rows != written + rejected + deduplicated: a bug in the pipeline or the runner, never user input."""
 
 
 # ---- the pipeline --------------------------------------------------------------------------------------
@@ -310,12 +357,18 @@ def build(p: beam.Pipeline, config: CorpusConfig, tokenizer_fingerprint: str, pa
                  | "Generate" >> beam.FlatMap(generate_item, seed=config.generator.seed))
     n_in = raw | "CountIn" >> beam.combiners.Count.Globally()
     checked = raw | "Validate" >> beam.ParDo(Validate(label_ids, config.max_chars)).with_outputs(REJECTED, main="ok")
-    unique = (checked.ok
+    unique_ids = (checked.ok
+                  | "ById" >> beam.Map(lambda r: (r.doc_id, r))
+                  | "GroupById" >> beam.GroupByKey()
+                  | "UniqueIds" >> beam.FlatMap(keep_first_id).with_outputs(REJECTED, main="ok"))
+    unique = (unique_ids.ok
               | "Normalise" >> beam.Map(normalise_record)
               | "ByTextHash" >> beam.Map(lambda r: (sha256_hex(r.text), r))
               | "GroupByText" >> beam.GroupByKey()
               | "Dedupe" >> beam.FlatMap(keep_first).with_outputs(REJECTED, main="ok"))
-    rows = unique.ok | "Tokenize" >> beam.ParDo(Tokenize(config, label_ids))
+    tokenized = unique.ok | "Tokenize" >> beam.ParDo(Tokenize(config, label_ids)).with_outputs(TRUNCATED, main="ok")
+    rows = tokenized.ok
+    n_truncated = tokenized[TRUNCATED] | "CountTruncated" >> beam.combiners.Count.Globally()
     n = config.n_shards
     keyed = rows | "ShardKey" >> beam.Map(lambda r: (int(sha256_hex("shard:" + r["doc_id"])[:16], 16) % n, r))
     every_shard = p | "ShardIds" >> beam.Create([(i, None) for i in range(n)])  # empty shards are written too
@@ -327,7 +380,7 @@ def build(p: beam.Pipeline, config: CorpusConfig, tokenizer_fingerprint: str, pa
     counts = (rows | "LabelSplit" >> beam.Map(lambda r: (r["label"], r["split"]))
                    | "CountLabelSplit" >> beam.combiners.Count.PerElement()
                    | "CountList" >> beam.combiners.ToList())
-    rejected = ((checked[REJECTED], unique[REJECTED]) | "AllRejected" >> beam.Flatten()
+    rejected = ((checked[REJECTED], unique_ids[REJECTED], unique[REJECTED]) | "AllRejected" >> beam.Flatten()
                 | "RejectedList" >> beam.combiners.ToList())
     _ = rejected | "WriteRejected" >> beam.Map(write_rejected, out=config.out)
     _ = (p | "Once" >> beam.Create([None])
@@ -335,4 +388,4 @@ def build(p: beam.Pipeline, config: CorpusConfig, tokenizer_fingerprint: str, pa
                write_manifest, out=config.out, config=config, tokenizer_fingerprint=tokenizer_fingerprint,
                label_ids=label_ids, shards=beam.pvalue.AsSingleton(shards),
                counts=beam.pvalue.AsSingleton(counts), rejected=beam.pvalue.AsSingleton(rejected),
-               n_in=beam.pvalue.AsSingleton(n_in)))
+               n_in=beam.pvalue.AsSingleton(n_in), n_truncated=beam.pvalue.AsSingleton(n_truncated)))

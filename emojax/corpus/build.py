@@ -2,47 +2,113 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
+from pathlib import Path
 
 from emojax.corpus.config import CorpusConfig
 from emojax.corpus.readers import CorpusError, file_format, read_label_names
+from emojax.errors import CheckpointError, ConfigError
+from emojax.fileio import DiskFullError, disk_full, is_disk_full
+from emojax.locks import WriterLock
+
+# Where a Hugging Face config.json keeps the number of positions the model has, in the order looked up.
+POSITION_KEYS = ("n_positions", "max_position_embeddings")
 
 
 def check_inputs(config: CorpusConfig) -> None:
-    """Fails early, naming the file, for inputs the pipeline could not read at all."""
+    """Fails early, naming the file, for inputs the pipeline could not read at all, and for inputs whose rows
+    would share doc ids (one file matched twice; two files with one name when ids come from file names)."""
     from apache_beam.io.filesystems import FileSystems
 
+    matched: dict[str, str] = {}  # path -> the input pattern that matched it
+    by_name: dict[str, str] = {}  # file name -> path
     for pattern in config.inputs:
         matches = FileSystems.match([pattern])[0].metadata_list
         if not matches:
             raise CorpusError(f"{pattern}: no such file")
         for m in matches:
-            fmt = file_format(m.path, config.reader)
-            if fmt == "parquet":
-                import pyarrow.parquet as pq
-
-                try:
-                    with FileSystems.open(m.path) as f:
-                        pq.ParquetFile(f).schema_arrow  # noqa: B018  (reads the footer)
-                except Exception as e:  # pyarrow raises several types for a corrupt footer
-                    raise CorpusError(f"{m.path}: not a readable Parquet file ({e})") from None
-            elif fmt == "csv":
-                with FileSystems.open(m.path) as f:
-                    head = f.readline()
-                try:
-                    head.decode("utf-8-sig")
-                except UnicodeDecodeError:
-                    raise CorpusError(f"{m.path}: the CSV header is not UTF-8") from None
-                if not head.strip():
-                    raise CorpusError(f"{m.path}: empty file or empty header (a CSV corpus needs a header row)")
+            if m.path in matched:
+                raise CorpusError(f"{m.path}: matched by input {matched[m.path]!r} and by {pattern!r}; list each "
+                                  "file once (its rows would be read twice)")
+            matched[m.path] = pattern
+            name = m.path.rsplit("/", 1)[-1]
+            if config.reader.id_column is None and name in by_name:
+                raise CorpusError(f"{m.path} and {by_name[name]}: two inputs named {name!r}; default doc ids are "
+                                  "'<file name>:<row>', so their rows would share ids. Rename one, or set "
+                                  "reader.id_column to a column of unique ids")
+            by_name.setdefault(name, m.path)
+            _check_readable(m.path, file_format(m.path, config.reader))
     if config.labels_file:
         read_label_names(config.labels_file)
 
 
+def _check_readable(path: str, fmt: str) -> None:
+    from apache_beam.io.filesystems import FileSystems
+
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            with FileSystems.open(path) as f:
+                pq.ParquetFile(f).schema_arrow  # noqa: B018  (reads the footer)
+        except Exception as e:  # pyarrow raises several types for a corrupt footer
+            raise CorpusError(f"{path}: not a readable Parquet file ({e})") from None
+    elif fmt == "csv":
+        with FileSystems.open(path) as f:
+            head = f.readline()
+        try:
+            head.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise CorpusError(f"{path}: the CSV header is not UTF-8") from None
+        if not head.strip():
+            raise CorpusError(f"{path}: empty file or empty header (a CSV corpus needs a header row)")
+
+
+def check_position_limit(config: CorpusConfig) -> None:
+    """With a checkpoint folder as tokenizer, `max_tokens` may not exceed the model's positions (config.json's
+    n_positions for GPT-2, max_position_embeddings for the others): the dump could not run such rows. Longer
+    documents are cut to max_tokens, never rejected, and counted in the manifest's documents_truncated."""
+    folder = Path(config.tokenizer)
+    path = folder / "config.json"
+    if config.tokenizer == "byte" or not path.is_file():
+        return
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not readable JSON ({e})") from None
+    sections = [raw, raw.get("text_config") or {}] if isinstance(raw, dict) else []
+    for section in sections:
+        for key in POSITION_KEYS:
+            limit = section.get(key) if isinstance(section, dict) else None
+            if isinstance(limit, int) and not isinstance(limit, bool):
+                if config.max_tokens > limit:
+                    raise ConfigError(f"max_tokens={config.max_tokens} is above {key}={limit} in {path}: the model "
+                                      f"has no positions past {limit}. Set max_tokens <= {limit} (longer documents "
+                                      "are cut to max_tokens and counted as documents_truncated)")
+                return
+
+
+def _disk_full_in(error: BaseException, out: str) -> DiskFullError | None:
+    """The full disk behind an error a Beam runner re-raised (it wraps what a transform raised)."""
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, DiskFullError):
+            return e
+        if is_disk_full(e):
+            return disk_full(getattr(e, "filename", None) or out)
+        todo += [e.__cause__, e.__context__]
+    return None
+
+
 def build_corpus(config: CorpusConfig, beam_args: Sequence[str] = ()) -> dict:
     """Runs the corpus stage and returns its manifest. `beam_args` are Beam pipeline options
-    (default: the local DirectRunner)."""
+    (default: the local DirectRunner). A full disk is a one-line `DiskFullError`; rerunning completes."""
     import apache_beam as beam
     from apache_beam.io.filesystems import FileSystems
     from apache_beam.options.pipeline_options import PipelineOptions
@@ -51,21 +117,31 @@ def build_corpus(config: CorpusConfig, beam_args: Sequence[str] = ()) -> dict:
     from emojax.tokenizer import load_tokenizer
 
     check_inputs(config)
+    check_position_limit(config)
     tokenizer = load_tokenizer(config.tokenizer)
     pad_id = getattr(tokenizer, "PAD", 0)
     shards_dir = FileSystems.join(config.out, "shards")
-    for folder in (config.out, shards_dir) + ((FileSystems.join(config.out, "packed"),) if config.pack_length else ()):
-        if not FileSystems.exists(folder):
-            FileSystems.mkdirs(folder)
-    options = PipelineOptions(list(beam_args) or ["--runner=DirectRunner"])
-    with beam.Pipeline(options=options) as p:
-        pipeline.build(p, config, tokenizer.fingerprint, pad_id)
-    with FileSystems.open(FileSystems.join(config.out, "manifest.json")) as f:
-        manifest = json.loads(f.read())
-    # Shards of an earlier build with another shard count would be read as part of this corpus.
-    current = {s["name"] for s in manifest["shards"]}
-    stale = [m.path for m in FileSystems.match([FileSystems.join(shards_dir, "*.parquet")])[0].metadata_list
-             if m.path.rsplit("/", 1)[-1] not in current]
-    if stale:
-        FileSystems.delete(stale)
+    local = "://" not in config.out
+    with WriterLock(config.out, what="corpus") if local else contextlib.nullcontext():
+        for folder in (config.out, shards_dir) + ((FileSystems.join(config.out, "packed"),)
+                                                  if config.pack_length else ()):
+            if not FileSystems.exists(folder):
+                FileSystems.mkdirs(folder)
+        options = PipelineOptions(list(beam_args) or ["--runner=DirectRunner"])
+        try:
+            with beam.Pipeline(options=options) as p:
+                pipeline.build(p, config, tokenizer.fingerprint, pad_id)
+        except Exception as e:
+            full = _disk_full_in(e, config.out)
+            if full is None:
+                raise
+            raise full from None
+        with FileSystems.open(FileSystems.join(config.out, "manifest.json")) as f:
+            manifest = json.loads(f.read())
+        # Shards of an earlier build with another shard count would be read as part of this corpus.
+        current = {s["name"] for s in manifest["shards"]}
+        stale = [m.path for m in FileSystems.match([FileSystems.join(shards_dir, "*.parquet")])[0].metadata_list
+                 if m.path.rsplit("/", 1)[-1] not in current]
+        if stale:
+            FileSystems.delete(stale)
     return manifest

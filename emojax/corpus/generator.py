@@ -20,6 +20,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from emojax.config_loader import non_negative, positive, range_violations
 from emojax.corpus.catalogue import NEUTRAL, Catalogue, Concept, Topic, load_catalogue
 
 MIN_WORDS, MAX_WORDS = 80, 200
@@ -76,12 +77,18 @@ class Document:
 
 @dataclasses.dataclass(frozen=True)
 class GeneratorConfig:
-    seed: int = 0
-    stories_per_topic: int = 2  # per concept and topic (the study used 12)
-    n_topics: int = 100
+    seed: int = non_negative(0)
+    stories_per_topic: int = non_negative(2)  # per concept and topic (the study used 12)
+    n_topics: int = positive(100)
     concepts: tuple[str, ...] = ()  # empty: all 171
-    neutral_per_topic: int = 3  # at most the number of dialogues per topic
+    neutral_per_topic: int = non_negative(3)  # at most the number of dialogues per topic
     implicit: bool = True
+
+    def __post_init__(self):
+        # The declared ranges again, for direct construction: a negative count would quietly generate nothing.
+        problems = range_violations(self)
+        if problems:
+            raise ValueError("; ".join(problems))
 
 
 def _rng(seed: int, *key) -> np.random.Generator:
@@ -144,7 +151,8 @@ def story(concept: Concept, topic: Topic, n: int, seed: int, catalogue: Catalogu
     said = f'"{_spoken(line)}" {speech}, {glance}.'
     thought_line = sentence(_THOUGHT_TEMPLATES, subj=subject(), line=thought, spoken=_spoken(thought),
                             setting=settings[1],
-                            event=events[2], glance=_GLANCES[int(rng.integers(len(_GLANCES)))].format(detail=details[3]))
+                            event=events[2],
+                            glance=_GLANCES[int(rng.integers(len(_GLANCES)))].format(detail=details[3]))
     second_action = sentence(_ACTION_TEMPLATES, subj=subject(), cue=cue(actions[1]), detail=details[3],
                              setting=settings[2], event=events[2])
     closing = sentence(_BODY_TEMPLATES, subj=subject(), cue=cue(bodies[1]), detail=details[2], setting=settings[0],

@@ -5,6 +5,9 @@ feels the emotion without it being named. `write_prompts` emits one JSONL prompt
 LLM can write that corpus; `collect_responses` turns the answers (JSONL with the prompt id and the model's
 text) into a labelled JSONL corpus that `emojax corpus build --input` reads, keeping only stories that pass
 the same validator as the built-in generator and reporting the rest.
+
+Both write their file atomically (emojax.fileio): a collect that fails half-way leaves its previous output as it
+was. A prompt id answered twice would give two stories one doc id: the later answer is rejected with a reason.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from pathlib import Path
 
 from emojax.corpus.catalogue import load_catalogue
 from emojax.corpus.readers import CorpusError
+from emojax.errors import ConfigError
+from emojax.fileio import write_text
 
 INSTRUCTIONS = """Write {n} different short stories, each a single paragraph of 80 to 200 words, about {topic}.
 In every story one character experiences the emotion "{emotion}". Never use the word "{emotion}", any form of it,
@@ -38,14 +43,9 @@ def prompts(stories_per_prompt: int = 12, concepts: Sequence[str] = (), n_topics
 
 
 def write_prompts(out: str | Path, **kwargs) -> int:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    count = 0
-    with open(out, "w", encoding="utf-8") as f:
-        for p in prompts(**kwargs):
-            f.write(json.dumps(p) + "\n")
-            count += 1
-    return count
+    lines = [json.dumps(p) + "\n" for p in prompts(**kwargs)]
+    write_text(out, "".join(lines))
+    return len(lines)
 
 
 _SEPARATOR = re.compile(r"^\s*#{3,}\s*$", re.MULTILINE)
@@ -57,34 +57,42 @@ def collect_responses(responses: str | Path, out: str | Path, text_field: str = 
     from emojax.corpus.generator import validate_story
 
     catalogue = load_catalogue()
-    kept, rejected = 0, []
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    rejected: list[dict] = []
     try:
         lines = Path(responses).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise CorpusError(f"{responses}: cannot read ({e})") from None
-    with open(out, "w", encoding="utf-8") as f:
-        for i, line in enumerate(lines, start=1):
-            if not line.strip():
+    rows: list[str] = []
+    first_line: dict[str, int] = {}  # prompt id -> the line of its first answer
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            emotion, topic_index = row["id"].split("|")
+            concept = catalogue.concept(emotion)
+            topic = catalogue.topics[int(topic_index)].topic
+            text = row[text_field]
+        except (json.JSONDecodeError, KeyError, ValueError, IndexError, AttributeError, TypeError,
+                ConfigError) as e:  # ConfigError: an emotion the catalogue does not have
+            rejected.append({"line": i, "reason": f"not a response to an emojax prompt ({e})"})
+            continue
+        if text is not None and not isinstance(text, str):
+            rejected.append({"line": i, "reason": f"{text_field!r} is not text"})
+            continue
+        if row["id"] in first_line:
+            rejected.append({"line": i, "reason": f"prompt id {row['id']!r} already answered on line "
+                                                  f"{first_line[row['id']]}; its stories would repeat doc ids"})
+            continue
+        first_line[row["id"]] = i
+        for k, part in enumerate(p.strip() for p in _SEPARATOR.split(text or "")):
+            if not part:
                 continue
-            try:
-                row = json.loads(line)
-                emotion, topic_index = row["id"].split("|")
-                concept = catalogue.concept(emotion)
-                topic = catalogue.topics[int(topic_index)].topic
-                text = row[text_field]
-            except (json.JSONDecodeError, KeyError, ValueError, IndexError, AttributeError) as e:
-                rejected.append({"line": i, "reason": f"not a response to an emojax prompt ({e})"})
+            problems = validate_story(part, concept)
+            if problems:
+                rejected.append({"line": i, "story": k, "reason": "; ".join(problems)})
                 continue
-            for k, part in enumerate(p.strip() for p in _SEPARATOR.split(text or "")):
-                if not part:
-                    continue
-                problems = validate_story(part, concept)
-                if problems:
-                    rejected.append({"line": i, "story": k, "reason": "; ".join(problems)})
-                    continue
-                f.write(json.dumps({"doc_id": f"llm/{emotion}/{topic_index}/{k}", "text": part, "label": emotion,
+            rows.append(json.dumps({"doc_id": f"llm/{emotion}/{topic_index}/{k}", "text": part, "label": emotion,
                                     "topic": topic}) + "\n")
-                kept += 1
-    return {"kept": kept, "rejected": rejected}
+    write_text(out, "".join(rows))  # only now: a failure above leaves the previous output untouched
+    return {"kept": len(rows), "rejected": rejected}

@@ -5,14 +5,17 @@ column, invalid UTF-8, unparseable line) and the pipeline sends it to rejected.j
 file that cannot be read at all raises (`CorpusError`, naming the file).
 
 Multi-label rows (the GoEmotions layout): the label column holds comma-separated label ids and
-`label_names` maps id -> name (one name per line of a labels file).
+`label_names` maps id -> name (one name per line of a labels file); an id outside 0..len-1 (a negative one
+included) rejects the row.
+
+Locations: JSONL and CSV rows are "line L" (the physical line a CSV row starts on), Parquet rows "row N". The
+default doc id is "<file name>:<N>" with N the row's number among the file's data rows (for JSONL, its line).
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import io
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import PurePath
@@ -68,8 +71,8 @@ def read_records(path: str, data: bytes, spec: ReaderSpec) -> Iterator[RawRecord
         raise CorpusError(f"{path}: unknown format {fmt!r} (jsonl, csv or parquet)")
 
 
-def _record(path: str, name: str, location: str, row: dict, spec: ReaderSpec) -> RawRecord:
-    doc_id = f"{name}:{location.split()[-1]}"
+def _record(path: str, location: str, default_id: str, row: dict, spec: ReaderSpec) -> RawRecord:
+    doc_id = default_id
     if spec.id_column and row.get(spec.id_column) not in (None, ""):
         doc_id = str(row[spec.id_column])
     missing = [c for c in (spec.text_column, spec.label_column) if c not in row]
@@ -91,12 +94,16 @@ def _labels(value, spec: ReaderSpec) -> tuple[str, ...]:
     if not spec.label_names:
         return (str(value).strip(),)
     labels = []
+    n = len(spec.label_names)
     for part in str(value).split(","):
         try:
-            labels.append(spec.label_names[int(part)])
-        except (ValueError, IndexError):
-            raise ValueError(f"label id {part.strip()!r} is not an index into the {len(spec.label_names)} "
-                             "label names") from None
+            index = int(part)
+        except ValueError:
+            index = -1
+        # Checked by hand: Python would read a negative id as counting from the end of the list.
+        if not 0 <= index < n:
+            raise ValueError(f"label id {part.strip()!r} is not an index into the {n} label names (0..{n - 1})")
+        labels.append(spec.label_names[index])
     return tuple(labels)
 
 
@@ -119,7 +126,7 @@ def _jsonl(path: str, name: str, data: bytes, spec: ReaderSpec) -> Iterator[RawR
         if not isinstance(row, dict):
             yield RawRecord(path, location, f"{name}:{i}", error="not a JSON object")
             continue
-        yield _record(path, name, location, row, spec)
+        yield _record(path, location, f"{name}:{i}", row, spec)
 
 
 def _csv(path: str, name: str, data: bytes, spec: ReaderSpec) -> Iterator[RawRecord]:
@@ -131,41 +138,53 @@ def _csv(path: str, name: str, data: bytes, spec: ReaderSpec) -> Iterator[RawRec
         header = next(csv.reader([lines[0].decode("utf-8-sig")], delimiter=delimiter))
     except (UnicodeDecodeError, csv.Error) as e:
         raise CorpusError(f"{path}: cannot read the CSV header ({e})") from None
-    # Rows are decoded one physical line at a time so that one bad byte rejects one row, not the file;
-    # quoted fields spanning lines are re-joined below.
-    pending = ""
-    row_number = 0
-    for i, raw in enumerate(lines[1:], start=2):
+    # Rows are read one at a time from their first physical line, so that one bad byte or one unbalanced
+    # quote rejects one row, never the file or the rows after it. A quoted field may span lines; when the
+    # row it starts is not well formed, only its first line is rejected and reading resumes on the next.
+    row_number, i = 0, 1
+    while i < len(lines):
+        location = f"line {i + 1}"
         try:
-            text = raw.decode("utf-8")
+            first = lines[i].decode("utf-8")
         except UnicodeDecodeError as e:
             row_number += 1
-            pending = ""
-            yield RawRecord(path, f"row {row_number}", f"{name}:{row_number}",
-                            error=f"invalid UTF-8 at byte {e.start} (line {i})")
+            yield RawRecord(path, location, f"{name}:{row_number}", error=f"invalid UTF-8 at byte {e.start}")
+            i += 1
             continue
-        pending += text
-        if pending.count('"') % 2:  # inside a quoted field: keep reading
-            continue
-        if not pending.strip():
-            pending = ""
+        if not first.strip():
+            i += 1
             continue
         row_number += 1
-        try:
-            values = next(csv.reader(io.StringIO(pending), delimiter=delimiter))
-        except csv.Error as e:
-            yield RawRecord(path, f"row {row_number}", f"{name}:{row_number}", error=f"bad CSV row ({e})")
+        default_id = f"{name}:{row_number}"
+        values, used, problem = _csv_row(lines, i, delimiter)
+        if problem is None and len(values) == len(header):
+            yield _record(path, location, default_id, dict(zip(header, values)), spec)
+            i += used
+            continue
+        if problem is None and used == 1:
+            problem = f"{len(values)} fields, header has {len(header)}"
+        elif used > 1 or problem == "unexpected end of data":
+            problem = (f"unbalanced quote: the quoted field opened on this line does not close into a row of "
+                       f"{len(header)} fields (only this line is rejected)")
         else:
-            row = dict(zip(header, values)) if len(values) == len(header) else None
-            if row is None:
-                yield RawRecord(path, f"row {row_number}", f"{name}:{row_number}",
-                                error=f"{len(values)} fields, header has {len(header)}")
-            else:
-                yield _record(path, name, f"row {row_number}", row, spec)
-        pending = ""
-    if pending:
-        row_number += 1
-        yield RawRecord(path, f"row {row_number}", f"{name}:{row_number}", error="unterminated quoted field")
+            problem = f"bad CSV row ({problem})"
+        yield RawRecord(path, location, default_id, error=problem)
+        i += 1
+
+
+def _csv_row(lines: list[bytes], start: int, delimiter: str) -> tuple[list[str], int, str | None]:
+    """The CSV row starting at physical line `start`: (values, lines it spans, problem or None)."""
+    def decoded():
+        for raw in lines[start:]:
+            yield raw.decode("utf-8")
+
+    reader = csv.reader(decoded(), delimiter=delimiter, strict=True)
+    try:
+        return next(reader), reader.line_num, None
+    except UnicodeDecodeError:  # a continuation line; it is reported on its own when reading resumes there
+        return [], reader.line_num + 1, "invalid UTF-8 inside a quoted field"
+    except csv.Error as e:
+        return [], reader.line_num, str(e)
 
 
 def _parquet(path: str, name: str, data: bytes, spec: ReaderSpec) -> Iterator[RawRecord]:
@@ -177,7 +196,7 @@ def _parquet(path: str, name: str, data: bytes, spec: ReaderSpec) -> Iterator[Ra
     except (pa.ArrowException, OSError) as e:
         raise CorpusError(f"{path}: not a readable Parquet file ({e})") from None
     for i, row in enumerate(table.to_pylist(), start=1):
-        yield _record(path, name, f"row {i}", row, spec)
+        yield _record(path, f"row {i}", f"{name}:{i}", row, spec)
 
 
 def read_label_names(path: str) -> tuple[str, ...]:
