@@ -1,20 +1,21 @@
 """train-lm: the tiny preset learns (held-out perplexity far below a unigram model), writes a folder that
 emojax and transformers both load with the same logits, resumes bitwise exactly after an interruption, and
-the built-in model cache is reused or retrained as its configuration says."""
+the built-in model cache is reused, and another configuration trains into a folder of its own."""
 
 import argparse
 import json
-import shutil
 
 import numpy as np
 import pytest
 import torch
 
 import emojax
-from emojax.errors import ConfigError
+from emojax.errors import ConfigError, EmojaxError
 from emojax.train import (BOS_ID, EOS_ID, PAD_ID, ensure_builtin_model, load_train_config, preset_config,
                           read_train_json, register, train_lm)
-from emojax.train.builtin import is_complete
+from emojax.train import builtin
+from emojax.train.builtin import builtin_folder, is_complete
+from emojax.train.trainer import DivergedError
 
 TEXTS = [
     "Early in the morning on a Tuesday, she waited by the harbour wall, just as the ferry pulled in.",
@@ -95,23 +96,32 @@ def test_interrupted_run_resumes_bitwise_exactly(tiny, tmp_path):
     assert info["heldout_nll"] == read_train_json(tiny)["heldout_nll"]
 
 
-def test_builtin_model_is_reused_and_retrained_when_the_config_changes(tiny, cache, tmp_path):
+def _contents(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_builtin_model_is_reused_and_another_config_gets_a_folder_of_its_own(tiny, cache, monkeypatch):
     weights = tiny / "model.safetensors"
     stamp = weights.stat().st_mtime_ns
+    before = _contents(tiny)
     assert ensure_builtin_model(cache, name="tiny", progress=False) == tiny
     assert weights.stat().st_mtime_ns == stamp  # reused, not retrained
 
-    other_cache = tmp_path / "cache"
-    shutil.copytree(tiny, other_cache / tiny.name)
     changed = preset_config("tiny", steps=4, warmup_steps=1, n_stories=60)
-    folder = ensure_builtin_model(other_cache, config=changed, name="tiny", progress=False)
-    assert folder == other_cache / tiny.name
+    folder = ensure_builtin_model(cache, config=changed, name="tiny", progress=False)
+    assert folder == builtin_folder(cache, "tiny", changed) != tiny
     info = read_train_json(folder)
     assert info["fingerprint"] == changed.fingerprint() and len(info["history"]) == 4
-    assert (folder / "model.safetensors").read_bytes() != weights.read_bytes()
-    assert not is_complete(folder, preset_config("tiny").fingerprint())
-    # no partial or replaced folder left behind (only the hidden lock file beside it)
-    assert sorted(p.name for p in other_cache.iterdir() if not p.name.startswith(".")) == ["builtin-tiny"]
+    # the model other runs were built on is untouched, byte for byte
+    assert _contents(tiny) == before and is_complete(tiny, preset_config("tiny").fingerprint())
+    assert sorted(p.name for p in cache.iterdir() if not p.name.startswith(".")) == sorted([tiny.name, folder.name])
+    # train-lm into a folder holding another configuration's model refuses instead of replacing it
+    with pytest.raises(EmojaxError, match="another configuration.*not replaced"):
+        train_lm(changed, tiny, progress=False)
+    assert _contents(tiny) == before
+    # the preset name still loads the preset's default configuration
+    monkeypatch.setattr(builtin, "default_cache_dir", lambda: cache)
+    assert emojax.load_model("builtin:tiny").source == str(tiny)
 
 
 def test_unknown_config_key_names_the_key_and_file(tmp_path):
@@ -142,3 +152,10 @@ def test_presets_resolve_and_overrides_win(tmp_path):
     assert load_train_config() == preset_config("default")
     assert config.fingerprint() != preset_config("tiny").fingerprint()
     assert preset_config("tiny", out="elsewhere").fingerprint() == preset_config("tiny").fingerprint()
+
+
+def test_a_diverging_run_stops_with_an_error_and_exports_nothing(tmp_path):
+    config = preset_config("tiny", steps=4, warmup_steps=1, n_stories=60, lr=1e30)
+    with pytest.raises(DivergedError, match=r"loss is (nan|inf) at step \d .*lower train\.lr"):
+        train_lm(config, tmp_path / "lm", progress=False)
+    assert not (tmp_path / "lm").exists()

@@ -6,8 +6,14 @@ A bank is a folder with
                       resid_norm [L] float32      mean residual-stream norm at each layer (the strength unit)
                       neutral_pcs [L, P, D]       the neutral components projected out (optional; zero rows pad P)
                       center  [L, D] float32      the point readouts measure from (optional): x - center
-    bank.json         concept names (C), residual indices (L), method, d_model, fingerprints, notes
+    bank.json         concept names (C), residual indices (L), method, d_model, fingerprints, notes, the
+                      sha256 of bank.safetensors, and `model_identity`: the content identity
+                      (emojax.models.identity) of the model the bank was fitted on
     eval.json         the held-out evaluation of the fit stage (optional here)
+
+bank.safetensors is written (atomically) before bank.json, and bank.json names its checksum, so a bank.json
+never describes a missing or older tensor file: a fit interrupted between the two is caught on load.
+`check_model` refuses a bank used with a model it was not fitted on (the directions would be silently wrong).
 
 Indices in `layers` are residual-stream indices as in `lm(..., capture=...)`: 0 = embeddings, i = output of
 layer i - 1.
@@ -15,6 +21,7 @@ layer i - 1.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +30,18 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from emojax.errors import EmojaxError
+from emojax.fileio import atomic_path, write_json
+from emojax.models.identity import describe_difference, same_model
 
 BANK_FORMAT = 1
 
 
 class BankError(EmojaxError):
     """A concept bank that cannot be read, or a concept/layer it does not hold."""
+
+
+class BankModelError(BankError):
+    """A concept bank used with a model other than the one it was fitted on."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +55,7 @@ class ConceptBank:
     method: str = "mean_diff"
     info: dict = field(default_factory=dict)  # fingerprints, settings; written to bank.json as is
     center: np.ndarray | None = None  # [L, D] float32: the mean of the concept means (readout origin)
+    source: str = field(default="", compare=False)  # the folder it was loaded from ("" when built in memory)
 
     def __post_init__(self):
         C, L = len(self.names), len(self.layers)
@@ -55,6 +69,14 @@ class ConceptBank:
             raise BankError(f"center must be [layers={L}, d_model], got {self.center.shape}")
         if len(set(self.names)) != C:
             raise BankError("concept names must be unique")
+
+    @property
+    def model_identity(self) -> dict | None:
+        """The content identity of the model the bank was fitted on (None for banks fitted before it was kept)."""
+        recorded = self.info.get("model_identity")
+        if isinstance(recorded, str):  # an identity's id alone
+            return {"id": recorded}
+        return recorded if isinstance(recorded, dict) and recorded else None
 
     @property
     def d_model(self) -> int:
@@ -84,21 +106,29 @@ class ConceptBank:
         return self.vectors[:, self.layer_index(layer)]
 
     def save(self, out_dir: str | Path) -> Path:
+        """Writes bank.safetensors, then bank.json naming its checksum (each atomically: temp file + rename)."""
         out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
         tensors = {"vectors": self.vectors.astype(np.float32), "raw": self.raw.astype(np.float32),
                    "resid_norm": self.resid_norm.astype(np.float32)}
         if self.neutral_pcs is not None:
             tensors["neutral_pcs"] = self.neutral_pcs.astype(np.float32)
         if self.center is not None:
             tensors["center"] = self.center.astype(np.float32)
-        tmp = out_dir / "bank.safetensors.tmp"
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
-        tmp.replace(out_dir / "bank.safetensors")
+        with atomic_path(out_dir / "bank.safetensors") as tmp:
+            save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
+            checksum = _sha256(tmp)
         meta = {"format": BANK_FORMAT, "names": list(self.names), "layers": list(self.layers),
-                "d_model": self.d_model, "method": self.method, **self.info}
-        (out_dir / "bank.json").write_text(json.dumps(meta, indent=2) + "\n")
+                "d_model": self.d_model, "method": self.method, "tensors_sha256": checksum, **self.info}
+        write_json(out_dir / "bank.json", meta, indent=2)
         return out_dir
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def load_bank(path: str | Path) -> ConceptBank:
@@ -116,14 +146,56 @@ def load_bank(path: str | Path) -> ConceptBank:
         tensors = load_file(str(weights))
     except (ValueError, OSError) as e:
         raise BankError(f"{path}: unreadable concept bank ({e})") from None
+    checksum = meta.get("tensors_sha256")
+    if checksum and checksum != _sha256(weights):
+        raise BankError(f"{weights}: does not match {meta_file} (a fit interrupted between writing the two?); "
+                        "rerun `emojax fit` to rewrite the bank")
     missing = [k for k in ("vectors", "raw", "resid_norm") if k not in tensors]
     if missing:
         raise BankError(f"{weights}: missing tensors {missing}")
     for key in ("names", "layers"):
         if key not in meta:
             raise BankError(f"{meta_file}: missing key {key!r}")
-    info = {k: v for k, v in meta.items() if k not in ("format", "names", "layers", "d_model", "method")}
+    info = {k: v for k, v in meta.items()
+            if k not in ("format", "names", "layers", "d_model", "method", "tensors_sha256")}
     return ConceptBank(names=tuple(meta["names"]), layers=tuple(int(i) for i in meta["layers"]),
                        vectors=tensors["vectors"], raw=tensors["raw"], resid_norm=tensors["resid_norm"],
                        neutral_pcs=tensors.get("neutral_pcs"), method=meta.get("method", "mean_diff"), info=info,
-                       center=tensors.get("center"))
+                       center=tensors.get("center"), source=str(path))
+
+
+def same_identity(recorded: dict, identity: dict) -> bool:
+    """same_model, also for a record that kept only the identity's id."""
+    if set(recorded) == {"id"}:
+        return recorded["id"] == identity.get("id")
+    return same_model(recorded, identity)
+
+
+def check_model(bank: ConceptBank, identity: dict | None, model: str, force: bool = False) -> str | None:
+    """Refuses `bank` for a model it was not fitted on; returns a warning to show, or None when all is well.
+
+    identity: the model's content identity (`lm.identity`; None when it has none, e.g. built in memory);
+    model: how to name the model in messages. Weights are compared by content, never by path, so a copied or
+    moved checkpoint passes and a same-shaped checkpoint with other weights does not. force=True turns the
+    refusal into a warning. A bank without a recorded identity (fitted by an older emojax) only warns.
+    """
+    where = bank.source or "the concept bank"
+    fitted = bank.model_identity
+    if fitted is None:
+        return (f"{where}: bank.json records no model identity (fitted by an older emojax, or from a store that "
+                f"did not record its model), so emojax cannot "
+                f"check that it was fitted on {model}; refit it with `emojax fit` to have it checked")
+    if identity is None:
+        return f"{where}: {model} was built in memory and has no checkpoint identity to check the bank against"
+    if same_identity(fitted, identity):
+        return None
+    fitted_on = bank.info.get("store_model") or fitted.get("preset") or f"model {fitted.get('id', '?')[:12]}"
+    if str(fitted_on) == str(model):  # the same path, its weights changed since (retrained in place)
+        fitted_on = f"the weights {model} held then"
+    difference = "another model" if set(fitted) == {"id"} else describe_difference(fitted, identity)
+    problem = (f"{where}: fitted on {fitted_on}, not on {model} ({difference}), "
+               "so its directions do not apply to this model")
+    if force:
+        return f"{problem}; used anyway because of --force"
+    raise BankModelError(f"{problem}; use the model it was fitted on, refit the bank on this model (emojax fit), "
+                         "or pass --force to use it anyway")

@@ -4,7 +4,11 @@
 
 Writes to `out`: bank.safetensors + bank.json (the ConceptBank), eval.json (per-layer metrics, geometry,
 logit lens, best layer) and probes.safetensors (probe weights [L, C, D] and biases [L, C], when probes were
-trained). Every pass over the store streams `chunk_docs` rows at a time over the mesh.
+trained), each atomically. Every pass over the store streams `chunk_docs` rows at a time over the mesh.
+
+The bank records the content identity of the model the store was dumped with (store.json's `model_identity`,
+else that of fit.model), so steering and monitoring can refuse it on another model. Statistics holding NaN or
+inf are refused with the layer and label, never written into a bank.
 """
 
 from __future__ import annotations
@@ -18,12 +22,14 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from emojax.concepts import alternatives, recipe
-from emojax.concepts.bank import ConceptBank
+from emojax.concepts.bank import ConceptBank, same_identity
 from emojax.concepts.config import FitConfig
 from emojax.concepts.evaluate import best_layer, cosine_scores, logit_lens, readout_metrics, split_scores
 from emojax.concepts.geometry import layer_geometry
 from emojax.concepts.recipe import FitError
 from emojax.concepts.stats import fit_mesh, label_stats, mean_token_norm
+from emojax.fileio import atomic_path, write_text
+from emojax.models.identity import describe_difference
 from emojax.store.reader import NEUTRAL_ID, ActivationStore
 from emojax.store.state import SPLIT_CODES
 
@@ -74,6 +80,7 @@ def fit(config: FitConfig, log: Callable[[str], None] | None = None) -> ConceptB
         if lm.config.d_model != store.d_model:
             raise FitError(f"fit.model={config.model!r} has d_model {lm.config.d_model}, the store "
                            f"{store.d_model}; use the model the store was dumped with")
+    identity = _model_identity(store, config, lm)
 
     raws, vectors, centers, pcs, norms, probes = [], [], [], [], [], []
     per_layer: dict[int, dict] = {}
@@ -81,14 +88,20 @@ def fit(config: FitConfig, log: Callable[[str], None] | None = None) -> ConceptB
         log(f"fit: layer {layer}: statistics")
         stats = label_stats(store, layer, config.fit_split, names, mesh, config.chunk_docs)
         recipe.check_counts(stats.counts_C, names, config.fit_split, layer)
+        recipe.check_finite_rows(stats, names, config.fit_split, layer, store.path)
+        recipe.check_finite(stats.means_CD, "label mean", layer, store.path, names)
         neutral = stats
         if config.denoise and config.neutral_split != config.fit_split:
             neutral = label_stats(store, layer, config.neutral_split, names, mesh, config.chunk_docs)
+            recipe.check_finite_rows(neutral, names, config.neutral_split, layer, store.path)
+        if config.denoise:
+            recipe.check_finite(neutral.neutral_cov_DD, "neutral covariance", layer, store.path)
         if config.denoise and not neutral.neutral_count:
             raise FitError(f"{store.path}: no neutral documents in split {config.neutral_split!r} at layer {layer}, "
                            f"and fit.denoise=true needs them (denoise_variance={config.denoise_variance}); dump "
                            "the neutral set or set fit.denoise=false")
         raw, center = recipe.mean_diff(stats.means_CD)
+        recipe.check_finite(center, "grand mean (the mean of the concept means)", layer, store.path)
         probe = None
         if config.method == "probe" or config.probe:
             log(f"fit: layer {layer}: probe")
@@ -111,6 +124,10 @@ def fit(config: FitConfig, log: Callable[[str], None] | None = None) -> ConceptB
             if config.norm_tokens else float("nan")
         if not np.isfinite(norm):
             norm = stats.norm_mean  # no token rows: the pooled rows' norm
+        recipe.check_finite(fitted.neutral_pcs_PD, "neutral principal components", layer, store.path)
+        recipe.check_finite(fitted.raw_CD, f"{config.method} vector", layer, store.path, names)
+        recipe.check_finite(fitted.vectors_CD, "denoised vector", layer, store.path, names)
+        recipe.check_finite(norm, "mean residual norm", layer, store.path)
         raws.append(fitted.raw_CD)
         vectors.append(fitted.vectors_CD)
         centers.append(center)
@@ -135,22 +152,42 @@ def fit(config: FitConfig, log: Callable[[str], None] | None = None) -> ConceptB
         raw=np.stack(raws, 1).astype(np.float32), resid_norm=np.asarray(norms, np.float32),
         neutral_pcs=neutral_pcs, method=config.method, center=np.stack(centers).astype(np.float32),
         info={"store": store.path, "store_fingerprints": store.state.get("fingerprints", {}),
-              "store_model": store.state.get("model"), "settings": settings},
+              "store_model": store.state.get("model"), "model_identity": identity, "settings": settings},
     )
     out = Path(config.out)
-    bank.save(out)
+    bank.save(out)  # bank.safetensors first, then bank.json naming its checksum
     best = best_layer(per_layer)
     report = {"method": config.method, "concepts": list(names), "layers": list(layers),
               "best_layer": best, "best_by": "test nearest-vector top-1 accuracy",
               "readout": "nearest: cos(x - center, v_c) with the bank's center and vectors; probe: x . w_c + b_c "
                          "(probes.safetensors)",
               "per_layer": {str(k): v for k, v in per_layer.items()}, "settings": settings}
-    (out / "eval.json").write_text(json.dumps(report, indent=1, default=_json_default) + "\n")
+    write_text(out / "eval.json", json.dumps(report, indent=1, default=_json_default) + "\n")
     if all(p is not None for p in probes):
         tensors = {"weights": np.stack([p.weights_CD for p in probes]), "bias": np.stack([p.bias_C for p in probes])}
-        save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, str(out / "probes.safetensors"))
+        with atomic_path(out / "probes.safetensors") as tmp:
+            save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, str(tmp))
     log(f"fit: wrote {out} (best layer {best})")
     return bank
+
+
+def _model_identity(store: ActivationStore, config: FitConfig, lm) -> dict | None:
+    """The identity of the model the store was dumped with (store.json), else of fit.model; a fit.model that is
+    not the store's model is refused: its logit lens would describe another model's vectors."""
+    recorded = store.state.get("model_identity") or None
+    if isinstance(recorded, str):  # the identity's id alone
+        recorded = {"id": recorded}
+    recorded = recorded if isinstance(recorded, dict) else None
+    given = lm.identity if lm is not None else None
+    if recorded and given and not same_identity(recorded, given):
+        raise FitError(f"fit.model={config.model!r} is not the model {store.path} was dumped with "
+                       f"({store.state.get('model')!r}: {_difference(recorded, given)}); set fit.model to "
+                       "that model, or leave it empty to skip the logit lens")
+    return recorded or given
+
+
+def _difference(recorded: dict, given: dict) -> str:
+    return "another model" if set(recorded) == {"id"} else describe_difference(recorded, given)
 
 
 def _evaluate_layer(store: ActivationStore, layer: int, names: tuple[str, ...], fitted: recipe.LayerVectors,

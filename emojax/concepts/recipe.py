@@ -33,6 +33,33 @@ def check_counts(counts_C: np.ndarray, names: tuple[str, ...], split: str, layer
                        "them or leave them out with fit.labels")
 
 
+def check_finite_rows(stats, names: tuple[str, ...], split: str, layer: int, source: str) -> None:
+    """Refuses a split whose pooled rows hold NaN or inf (stats: a LabelStats), naming the labels at fault."""
+    bad = [] if stats.nonfinite_C is None else \
+        [f"{names[i]} ({int(stats.nonfinite_C[i])} docs)" for i in np.flatnonzero(stats.nonfinite_C)]
+    if stats.neutral_nonfinite:
+        bad.append(f"neutral ({stats.neutral_nonfinite} docs)")
+    if bad:
+        raise FitError(f"{source}: pooled activations at layer {layer} (split {split!r}) hold NaN or inf for label(s) "
+                       f"{', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}; a vector fitted from them would be "
+                       "NaN: re-dump the store (a diverged model or a corrupt dump?) or leave those labels out "
+                       "with fit.labels")
+
+
+def check_finite(values, what: str, layer: int, source: str, names: tuple[str, ...] | None = None) -> None:
+    """Refuses non-finite statistics (NaN/inf from overflow or from the data) before they become a bank;
+    with `names`, values is [C, ...] and the labels whose rows are non-finite are named."""
+    values = np.asarray(values)
+    if np.isfinite(values).all():
+        return
+    at = f"layer {layer}"
+    if names is not None:
+        rows = ~np.isfinite(values.reshape(len(names), -1)).all(-1)
+        at += f", label(s) {[names[i] for i in np.flatnonzero(rows)][:8]}"
+    raise FitError(f"{source}: the {what} at {at} is not finite (NaN or inf); the activations are too large for "
+                   "float32 or corrupt: re-dump the store or leave the layer/labels out (fit.layers, fit.labels)")
+
+
 def neutral_components(cov_DD: np.ndarray, fraction: float) -> np.ndarray:
     """The fewest top principal axes [P, D] of a covariance that explain at least `fraction` of its variance."""
     evals, evecs = np.linalg.eigh(cov_DD)

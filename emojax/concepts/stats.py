@@ -8,6 +8,9 @@ memory and the result does not depend on how many devices share the work (up to 
 Axis names: N rows of a chunk, C concepts, D d_model.
 Row classes: 0..C-1 a concept, NEUTRAL_CLASS a neutral document, IGNORED_CLASS anything else (padding,
 labels not being fitted).
+
+A row holding NaN or inf is counted per class and contributes zeros to the sums: one bad row must not turn every
+concept's mean into NaN (0 x NaN is NaN in the one-hot matmul), so that the fit can name the label at fault.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from emojax.concepts.recipe import FitError
 from emojax.models.sharding import make_mesh
 from emojax.store.reader import NEUTRAL_ID, ActivationStore
 
@@ -41,6 +45,8 @@ class LabelStats:
     neutral_mean_D: np.ndarray  # mean of the neutral rows (zeros when there are none)
     neutral_cov_DD: np.ndarray  # covariance of the neutral rows (population, 1/n)
     norm_mean: float  # mean L2 norm of every pooled row read (concepts and neutral)
+    nonfinite_C: np.ndarray | None = None  # documents per concept whose pooled row holds NaN or inf
+    neutral_nonfinite: int = 0  # neutral documents whose pooled row holds NaN or inf
 
     @property
     def means_CD(self) -> np.ndarray:
@@ -106,6 +112,8 @@ def place_chunk(chunk: ChunkClasses, rows: int, mesh: Mesh) -> tuple[jax.Array, 
 def _moments(x_ND, class_N, shift_D, *, n_classes: int):
     onehot_NC = (class_N[:, None] == jnp.arange(n_classes)[None, :]).astype(jnp.float32)
     neutral_N = (class_N == NEUTRAL_CLASS).astype(jnp.float32)
+    bad_N = ~jnp.isfinite(x_ND).all(-1)
+    x_ND = jnp.where(bad_N[:, None], 0.0, x_ND)  # counted below; the fit refuses them by label
     read_N = (class_N != IGNORED_CLASS).astype(jnp.float32)
     xc_ND = (x_ND - shift_D[None, :]) * neutral_N[:, None]  # shifted: a large shared offset costs no precision
     out = {
@@ -115,6 +123,8 @@ def _moments(x_ND, class_N, shift_D, *, n_classes: int):
         "neutral_sum_D": xc_ND.sum(0),
         "neutral_outer_DD": jnp.einsum("ND,NE->DE", xc_ND, xc_ND, precision="highest"),
         "norm_sum": (jnp.linalg.norm(x_ND, axis=-1) * read_N).sum(),
+        "nonfinite_C": (onehot_NC * bad_N[:, None]).sum(0),
+        "neutral_nonfinite": (neutral_N * bad_N).sum(),
     }
     return jax.tree.map(lambda a: jax.lax.psum(a, ROW_AXES), out)
 
@@ -137,8 +147,8 @@ def label_stats(store: ActivationStore, layer: int, split: str, label_names: tup
     shift = None
     for chunk in stream_classes(store, layer, split, lookup, chunk_docs):
         if shift is None:  # any fixed point near the data; the first chunk's mean is deterministic
-            shift = chunk.acts_ND.astype(np.float64).mean(0).astype(np.float32) if len(chunk.acts_ND) else \
-                np.zeros(D, np.float32)
+            finite = chunk.acts_ND[np.isfinite(chunk.acts_ND).all(-1)]
+            shift = finite.astype(np.float64).mean(0).astype(np.float32) if len(finite) else np.zeros(D, np.float32)
         x, cls = place_chunk(chunk, rows, mesh)
         part = moments_step(x, cls, jnp.asarray(shift), n_classes=C, mesh=mesh)
         part = {k: np.asarray(v, np.float64) for k, v in part.items()}
@@ -148,13 +158,15 @@ def label_stats(store: ActivationStore, layer: int, split: str, label_names: tup
     n_neutral = int(np.rint(total["neutral_count"]))
     if n_neutral:
         mean_c = total["neutral_sum_D"] / n_neutral
-        cov = total["neutral_outer_DD"] / n_neutral - np.outer(mean_c, mean_c)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow becomes inf/NaN, which the fit refuses
+            cov = total["neutral_outer_DD"] / n_neutral - np.outer(mean_c, mean_c)
         neutral_mean = mean_c + shift
     else:
         cov, neutral_mean = np.zeros((D, D)), np.zeros(D)
     n_read = total["counts_C"].sum() + n_neutral
     return LabelStats(total["sums_CD"], np.round(total["counts_C"]), n_neutral, neutral_mean, (cov + cov.T) / 2,
-                      float(total["norm_sum"] / max(n_read, 1)))
+                      float(total["norm_sum"] / max(n_read, 1)), np.round(total["nonfinite_C"]).astype(np.int64),
+                      int(np.rint(total["neutral_nonfinite"])))
 
 
 def _power(x_ND, class_N, shift_CD, v_CD, *, n_classes: int):
@@ -189,7 +201,7 @@ def second_moment_times(store: ActivationStore, layer: int, split: str, label_na
 
 def mean_token_norm(store: ActivationStore, layer: int, split: str, max_tokens: int, chunk_rows: int) -> float:
     """Mean L2 norm of up to `max_tokens` token rows of the split's documents (the study's strength unit);
-    NaN when the split's documents hold no token rows."""
+    NaN when the split's documents hold no token rows. Token rows holding NaN or inf are a FitError."""
     docs = store.docs
     index = store.select(split)
     total, count = 0.0, 0
@@ -202,4 +214,8 @@ def mean_token_norm(store: ActivationStore, layer: int, split: str, max_tokens: 
             count += len(block)
         if count >= max_tokens:
             break
+    if count and not np.isfinite(total):
+        raise FitError(f"{store.path}: token activations at layer {layer} (split {split!r}) hold NaN or inf, so the "
+                       "mean residual norm (the steering strength unit) is undefined; re-dump the store from a model "
+                       "whose activations are finite")
     return total / count if count else float("nan")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +15,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from emojax.errors import CheckpointError, InputError
+from emojax.fileio import atomic_path, write_text
 from emojax.models.checkpoint import NUMPY_DTYPES, load_state, nest, param_shardings, save_safetensors
 from emojax.models.config import ModelConfig
 from emojax.models.hf_config import config_from_hf_dict, config_to_hf_dict, read_config_json
@@ -48,6 +50,18 @@ class LanguageModel:
     def model(self) -> Transformer:
         """The Flax NNX module (shares the loaded arrays)."""
         return nnx.merge(self.graphdef, self.params)
+
+    @functools.cached_property
+    def identity(self) -> dict | None:
+        """The content identity of the checkpoint this model was loaded from (emojax.models.identity), computed
+        on first use; None for a model built in memory (random_model with a seed, a training run) that has no
+        folder to identify it by."""
+        from emojax.models.identity import model_identity
+
+        source = str(self.source)
+        if source.startswith(RANDOM_PREFIX) or (source and Path(source).is_dir()):
+            return model_identity(source)
+        return None
 
     @property
     def num_params(self) -> int:
@@ -174,9 +188,10 @@ class LanguageModel:
         hf = dict(self.hf_config) if self.hf_config is not None else config_to_hf_dict(self.config)
         hf["dtype"] = str(self.dtype)
         save_safetensors(self.config, self.params, out_dir)
-        (out_dir / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        write_text(out_dir / "config.json", json.dumps(hf, indent=2) + "\n")
         if self.tokenizer is not None and self.tokenizer.backend is not None:  # the byte tokenizer has no file
-            self.tokenizer.backend.save(str(out_dir / "tokenizer.json"))
+            with atomic_path(out_dir / "tokenizer.json") as tmp:
+                self.tokenizer.backend.save(str(tmp))
         return out_dir
 
 
@@ -236,7 +251,9 @@ def load_model(path_or_preset: str | Path, dtype="float32", mesh: Mesh | None = 
         shape = name[len(RANDOM_PREFIX):]
         if shape not in SHAPES:
             raise CheckpointError(f"unknown preset {name!r}; presets: {', '.join(preset_names())}")
-        return random_model(SHAPES[shape], dtype=dtype, mesh=mesh)
+        lm = random_model(SHAPES[shape], dtype=dtype, mesh=mesh)
+        lm.source = name  # the preset name is its identity (seed 0): see emojax.models.identity
+        return lm
     path = Path(path_or_preset)
     if not path.is_dir():
         raise CheckpointError(

@@ -5,19 +5,23 @@
     emojax monitor --bank BANK --prompt TEXT [--rule 'desperate>0.3:3'] [--out monitor.jsonl]
 
 `register(subparsers)` adds both to the `emojax` parser. The model defaults to the built-in default model.
+A bank fitted on another model (other weights, even of the same shape) is refused unless --force.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+import sys
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from emojax.concepts.bank import ConceptBank, load_bank
+from emojax.concepts.bank import ConceptBank, check_model, load_bank
 from emojax.errors import InputError
+from emojax.fileio import write_text
 from emojax.models.lm import LanguageModel
 from emojax.steer.decode import DecodeConfig, Decoder
 from emojax.steer.interventions import default_layer, from_bank
@@ -40,17 +44,34 @@ def parse_sweep(text: str) -> list[float]:
     return [float(x) for x in np.linspace(lo, hi, n)]
 
 
+def _warn(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
+def check_bank_model(lm: LanguageModel, bank: ConceptBank, force: bool = False,
+                     warn: Callable[[str], None] | None = None) -> None:
+    """Raises BankModelError when `bank` was fitted on a model other than `lm` (compared by content, see
+    emojax.concepts.bank.check_model), unless force; what cannot be checked (or is forced) goes to `warn`
+    (default: warnings.warn)."""
+    message = check_model(bank, lm.identity, lm.source or "this model", force=force)
+    if message:
+        (warn or _warn)(message)
+
+
 def steer(lm: LanguageModel, bank: ConceptBank, prompts: Sequence[str], concepts: Sequence[str],
           strengths: Sequence[Sequence[float]], *, layers: Sequence[int] | None = None, positions: str = "all",
           unit: str = "norm", max_new_tokens: int = 48, temperature: float = 0.0, top_k: int = 0,
-          top_p: float = 1.0, seed: int = 0, decoder: Decoder | None = None) -> list[dict]:
+          top_p: float = 1.0, seed: int = 0, decoder: Decoder | None = None, force: bool = False,
+          warn: Callable[[str], None] | None = None) -> list[dict]:
     """Generates every prompt under every strength setting, as one batch.
 
     strengths: one row per setting, one value per concept (a sweep is several rows). Returns one record per
-    (setting, prompt) with the prompt, the strengths and the generated text.
+    (setting, prompt) with the prompt, the strengths and the generated text. A bank fitted on another model is
+    refused (BankModelError) unless force=True (see check_bank_model).
     """
     import jax
 
+    check_bank_model(lm, bank, force, warn)
     settings = np.asarray(strengths, np.float32)
     if settings.ndim != 2 or settings.shape[1] != len(concepts):
         raise InputError(f"need one strength per concept ({len(concepts)}), got {settings.shape[-1]}")
@@ -79,12 +100,15 @@ def steer(lm: LanguageModel, bank: ConceptBank, prompts: Sequence[str], concepts
 
 def monitor(lm: LanguageModel, bank: ConceptBank, prompts: Sequence[str], *, layer: int | None = None,
             metric: str = "cosine", max_new_tokens: int = 32, rules: Sequence[Rule] = (), top: int = 3,
-            on_alert=None, decoder: Decoder | None = None) -> list[dict]:
+            on_alert=None, decoder: Decoder | None = None, force: bool = False,
+            warn: Callable[[str], None] | None = None) -> list[dict]:
     """Generates from each prompt and reads every token's projections onto the bank's concepts.
 
     Returns one record per prompt: tokens with their text, source (prompt/generated), readings [C] and top
     concepts, plus the alerts of `rules`. Alerts are evaluated while the readings stream in (on_alert(alert)).
+    A bank fitted on another model is refused (BankModelError) unless force=True (see check_bank_model).
     """
+    check_bank_model(lm, bank, force, warn)
     layer = layer if layer is not None else default_layer(bank, lm.config.n_layers)
     bank.layer_index(layer)
     readout, names = readout_from_bank(bank, layer, metric)
@@ -130,17 +154,17 @@ def _load_model(spec: str, dtype: str) -> LanguageModel:
 
 
 def _decode_config(args) -> DecodeConfig:
-    return DecodeConfig(unroll_layers=not args.scan_layers)
+    return DecodeConfig(unroll_layers=not args.scan_layers, beyond_max_positions=args.beyond_max_positions)
+
+
+def _print_warning(message: str) -> None:
+    print(f"emojax: warning: {message}", file=sys.stderr)
 
 
 def _write_jsonl(path: str | None, records: list[dict]) -> None:
     if not path:
         return
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
+    write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def cmd_steer(args) -> int:
@@ -163,7 +187,8 @@ def cmd_steer(args) -> int:
     lm = _load_model(args.model, args.dtype)
     records = steer(lm, bank, args.prompt, concepts, settings, layers=args.layer, positions=args.positions,
                     unit=args.unit, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, decoder=Decoder(lm, _decode_config(args)))
+                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, decoder=Decoder(lm, _decode_config(args)),
+                    force=args.force, warn=_print_warning)
     console = Console(highlight=False)
     for r in records:
         label = ", ".join(f"{c} {s:+g}" for c, s in zip(r["concepts"], r["strengths"]))
@@ -197,7 +222,8 @@ def cmd_monitor(args) -> int:
     lm = _load_model(args.model, args.dtype)
     console = Console(highlight=False)
     records = monitor(lm, bank, args.prompt, layer=args.layer, metric=args.metric, max_new_tokens=args.max_new_tokens,
-                      rules=rules, top=args.top, decoder=Decoder(lm, _decode_config(args)),
+                      rules=rules, top=args.top, decoder=Decoder(lm, _decode_config(args)), force=args.force,
+                      warn=_print_warning,
                       on_alert=lambda a: console.print(f"[bold red]ALERT[/bold red] row {a.row}: {a.rule} at "
                                                        f"tokens {a.start}..{a.trigger}"))
     for r in records:
@@ -234,6 +260,10 @@ def register(subparsers) -> None:
         p.add_argument("--max-new-tokens", type=int, default=48)
         p.add_argument("--scan-layers", action="store_true",
                        help="decode with a scan over the layers instead of unrolled layers (shorter compile)")
+        p.add_argument("--force", action="store_true",
+                       help="use a bank fitted on another model (a warning instead of an error)")
+        p.add_argument("--beyond-max-positions", action="store_true",
+                       help="let a RoPE model decode past its max_position_embeddings (extrapolation)")
 
     p = subparsers.add_parser("steer", help="generate with concept vectors added to the residual stream")
     common(p)

@@ -41,19 +41,42 @@ class DecodeConfig:
     them in place. scripts/bench_decode.py, 56M Llama shape, 2-core CPU, 128 new tokens: batch 1 73 vs 62
     tok/s unrolled vs scanned; batch 32 329 vs 363 tok/s (within that machine's run-to-run noise). Compile
     time grows with depth when unrolled (8 s vs 5 s at batch 1, 19 s vs 13 s at batch 32, 8 layers).
-    stream_chunk: readings go to `on_readings` every this many generated tokens."""
+    stream_chunk: readings go to `on_readings` every this many generated tokens.
+    beyond_max_positions: let a RoPE model decode past its max_position_embeddings (the context it was trained
+    for; what comes after is extrapolation). Learned position tables (GPT-2) end there: always refused."""
 
     prompt_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048)
     new_token_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024)
     unroll_layers: bool = True
     stream_chunk: int = 32
     stop_slots: int = 8  # the stop-token list is padded to a multiple of this (new lists of the size: no recompile)
+    beyond_max_positions: bool = False
 
     def __post_init__(self):
         for name in ("prompt_buckets", "new_token_buckets"):
             b = getattr(self, name)
             if not b or list(b) != sorted(set(b)) or b[0] < 1:
                 raise InputError(f"{name} must be increasing positive lengths, got {b}")
+
+
+def check_positions(cfg, lengths_B: np.ndarray, max_new_tokens: int, beyond_max_positions: bool = False) -> None:
+    """Refuses, before decoding, a prompt whose length plus max_new_tokens passes the model's position limit:
+    past a learned position table there is no embedding at all, past a RoPE model's max_position_embeddings the
+    model extrapolates (allowed with beyond_max_positions). lengths_B: real tokens per prompt row."""
+    learned = bool(cfg.learned_positions)
+    limit = cfg.learned_positions if learned else cfg.max_position_embeddings
+    if not limit or (beyond_max_positions and not learned):
+        return
+    row = int(np.argmax(lengths_B))
+    longest = int(lengths_B[row])
+    if longest + max_new_tokens <= limit:
+        return
+    which = f"prompt {row + 1} of {len(lengths_B)}" if len(lengths_B) > 1 else "the prompt"
+    kind = "learned positions" if learned else "positions (max_position_embeddings in its config.json)"
+    allow = "" if learned else "; or allow RoPE extrapolation with --beyond-max-positions"
+    raise InputError(f"{which} has {longest} tokens and max_new_tokens is {max_new_tokens}: {longest + max_new_tokens} "
+                     f"positions, past the model's limit of {limit} {kind}; shorten the prompt or lower "
+                     f"--max-new-tokens to at most {max(limit - longest, 0)}{allow}")
 
 
 def bucket(n: int, buckets: Sequence[int], what: str) -> int:
@@ -153,11 +176,9 @@ class Decoder:
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         lengths = mask.sum(axis=1)
+        check_positions(cfg, lengths, max_new_tokens, self.config.beyond_max_positions)
         P = bucket(int(lengths.max()), self.config.prompt_buckets, "a prompt")
         N = bucket(max_new_tokens, self.config.new_token_buckets, "max_new_tokens")
-        if cfg.learned_positions and int(lengths.max()) + max_new_tokens > cfg.learned_positions:
-            raise InputError(f"prompt ({int(lengths.max())}) + max_new_tokens ({max_new_tokens}) exceeds the "
-                             f"model's {cfg.learned_positions} learned positions")
         # Right-align the real tokens into P columns (left padding), whatever padding the input had.
         toks = np.full((B, P), pad_id, np.int32)
         pmask = np.zeros((B, P), np.int32)

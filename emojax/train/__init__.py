@@ -13,6 +13,7 @@ from emojax.train.config import PRESETS, TrainConfig, load_train_config, preset_
 from emojax.train.trainer import Trainer, TrainState
 
 __all__ = [
-    "BOS_ID", "EOS_ID", "PAD_ID", "PRESETS", "TrainConfig", "TrainState", "Trainer", "default_cache_dir", "ensure_builtin_model",
+    "BOS_ID", "EOS_ID", "PAD_ID", "PRESETS", "TrainConfig", "TrainState", "Trainer", "default_cache_dir",
+    "ensure_builtin_model",
     "is_complete", "load_train_config", "preset_config", "read_train_json", "register", "train_bpe", "train_lm",
 ]

@@ -4,6 +4,8 @@
 and train.json (figures, history, fingerprint). Work happens in out.partial/ (the tokenizer, orbax
 checkpoints); only a finished run is renamed to out/, so a folder under the real name is always complete.
 Rerunning after a crash resumes from the last checkpoint; rerunning a finished configuration returns at once.
+A finished folder of another configuration is never replaced: activation stores and concept banks were made
+from it. The built-in models therefore live in one folder per training fingerprint (builtin-NAME-<fp[:16]>).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 from pathlib import Path
 
 from emojax.errors import EmojaxError
+from emojax.fileio import atomic_path, write_json, write_text
 from emojax.tokenizer import Tokenizer
 from emojax.train.bpe import BOS_ID, EOS_ID, PAD_ID, tokenizer_config, train_bpe
 from emojax.train.config import FORMAT_VERSION, TrainConfig, preset_config
@@ -52,12 +55,18 @@ def ensure_builtin_model(cache_dir: str | Path | None = None, config: TrainConfi
                          name: str = "default", progress: bool = True) -> Path:
     """The folder of built-in model `name` (trained on first use, reused while its fingerprint matches).
 
-    cache_dir: default `default_cache_dir()`; the folder is cache_dir/builtin-NAME. config: default the preset
-    `name` ("default" or "tiny"). A folder of another configuration is retrained and replaced.
+    cache_dir: default `default_cache_dir()`. config: default the preset `name` ("default" or "tiny"). The
+    folder is cache_dir/builtin-NAME-<the first 16 hex digits of the config's fingerprint>: another configuration
+    trains into a folder of its own, so a model other runs were built on is never replaced.
     """
     config = config if config is not None else preset_config(name)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return train_lm(config, cache_dir / f"builtin-{name}", progress=progress)
+    return train_lm(config, builtin_folder(cache_dir, name, config), progress=progress)
+
+
+def builtin_folder(cache_dir: str | Path, name: str, config: TrainConfig) -> Path:
+    """Where the built-in model `name` trained with `config` is cached (one folder per fingerprint)."""
+    return Path(cache_dir) / f"builtin-{name}-{config.fingerprint()[:16]}"
 
 
 def train_lm(config: TrainConfig, out: str | Path | None = None, progress: bool = True,
@@ -66,28 +75,45 @@ def train_lm(config: TrainConfig, out: str | Path | None = None, progress: bool 
 
     Returns immediately when `out` already holds this configuration's finished run. `until` stops after that
     many steps with only the checkpoint written (as an interrupted run would) and returns the work folder
-    out.partial/; the next call resumes from there.
+    out.partial/; the next call resumes from there. A folder holding another configuration's finished run is
+    an error, never replaced.
     """
     out = Path(out if out is not None else config.out)
     fingerprint = config.fingerprint()
     if is_complete(out, fingerprint):
         return out
-    if out.is_dir() and any(out.iterdir()) and read_train_json(out) is None:
-        raise EmojaxError(f"{out}: exists and is not a train-lm output folder (no {TRAIN_JSON}); "
-                          "choose another --out or remove it")
+    _refuse_other_model(out, fingerprint)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with _lock(out.parent / f".{out.name}.lock"):
             if is_complete(out, fingerprint):  # another process finished it while we waited
                 return out
+            _refuse_other_model(out, fingerprint)
             work = out.with_name(out.name + ".partial")
             _reset_if_stale(work, fingerprint)
             if not _train(config, work, fingerprint, progress, until):
                 return work
             _replace(work, out)
+    except EmojaxError:
+        raise
     except OSError as e:  # full disk, no permission: the user can fix these
         raise EmojaxError(f"{e.filename or out}: cannot write the trained model ({e.strerror or e})") from None
     return out
+
+
+def _refuse_other_model(out: Path, fingerprint: str) -> None:
+    """`out` must be empty, absent, or an unfinished run: a finished model may have stores and banks built on it."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    info = read_train_json(out)
+    if info is None:
+        raise EmojaxError(f"{out}: exists and is not a train-lm output folder (no {TRAIN_JSON}); "
+                          "choose another --out or remove it")
+    if info.get("fingerprint") != fingerprint:
+        raise EmojaxError(f"{out}: holds a model trained with another configuration (fingerprint "
+                          f"{str(info.get('fingerprint'))[:16]}, this one {fingerprint[:16]}); it is not replaced, "
+                          "since activation stores and concept banks may be built on it: choose another --out, or "
+                          "remove the folder to retrain there")
 
 
 def _train(config: TrainConfig, work: Path, fingerprint: str, progress: bool, until: int | None) -> bool:
@@ -102,8 +128,8 @@ def _train(config: TrainConfig, work: Path, fingerprint: str, progress: bool, un
         tokenizer = Tokenizer.from_file(tokenizer_file)
     else:
         tokenizer = train_bpe((d.text for d in train_docs), config.vocab_size)
-        tokenizer.backend.save(str(tokenizer_file) + ".tmp")
-        os.replace(str(tokenizer_file) + ".tmp", tokenizer_file)
+        with atomic_path(tokenizer_file) as tmp:
+            tokenizer.backend.save(str(tmp))
     data = build_token_data(config, tokenizer, train_docs, heldout_docs)
     t_data = time.perf_counter() - t0
 
@@ -141,7 +167,7 @@ def _train(config: TrainConfig, work: Path, fingerprint: str, progress: bool, un
         "final_loss": trainer.history[-1]["loss"] if trainer.history else None,
         "history": trainer.history,
     }
-    (work / TRAIN_JSON).write_text(json.dumps(info, indent=1) + "\n")  # written last: marks the export done
+    write_json(work / TRAIN_JSON, info)  # written last: marks the export done
     return True
 
 
@@ -158,7 +184,7 @@ def _export(config: TrainConfig, trainer, params, tokenizer: Tokenizer, work: Pa
     hf = config_to_hf_dict(mc) | {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}
     lm = LanguageModel(mc, graphdef, state, single_device_mesh(), tokenizer, source="train-lm", hf_config=hf)
     lm.save(work)
-    (work / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(config.seq_len), indent=2) + "\n")
+    write_json(work / "tokenizer_config.json", tokenizer_config(config.seq_len), indent=2)
 
 
 def _reset_if_stale(work: Path, fingerprint: str) -> None:
@@ -168,11 +194,12 @@ def _reset_if_stale(work: Path, fingerprint: str) -> None:
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     if not marker.is_file():
-        marker.write_text(fingerprint + "\n")
+        write_text(marker, fingerprint + "\n")
 
 
 def _replace(work: Path, out: Path) -> None:
-    """Turns the finished work folder into `out` (replacing an older run there)."""
+    """Turns the finished work folder into `out` (replacing only an empty folder or an unfinished export of
+    this configuration there: _refuse_other_model ran under the lock)."""
     shutil.rmtree(work / "checkpoints", ignore_errors=True)
     (work / "fingerprint").unlink(missing_ok=True)
     stale = out.with_name(out.name + ".old")

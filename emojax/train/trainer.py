@@ -4,6 +4,7 @@ The train state (parameters, optimizer state, step) is a pytree of arrays; the m
 and merged inside the step. A checkpoint holds the state plus the data position, and the batch of a step is a
 pure function of (seed, step), so a run resumed from a checkpoint computes bitwise the same parameters as
 one that was never interrupted. Metrics are read back one step late, so the host never stalls the device.
+A loss that turns NaN or inf stops the run with an error (before that state is checkpointed or exported).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx, struct
 
+from emojax.errors import CheckpointError, EmojaxError
 from emojax.models.config import ModelConfig
 from emojax.models.transformer import Transformer
 from emojax.train.config import TrainConfig
@@ -85,6 +87,10 @@ def compiled_functions(model_config: ModelConfig, b2: float, weight_decay: float
     return graphdef, optimizer, jax.jit(init), jax.jit(step, donate_argnums=0)
 
 
+class DivergedError(EmojaxError):
+    """The loss became NaN or inf: the settings (learning rate, warmup) make training diverge."""
+
+
 class Trainer:
     """Trains `config`'s model on `data`; checkpoints under `checkpoint_dir` (None: no checkpoints)."""
 
@@ -118,10 +124,13 @@ class Trainer:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         meta = restored["meta"]
+        where = self.manager.directory
         if meta.get("fingerprint") != self.fingerprint:
-            raise RuntimeError(f"checkpoint at step {step} belongs to another configuration")
+            raise CheckpointError(f"{where}: the checkpoint at step {step} belongs to another configuration; "
+                                  "remove the folder to start this one afresh")
         if meta["rows_consumed"] != step * self.config.batch_size:
-            raise RuntimeError(f"checkpoint at step {step} has an inconsistent data position")
+            raise CheckpointError(f"{where}: the checkpoint at step {step} has an inconsistent data position; "
+                                  "remove the folder to start afresh")
         self.history = list(meta.get("history", []))
         self.resumed_from = step
         return restored["state"]
@@ -155,6 +164,10 @@ class Trainer:
             nonlocal t_first
             values = {k: float(v) for k, v in jax.device_get(metrics).items()}
             values["lr"] = float(lrs[step])
+            if not np.isfinite(values["loss"]):
+                raise DivergedError(f"train-lm: the loss is {values['loss']} at step {step + 1} (learning rate "
+                                    f"{values['lr']:.3g}): training diverged; lower train.lr or raise "
+                                    "train.warmup_steps (nothing of this run was exported)")
             self.history.append(values)
             now = time.perf_counter()
             if t_first is None:
