@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-slow demo bench clean-venv
+.PHONY: test test-slow system-deps lint demo bench clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,10 +14,18 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-test: $(STAMP)
+# System programs some tests need (Chromium for the report's browser test): installed when missing, as root;
+# otherwise named. Under CI=true a test whose program is missing fails instead of skipping.
+system-deps:
+	@.ci/system-deps
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+test: $(STAMP) system-deps lint
 	$(PY) -m pytest -q
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) system-deps
 	$(PY) -m pytest -q -m slow
 
 demo: $(STAMP)

@@ -138,7 +138,6 @@ def main(argv=None) -> None:
         os.environ["JAX_PLATFORMS"] = "cpu"  # must precede the first jax import
     offline()
 
-    import jax
     import numpy as np
     import torch
     import transformers  # noqa: F401  (imported for env_info)

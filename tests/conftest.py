@@ -3,11 +3,18 @@ backend optimisation level, since the suite's tiny models are dominated by compi
 compiles; the parity tolerances hold either way).
 
 The suite runs on CPU. EMOJAX_TEST_PLATFORMS (JAX's platform list, e.g. "cuda,cpu") makes the default backend an
-accelerator instead: scripts/gpu_check.sh runs its selection of device-sensitive tests that way, on one GPU."""
+accelerator instead: scripts/gpu_check.sh runs its selection of device-sensitive tests that way, on one GPU.
+
+A test that needs a system program asks the `require_system` fixture for it: `make test` installs those programs
+(.ci/system-deps), and under CI=true a missing one fails the test rather than skipping it, so CI cannot pass
+green while running none of them."""
 
 import os
+import shutil
 import sys
 from pathlib import Path
+
+import pytest
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 sys.path.insert(0, str(Path(__file__).parent))  # tests import their shared helpers (hf_checkpoints)
@@ -16,3 +23,26 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_platforms", os.environ.get("EMOJAX_TEST_PLATFORMS") or "cpu")
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+@pytest.fixture
+def require_system():
+    """require_system(*programs, package=...) -> the path of the first of `programs` on PATH. When none is there,
+    the test skips, or fails under CI=true; the message names the Debian package to install."""
+
+    def require(*programs: str, package: str) -> str:
+        for program in programs:
+            found = shutil.which(program)
+            if found:
+                return found
+        message = (f"none of {', '.join(programs)} on PATH: install the system package {package!r} "
+                   f"(Debian: apt-get install {package}; `make test` does so as root)")
+        if _in_ci():
+            pytest.fail(f"CI=true: {message}", pytrace=False)
+        pytest.skip(message)
+
+    return require

@@ -139,3 +139,44 @@ def test_the_repository_folder_imports_as_the_top_level_kernels_module_too():
     proc = subprocess.run([sys.executable, "-c", probe], cwd=repo, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+# Run with cwd = the repository root: a finder ahead of all others makes jax and jaxlib look uninstalled (and
+# records any attempt), as in an environment that has transformers but not jax.
+_WITHOUT_JAX = """
+import importlib.abc, sys
+attempts = []
+class NoJax(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("jax", "jaxlib"):
+            attempts.append(name)
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+sys.meta_path.insert(0, NoJax())
+"""
+
+
+def test_the_top_level_kernels_module_imports_without_jax():
+    """`import kernels` from the repository root loads nothing heavy, so transformers' probe for Hugging Face's
+    `kernels` package (which imports whatever answers to that name) cannot break a model import where jax is
+    absent; the kernels themselves load on first attribute access."""
+    repo = Path(__file__).resolve().parent.parent
+    probe = _WITHOUT_JAX + (
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"  # failed here when kernels/ imported jax
+        "LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,\n"
+        "                             num_attention_heads=2, num_key_value_heads=2))\n"
+        "import kernels\n"
+        "assert kernels.__file__.startswith(sys.argv[1]), kernels.__file__\n"
+        "assert not attempts and 'jax' not in sys.modules, attempts\n"
+        "assert sorted(kernels.__all__) == ['reference_sparse_decode', 'sparse_decode'], kernels.__all__\n"
+        "assert getattr(kernels, '__version__', 'N/A') == 'N/A'\n"
+        "try:\n"
+        "    kernels.sparse_decode\n"
+        "except ModuleNotFoundError as e:\n"
+        "    assert e.name.startswith('jax'), e\n"
+        "else:\n"
+        "    raise AssertionError('the kernels loaded without jax')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe, str(repo)], cwd=repo, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import emojax
-from hf_checkpoints import CheckpointCache, random_tokens, run_torch
+from hf_checkpoints import CheckpointCache, run_torch
 
 PAD_ATOL = 1e-5  # padded vs unpadded emojax, float32
 REF_ATOL = 1e-4  # padded emojax vs unpadded transformers, float32

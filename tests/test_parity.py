@@ -47,9 +47,10 @@ def test_checkpoint_is_discriminating(checkpoints, name):
         if pname.endswith(".bias"):
             assert float(p.abs().min()) > 0, f"{pname} has zero entries: a bias mapping bug could hide"
         if "norm" in pname:
-            assert float((p - 1).abs().min()) > 0 and float((p - 1).abs().max()) > 1e-2, f"{pname} is all ones: a norm-weight mapping bug could hide"
+            assert float((p - 1).abs().min()) > 0 and float((p - 1).abs().max()) > 1e-2, (
+                f"{pname} is all ones: a norm-weight mapping bug could hide")
     saved = (ckpt.path / "config.json").read_text()
-    assert '"model_type": "%s"' % cfg.model_type in saved
+    assert f'"model_type": "{cfg.model_type}"' in saved
     if name == "llama_rope_llama3":
         # the llama3 scaling must really change the frequencies (not only past the tested lengths)
         scaled = ckpt.model.model.rotary_emb.inv_freq
@@ -77,7 +78,8 @@ def test_checkpoint_is_discriminating(checkpoints, name):
         assert cfg.rope_parameters["partial_rotary_factor"] == 0.25
         assert cfg.use_parallel_residual == (name == "gpt_neox_parallel")
     if cfg.tie_word_embeddings:
-        assert ckpt.model.get_output_embeddings().weight.data_ptr() == ckpt.model.get_input_embeddings().weight.data_ptr()
+        output, input_ = ckpt.model.get_output_embeddings(), ckpt.model.get_input_embeddings()
+        assert output.weight.data_ptr() == input_.weight.data_ptr()
     else:
         assert not torch.equal(ckpt.model.get_output_embeddings().weight, ckpt.model.get_input_embeddings().weight)
 

@@ -4,7 +4,6 @@
 import base64
 import json
 import re
-import shutil
 import subprocess
 
 import numpy as np
@@ -155,14 +154,9 @@ def test_cli_prints_the_path(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(tmp_path / "report" / "index.html")
 
 
-def _chromium():
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def test_renders_in_headless_chromium(full_report, tmp_path):
-    binary = _chromium()
-    if binary is None:
-        pytest.skip("no chromium or chromium-browser on PATH (Debian: apt-get install chromium)")
+def test_renders_in_headless_chromium(full_report, tmp_path, require_system):
+    # The system's Chromium, driven directly (no Playwright, nothing downloaded at run time); `make test` installs it.
+    binary = require_system("chromium", "chromium-browser", package="chromium")
     flags = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
              f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--enable-logging=stderr"]
     done = subprocess.run([*flags, "--dump-dom", full_report.as_uri()], capture_output=True, text=True,
@@ -174,7 +168,6 @@ def test_renders_in_headless_chromium(full_report, tmp_path):
     assert body, dom[:500]
     assert f'data-images-loaded="{n}/{n}"' in body.group(0), body.group(0)
     assert "data-error" not in body.group(0) and 'data-broken="1"' not in dom
-
 
 
 def test_bank_without_eval_still_maps_the_concepts(tmp_path):
@@ -189,3 +182,14 @@ def test_bank_without_eval_still_maps_the_concepts(tmp_path):
                            ("logit-lens", "not-run"), ("corpus", "not-run")):
         assert f'<section id="{anchor}" data-status="{status}">' in html, anchor
     assert "Residual index 3" in html  # two-thirds of the way up when eval.json names no best layer
+
+
+def test_a_missing_system_program_skips_locally_and_fails_under_ci(require_system, monkeypatch):
+    missing = ("emojax-no-such-program", "emojax-nor-this-one")
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="apt-get install emojax-pkg"):
+        require_system(*missing, package="emojax-pkg")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true: none of emojax-no-such-program, emojax-nor-this-one"):
+        require_system(*missing, package="emojax-pkg")
+    assert require_system("emojax-no-such-program", "sh", package="dash").endswith("/sh")

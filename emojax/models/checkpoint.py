@@ -9,6 +9,7 @@ its own slice and no device ever holds a full copy.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,10 +19,11 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from emojax.errors import CheckpointError
+from emojax.fileio import atomic_path, disk_full
 from emojax.models.config import ModelConfig
 from emojax.models.hf_keys import TensorMap, key_table, redundant_keys
 from emojax.models.sharding import named_sharding
@@ -36,9 +38,11 @@ def weight_files(checkpoint_dir: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
-        files = sorted({checkpoint_dir / name for name in weight_map.values()})
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: 'weight_map' must be an object of tensor name -> file name")
+        files = sorted({_weight_file_in(checkpoint_dir, index, key, name) for key, name in weight_map.items()})
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             raise CheckpointError(f"{index} lists weight files that do not exist: {missing}")
@@ -54,6 +58,27 @@ def weight_files(checkpoint_dir: Path) -> list[Path]:
             "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)."
         )
     raise CheckpointError(f"{checkpoint_dir}: no *.safetensors weight files")
+
+
+def _weight_file_in(checkpoint_dir: Path, index: Path, key: str, name) -> Path:
+    """The file an index entry names, refused unless it lies inside the checkpoint folder: an index comes from a
+    download like the weights, and one naming /etc/... or ../../ would make emojax read (and, through the
+    identity hash, fingerprint) arbitrary files."""
+    entry = f"{key!r} -> {name!r}"
+    if not isinstance(name, str) or not name:
+        raise CheckpointError(f"{index}: entry {entry} must name a file inside {checkpoint_dir}")
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise CheckpointError(f"{index}: entry {entry} names a file outside its folder (absolute paths and '..' "
+                              f"are refused); the index may only name files inside {checkpoint_dir}")
+    path, folder = checkpoint_dir / name, checkpoint_dir.resolve()
+    # A Hugging Face hub cache is the one layout whose files are symlinks out of their folder, into the blob store
+    # of the same repository: models--org--name/snapshots/<revision>/x -> ../../blobs/<hash>.
+    allowed = [folder] + ([folder.parent.parent / "blobs"] if folder.parent.name == "snapshots" else [])
+    target = path.resolve()
+    if not any(target.is_relative_to(root) for root in allowed):
+        raise CheckpointError(f"{index}: entry {entry} resolves to {target}, outside {checkpoint_dir} (a symlink "
+                              "out of the folder); the index may only name files inside it: copy the weights there")
+    return path
 
 
 class SafetensorsReader:
@@ -99,7 +124,8 @@ def check_keys(cfg: ModelConfig, reader: SafetensorsReader, source: Path) -> lis
     wrong = [f"{k} has shape {reader.shapes[k]}, expected {shape}" for k, shape in sorted(expected.items())
              if k in found and reader.shapes[k] != shape]
     if wrong:
-        problems.append("wrong shapes: " + "; ".join(wrong[:8]) + (f" (+{len(wrong) - 8} more)" if len(wrong) > 8 else ""))
+        more = f" (+{len(wrong) - 8} more)" if len(wrong) > 8 else ""
+        problems.append("wrong shapes: " + "; ".join(wrong[:8]) + more)
     if problems:
         raise CheckpointError(
             f"{source}: checkpoint does not match its config.json ({cfg.architecture}, {cfg.n_layers} layers, "
@@ -190,9 +216,13 @@ def save_safetensors(cfg: ModelConfig, state: nnx.State, out_dir: Path) -> Path:
     """Writes model.safetensors in the Hugging Face layout (loadable by transformers and by emojax)."""
     tensors = {key: np.ascontiguousarray(t) for key, t in iter_hf_tensors(cfg, state)}
     path = Path(out_dir) / "model.safetensors"
-    tmp = path.with_suffix(".safetensors.tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    tmp.replace(path)  # never leave a half-written weight file under the real name
+    with atomic_path(path) as tmp:  # never a half-written weight file under the real name
+        try:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+        except SafetensorError as e:  # its I/O errors are not OSErrors; a full disk must still read as one
+            if any(f"(os error {code})" in str(e) for code in (errno.ENOSPC, errno.EDQUOT)):
+                raise disk_full(path) from None
+            raise
     return path
 
 

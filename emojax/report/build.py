@@ -5,6 +5,10 @@ A section whose inputs are absent shows "not run"; one whose inputs exist but ca
 (and the rest of the report still renders). A small inline script records on <body>, once the page has loaded,
 how many images decoded (data-images-loaded="N/M") and any script error (data-error), so a headless browser
 can check the page.
+
+Safety: every value from the run directory is HTML-escaped where it is placed (sections.py); anything inside the
+<script> element has `</` written as `<\\/`, so no text can close it. The page is written atomically
+(emojax.fileio): a crash or a full disk leaves the previous index.html, and a rerun completes.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from html import escape
 from pathlib import Path
 
 from emojax.errors import EmojaxError
+from emojax.fileio import DiskFullError, write_text
 from emojax.report.sections import SECTIONS, NotRun
 
 CSS = """
@@ -49,10 +54,18 @@ window.addEventListener("load", function () {
 """
 
 
+def script_text(code: str) -> str:
+    """`code` (or JSON) safe inside <script>...</script>: the HTML parser ends the element at the first `</`
+    whatever the JavaScript means, and `<\\/` is the same string to JavaScript and JSON."""
+    return code.replace("</", "<\\/")
+
+
 def _section(anchor: str, title: str, render: Callable[[Path], str], run_dir: Path, log) -> tuple[str, str]:
     """(status, html) of one section; status is ok, not-run or failed."""
     try:
         body, status = render(run_dir), "ok"
+    except DiskFullError:  # not a malformed input: stop, so the rerun after freeing space redoes the report
+        raise
     except NotRun as e:
         body, status = f'<p><span class="status not-run">not run</span> {escape(str(e))}</p>', "not-run"
     except (EmojaxError, KeyError, ValueError, TypeError, IndexError) as e:  # malformed inputs: say so, go on
@@ -60,7 +73,8 @@ def _section(anchor: str, title: str, render: Callable[[Path], str], run_dir: Pa
         body = (f'<p><span class="status failed">could not render</span> '
                 f"{escape(type(e).__name__)}: {escape(str(e))}</p>")
         status = "failed"
-    return status, f'<section id="{anchor}" data-status="{status}"><h2>{escape(title)}</h2>{body}</section>'
+    return status, (f'<section id="{escape(anchor)}" data-status="{status}"><h2>{escape(title)}</h2>{body}'
+                    "</section>")
 
 
 def build_report(run_dir: str | Path, log: Callable[[str], None] | None = None) -> Path:
@@ -73,20 +87,16 @@ def build_report(run_dir: str | Path, log: Callable[[str], None] | None = None) 
     for anchor, title, render in SECTIONS:
         statuses[anchor], html = _section(anchor, title, render, run_dir, log)
         parts.append(html)
-    nav = "".join(f'<a href="#{a}">{escape(t.split(":")[0])}</a>' for a, t, _ in SECTIONS)
+    nav = "".join(f'<a href="#{escape(a)}">{escape(t.split(":")[0])}</a>' for a, t, _ in SECTIONS)
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     page = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>emojax report: {escape(run_dir.resolve().name)}</title><style>{CSS}</style></head>"
         f"<body><h1>emojax report</h1><p class=\"sub\">{escape(str(run_dir.resolve()))} &middot; {stamp}</p>"
-        f"<nav>{nav}</nav>{''.join(parts)}<script>{SCRIPT}</script></body></html>\n"
+        f"<nav>{nav}</nav>{''.join(parts)}<script>{script_text(SCRIPT)}</script></body></html>\n"
     )
-    out = run_dir / "report" / "index.html"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".html.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)
+    out = write_text(run_dir / "report" / "index.html", page)
     done = sum(s == "ok" for s in statuses.values())
     log(f"report: wrote {out} ({done}/{len(statuses)} sections; not run: "
         f"{[a for a, s in statuses.items() if s == 'not-run']})")

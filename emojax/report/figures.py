@@ -1,5 +1,10 @@
 """The report's figures, drawn with matplotlib's Agg canvas (no display, no pyplot global state) and returned
-as PNG data URIs ready for an <img src=...>."""
+as PNG data URIs ready for an <img src=...>.
+
+User text (concept names, SAE names, tokens) passes through `literal` before it reaches matplotlib, which would
+otherwise parse anything between two `$` as mathtext: a label "$x$" would render as an italic x, and one like
+"$\\foo$" would fail the whole figure.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 DPI = 100
+
+
+def literal(text) -> str:
+    """`text` as matplotlib draws it verbatim: every `$` escaped, so no mathtext is parsed. (Escaping rather than
+    Text.set_parse_math(False), because tick labels are re-created at draw time without that setting.)"""
+    return str(text).replace("$", r"\$")
 
 
 def _new(width: float, height: float, ncols: int = 1):
@@ -44,7 +55,7 @@ def emotion_map(names: list[str], scores_C2: np.ndarray, valence: list[float | N
     size = float(np.clip(11 - C / 25, 5, 10))
     for i, name in enumerate(names):
         tag = f"{name} [{clusters[i]}]" if clusters is not None else name
-        ax.annotate(tag, scores_C2[i], xytext=(3, 2), textcoords="offset points", fontsize=size)
+        ax.annotate(literal(tag), scores_C2[i], xytext=(3, 2), textcoords="offset points", fontsize=size)
     pct = [f"{100 * e:.0f}%" for e in (list(explained) + [0, 0])[:2]]
     ax.set_xlabel(f"PC1 ({pct[0]} of variance)")
     ax.set_ylabel(f"PC2 ({pct[1]} of variance)")
@@ -75,7 +86,7 @@ def cosine_heatmap(names: list[str], cos_CC: np.ndarray, order: np.ndarray) -> s
     fig, (ax,) = _new(side, side * 0.9)
     im = ax.imshow(cos_CC[np.ix_(order, order)], cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
     fig.colorbar(im, ax=ax, shrink=0.6, label="cosine similarity")
-    labels = [names[i] for i in order]
+    labels = [literal(names[i]) for i in order]
     size = float(np.clip(12 - C / 15, 3, 9))
     ax.set_xticks(range(C), labels, rotation=90, fontsize=size)
     ax.set_yticks(range(C), labels, fontsize=size)
@@ -92,11 +103,11 @@ def accuracy_by_layer(layers: list[int], series: dict[str, list[float | None]], 
                 continue
             ys = [np.nan if v is None else v for v in values]
             style = "-" if " test " in f" {label} " else "--"
-            ax.plot(layers, ys, style, marker="o", label=label.rsplit(" ", 1)[0])
+            ax.plot(layers, ys, style, marker="o", label=literal(label.rsplit(" ", 1)[0]))
         chance = min(1.0, (1 if k == "top1" else 5) / max(n_concepts, 1))
         ax.axhline(chance, color="grey", ls=":", label=f"chance ({chance:.2f})")
         if best is not None:
-            ax.axvline(best, color="#d62728", alpha=0.3, lw=6, label=f"best layer {best}")
+            ax.axvline(best, color="#d62728", alpha=0.3, lw=6, label=literal(f"best layer {best}"))
         ax.set_title(f"{k.replace('top', 'top-')} accuracy")
         ax.set_xlabel("residual index (0 = embeddings)")
         ax.set_ylim(0, 1.02)
@@ -108,7 +119,7 @@ def accuracy_by_layer(layers: list[int], series: dict[str, list[float | None]], 
 def sae_tradeoff(rows: list[dict]) -> str:
     """L0 vs FVU per SAE (left) and the dead-latent fraction per SAE (right)."""
     fig, (ax, bx) = _new(11, 4, ncols=2)
-    names = [str(r["name"]) for r in rows]
+    names = [literal(r["name"]) for r in rows]
     l0 = np.array([float(r["l0"]) for r in rows])
     fvu = np.array([float(r["fvu"]) for r in rows])
     ax.scatter(l0, fvu, c=range(len(rows)), cmap="viridis", s=50, edgecolors="k")
@@ -137,7 +148,8 @@ def steering_curves(concepts: dict[str, dict]) -> str:
         for name, curve in concepts.items():
             ys = curve.get(key)
             if ys:
-                ax.plot(curve["strengths"], [np.nan if y is None else y for y in ys], marker="o", ms=3, label=name)
+                ax.plot(curve["strengths"], [np.nan if y is None else y for y in ys], marker="o", ms=3,
+                        label=literal(name))
         ax.axvline(0, color="#ccc", lw=0.8)
         ax.set_xlabel("steering strength (fraction of mean residual norm)")
         ax.set_title(title)
@@ -168,7 +180,7 @@ def monitor_heatmap(tokens: list[str], concepts: list[str], readings_TC: np.ndar
         panel[:hi - lo] = scaled[lo:hi]
         im = ax.imshow(np.ma.masked_invalid(panel.T), cmap=cmap, vmin=-1, vmax=1, aspect="auto",
                        interpolation="nearest")
-        ax.set_yticks(range(len(concepts)), concepts, fontsize=8)
-        ax.set_xticks(range(hi - lo), [repr(t)[1:-1] for t in tokens[lo:hi]], rotation=90, fontsize=7)
+        ax.set_yticks(range(len(concepts)), [literal(c) for c in concepts], fontsize=8)
+        ax.set_xticks(range(hi - lo), [literal(repr(t)[1:-1]) for t in tokens[lo:hi]], rotation=90, fontsize=7)
     fig.colorbar(im, ax=list(axes), shrink=0.8, label=f"reading / {scale:.3g} (99th pct |reading|)")
     return to_data_uri(fig)

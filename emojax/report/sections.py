@@ -1,5 +1,9 @@
 """The report's sections: each takes the run directory and returns its HTML body, or raises NotRun when the
-stage that feeds it has not written its outputs."""
+stage that feeds it has not written its outputs.
+
+Every value read from the run directory reaches the page through `escape` (directly, or through `_fmt`, `table`
+and `img`): labels, prompts and generated text are user text, and a run directory may come from someone else.
+"""
 
 from __future__ import annotations
 
@@ -40,11 +44,11 @@ def _fmt(value) -> str:
 def table(header: list[str], rows: list[list], cls: str = "") -> str:
     head = "".join(f"<th>{escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    return f'<table class="{escape(cls)}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
 def img(uri: str, alt: str) -> str:
-    return f'<img src="{uri}" alt="{escape(alt)}">'
+    return f'<img src="{escape(uri)}" alt="{escape(alt)}">'
 
 
 # ---- summaries
@@ -120,9 +124,9 @@ def emotion_map(run_dir: Path) -> str:
     ann = geo.get("annotations", {})
     corr = [[k, ann.get(k)] for k in ("pc1_valence_r", "pc1_arousal_r", "pc2_valence_r", "pc2_arousal_r")
             if k in ann]
-    note = (f"<p>Residual index {best}: {len(names)} concepts, [k] = k-means cluster. The study found PC1 ~ "
+    note = (f"<p>Residual index {_fmt(best)}: {len(names)} concepts, [k] = k-means cluster. The study found PC1 ~ "
             "valence and PC2 ~ arousal; Pearson r with the catalogue's annotations "
-            f"({ann.get('n_annotated', 0)} annotated concepts):</p>")
+            f"({_fmt(ann.get('n_annotated', 0))} annotated concepts):</p>")
     return img(uri, "emotion map") + note + (table(["correlation", "r"], corr, "kv") if corr else "")
 
 
@@ -137,7 +141,7 @@ def cosine_heatmap(run_dir: Path) -> str:
             groups.setdefault(int(clusters[n]), []).append(n)
     rows = [[k, ", ".join(v)] for k, v in sorted(groups.items())]
     return (img(figures.cosine_heatmap(names, cos, order), "cosine similarity heatmap")
-            + f"<p>Residual index {best}; rows ordered by average-linkage clustering on 1 - cosine.</p>"
+            + f"<p>Residual index {_fmt(best)}; rows ordered by average-linkage clustering on 1 - cosine.</p>"
             + (f"<h3>k-means clusters (k={len(groups)})</h3>" + table(["cluster", "concepts"], rows) if rows else ""))
 
 
@@ -163,7 +167,7 @@ def accuracy(run_dir: Path) -> str:
                 if m:
                     rows.append([L, split, readout, m.get("n"), m.get("top1"), m.get("top5"), m.get("macro_auroc")])
     return (img(figures.accuracy_by_layer(layers, series, C, best), "held-out accuracy by layer")
-            + f"<p>Method {escape(str(evaluation.get('method')))}; best layer {best} by "
+            + f"<p>Method {escape(str(evaluation.get('method')))}; best layer {_fmt(best)} by "
               f"{escape(str(evaluation.get('best_by', '')))}; {C} concepts.</p>"
             + f"<details><summary>all metrics</summary>"
               f"{table(['layer', 'split', 'readout', 'n', 'top-1', 'top-5', 'macro AUROC'], rows)}</details>")
@@ -182,7 +186,7 @@ def logit_lens(run_dir: Path) -> str:
         f"<tr><td>{escape(name)}</td><td>{toks(e.get('top', []))}</td><td>{toks(e.get('bottom', []))}</td>"
         f"<td>{escape(str(e.get('own_token', '-')))}</td><td>{_fmt(e.get('own_rank'))}</td></tr>"
         for name, e in lens.items())
-    return (f"<p>Each concept vector at residual index {best} through the final norm and unembedding.</p>"
+    return (f"<p>Each concept vector at residual index {_fmt(best)} through the final norm and unembedding.</p>"
             '<table class="lens"><thead><tr><th>concept</th><th>top tokens</th><th>bottom tokens</th>'
             f"<th>own token</th><th>its rank</th></tr></thead><tbody>{body}</tbody></table>")
 
@@ -200,8 +204,8 @@ def sae(run_dir: Path) -> str:
 def steering(run_dir: Path) -> str:
     curves = _need(inputs.steering_curves(run_dir), "steer/curves.json is missing")
     concepts = _need(curves["concepts"], "steer/curves.json has no concepts")
-    return (f"<p>Steered at residual index {curves.get('layer', '-')}, read at residual index "
-            f"{curves.get('read_layer', '-')}; strength in units of the mean residual-stream norm.</p>"
+    return (f"<p>Steered at residual index {_fmt(curves.get('layer', '-'))}, read at residual index "
+            f"{_fmt(curves.get('read_layer', '-'))}; strength in units of the mean residual-stream norm.</p>"
             + img(figures.steering_curves(concepts), "steering curves"))
 
 
@@ -212,7 +216,7 @@ def monitor(run_dir: Path) -> str:
     top = np.argsort(-np.abs(readings).max(0), kind="stable")[:MONITOR_TOP]
     names = [sample["concepts"][i] for i in top]
     uri = figures.monitor_heatmap(list(sample["tokens"]), names, readings[:, top])
-    return (f"<p>Layer {sample.get('layer', '-')}; the {len(names)} concepts with the largest |reading| of "
+    return (f"<p>Layer {_fmt(sample.get('layer', '-'))}; the {len(names)} concepts with the largest |reading| of "
             f"{len(sample['concepts'])}.</p><blockquote>{escape(sample.get('text', ''))}</blockquote>"
             + img(uri, "monitored generation heatmap"))
 
