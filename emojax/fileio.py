@@ -25,6 +25,9 @@ _FULL = (errno.ENOSPC, errno.EDQUOT)
 class DiskFullError(EmojaxError, OSError):
     """No space left (or quota exceeded) while writing a file; nothing already written was changed."""
 
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno 28]" prefix
+        return self.strerror or super().__str__()
+
 
 def is_disk_full(error: BaseException) -> bool:
     return isinstance(error, OSError) and error.errno in _FULL

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
+import shutil
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +16,11 @@ from dump_helpers import REPO, assert_same_store, run_child
 
 from emojax.cli import main
 from emojax.concepts import load_bank
+from emojax.locks import holder
 from emojax.run import load_run_file, run
+from emojax.run.config import STAGES
+from emojax.run.fingerprints import OTHER_SETTINGS, OUTPUT_SETTINGS
+from emojax.run.stages import SteerSettings
 from emojax.store import ActivationStore
 
 TINY = REPO / "configs" / "tiny.yaml"
@@ -73,16 +81,124 @@ def test_a_rerun_skips_every_complete_stage(tiny_run, cache, capsys):
     assert (run_dir / "concepts" / "bank.safetensors").read_bytes() == before
 
 
-def test_a_changed_setting_recomputes_only_what_depends_on_it(tiny_run, cache, tmp_path, capsys):
-    import shutil
-
+def test_a_changed_setting_recomputes_only_what_depends_on_it_and_keeps_the_old_output(tiny_run, cache, tmp_path,
+                                                                                      capsys):
     run_dir = tmp_path / "tiny"
     shutil.copytree(tiny_run[0], run_dir)
+    before = (run_dir / "concepts" / "bank.safetensors").read_bytes()
     assert main(["run", "--config", str(TINY), f"run.dir={run_dir}", "fit.kmeans_k=3", "--quiet",
                  "run.stages=[train,corpus,dump,fit]"]) == 0
     err = capsys.readouterr().err
     assert "dump: skipped (complete, inputs unchanged)" in err
     assert "fit: settings or inputs changed; recomputing" in err
+    (old,) = run_dir.glob("concepts.old-*")
+    assert f"was moved to {old}" in err.replace("\n", "")
+    assert (old / "bank.safetensors").read_bytes() == before
+    # Only the fit was in the call: a later subset run sees the SAE's input changed and moves it aside too.
+    assert main(["run", "--config", str(TINY), f"run.dir={run_dir}", "fit.kmeans_k=3", "--quiet",
+                 "run.stages=[sae]"]) == 0
+    assert "sae: settings or inputs changed; recomputing" in capsys.readouterr().err
+    assert len(list(run_dir.glob("sae.old-*"))) == 1
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+@pytest.mark.parametrize("overrides", [
+    *([f"run.stages=[{s}]"] for s in STAGES),
+    ["run.stages=[dump]", "dump.verify=true"],
+    ["dump.verify=true", "dump.writes_in_flight=1", "dump.mesh=[1,1,1]", "sae.log_every=7",
+     "sae.checkpoint_every=11", "sae.decoder=dense", "fit.mesh=[1,1,1]", "train.checkpoint_every=13"],
+], ids=[*STAGES, "verify", "no-output-settings"])
+def test_a_subset_or_verify_run_of_a_finished_run_changes_no_file(tiny_run, cache, tmp_path, capsys, overrides):
+    run_dir = tmp_path / "tiny"
+    shutil.copytree(tiny_run[0], run_dir)
+    before = _hashes(run_dir)
+    assert main(["run", "--config", str(TINY), f"run.dir={run_dir}", "--quiet", *overrides]) == 0
+    err = capsys.readouterr().err
+    assert "recomputing" not in err and "running" not in err, err
+    assert _hashes(run_dir) == before
+    if "dump.verify=true" in overrides:
+        assert "dump: complete; checking its outputs" in err
+
+
+def test_every_stage_setting_is_classified_as_output_or_not():
+    from emojax.concepts import FitConfig
+    from emojax.corpus.config import CorpusConfig
+    from emojax.sae import SaeConfig
+    from emojax.store import DumpConfig
+    from emojax.train.config import TrainConfig
+
+    classes = {"train": TrainConfig, "corpus": CorpusConfig, "dump": DumpConfig, "fit": FitConfig, "sae": SaeConfig,
+               "steer": SteerSettings}
+    assert set(classes) == set(OUTPUT_SETTINGS) == set(OTHER_SETTINGS)
+    for stage, cls in classes.items():
+        fields = {f.name for f in dataclasses.fields(cls)}
+        output, other = set(OUTPUT_SETTINGS[stage]), set(OTHER_SETTINGS[stage])
+        assert not output & other, (stage, output & other)
+        assert fields == output | other, (stage, "unclassified:", fields - output - other,
+                                          "not fields:", (output | other) - fields)
+    # The built-in model's cache key leaves out exactly the train settings the table calls output-independent.
+    base = TrainConfig()
+    for name in OTHER_SETTINGS["train"]:
+        changed = dataclasses.replace(base, **{name: "elsewhere" if name == "out" else 999})
+        assert changed.fingerprint() == base.fingerprint(), name
+    assert dataclasses.replace(base, steps=base.steps + 1).fingerprint() != base.fingerprint()
+
+
+def test_a_subset_run_needs_its_upstream_stages_complete(tmp_path, capsys):
+    code = main(["run", "--config", str(TINY), f"run.dir={tmp_path / 'r'}", "--quiet", "run.stages=[fit]"])
+    err = capsys.readouterr().err
+    assert code == 2 and "needs 'dump'" in err and "add dump to run.stages" in err, err
+
+
+HOLD_LOCK = """
+import sys, time
+from emojax.locks import WriterLock
+with WriterLock(sys.argv[1]):
+    print("LOCKED", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_second_run_in_the_same_directory_fails_at_once_naming_the_holder(tmp_path, capsys):
+    run_dir = tmp_path / "r"
+    child = run_child(HOLD_LOCK, str(run_dir))
+    try:
+        assert child.stdout.readline().strip() == "LOCKED", child.stderr.read()
+        code = main(["run", "--config", str(TINY), f"run.dir={run_dir}", "--quiet", "run.stages=[corpus]"])
+        err = capsys.readouterr().err
+        assert code == 2 and str(run_dir) in err and f"pid {child.pid}" in err, err
+        assert not (run_dir / "stages").exists()
+    finally:
+        child.kill()
+        child.wait()
+    assert holder(run_dir) is None  # the kernel released the killed holder's lock
+
+
+def test_a_moved_checkpoint_resumes_and_other_weights_recompute(tmp_path, capsys):
+    from emojax.models import random_model
+    from emojax.models.presets import SHAPES
+
+    first, moved, other = tmp_path / "a", tmp_path / "moved", tmp_path / "b"
+    random_model(SHAPES["tiny"], seed=1).save(first)
+    random_model(SHAPES["tiny"], seed=2).save(other)
+    run_dir = tmp_path / "r"
+    args = ["run", "--config", str(TINY), f"run.dir={run_dir}", "--quiet", "run.stages=[train,corpus,dump]"]
+    assert main([*args, f"run.model={first}"]) == 0
+    capsys.readouterr()
+    before = _hashes(run_dir)
+    shutil.move(first, moved)
+    assert main([*args, f"run.model={moved}"]) == 0
+    err = capsys.readouterr().err
+    assert all(f"{s}: skipped (complete, inputs unchanged)" in err for s in ("train", "corpus", "dump")), err
+    assert _hashes(run_dir) == before
+    assert main([*args, f"run.model={other}"]) == 0
+    err = capsys.readouterr().err
+    assert "dump: settings or inputs changed; recomputing" in err, err
+    assert len(list(run_dir.glob("activations.old-*"))) == 1
 
 
 KILL_RUN = """
@@ -134,3 +250,131 @@ def test_bad_configs_are_one_line_errors(tmp_path, capsys, override, message):
                  "run.stages=[train,corpus,dump]"])
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+CRASH_RUN = """
+import os, signal, sys
+from emojax.cli import main
+from emojax.run import stages
+from emojax.sae.checkpoint import SaeCheckpoints
+from emojax.store import state, writer
+
+# Kill this process with SIGKILL at the N-th write event of stage S (or, if S has fewer, as the next stage
+# starts): every durable write (os.replace, os.rename), every store array or JSON write and every SAE
+# checkpoint save is an event, before and after it. Target "none": run to the end.
+target, n = sys.argv[1], int(sys.argv[2])
+order = list(stages.STAGES)
+current, count = [None], [0]
+
+def event(tag):
+    if current[0] is None or target == "none":
+        return
+    due = current[0] == target and count[0] + 1 >= n
+    late = order.index(current[0]) > order.index(target)
+    if current[0] == target:
+        count[0] += 1
+    if due or late:
+        print(f"KILLED {current[0]} event {count[0]} {tag}", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+def hook(owner, name):
+    original = getattr(owner, name)
+    def wrapped(*args, **kw):
+        event(name + " before")
+        result = original(*args, **kw)
+        event(name + " after")
+        return result
+    setattr(owner, name, wrapped)
+
+for name, stage in stages.STAGES.items():
+    def run(ctx, _run=stage.run, _name=name):
+        current[0] = _name
+        event("start")
+        return _run(ctx)
+    stage.run = run
+for owner, name in ((os, "replace"), (os, "rename"), (writer.Writes, "write"), (state.KeyValueFolder, "write_json"),
+                    (SaeCheckpoints, "save")):
+    hook(owner, name)
+code = main(["run", "--quiet", *sys.argv[3:]])
+print("FINISHED", flush=True)
+sys.exit(code)
+"""
+
+
+def _crash_schedule(seed: int, kills: int = 8) -> list[tuple[str, int]]:
+    """`kills` (stage, event) points over the stages after train, in run order, drawn from a seeded generator."""
+    rng = np.random.default_rng(seed)
+    order = [s for s in STAGES if s != "train"]
+    picks = sorted(rng.choice(len(order), size=kills, replace=True))
+    return [(order[i], int(rng.integers(1, 9))) for i in picks]
+
+
+def _crash_child(run_dir: Path, cache: Path, stage: str = "none", n: int = 0) -> str | None:
+    """Runs the tiny run in a child killed at (stage, n); the line saying where it was killed, or None."""
+    child = run_child(CRASH_RUN, stage, str(n), "--config", str(TINY), f"run.dir={run_dir}",
+                      env_extra={"EMOJAX_CACHE": str(cache)})
+    out, err = child.communicate(timeout=600)
+    if "KILLED" in out:
+        assert child.returncode == -signal.SIGKILL, err
+        return out.strip().splitlines()[-1]
+    assert "FINISHED" in out and child.returncode == 0, err  # the run had passed this point: it finished
+    return None
+
+
+def test_killed_at_eight_seeded_points_then_resumed_equals_an_uninterrupted_run(tiny_run, cache, tmp_path):
+    # XLA on CPU sums in an order that depends on the process's device count, so the reference is run in a
+    # child like the killed runs (one device), not taken from the in-process fixture.
+    run_dir, reference = tmp_path / "tiny", tmp_path / "reference"
+    schedule = _crash_schedule(seed=16)
+    assert len({s for s, _ in schedule}) >= 4, schedule  # the kills spread over the stages
+    killed = [line for stage, n in schedule if (line := _crash_child(run_dir, cache, stage, n))]
+    assert len(killed) >= 6, killed
+    assert _crash_child(run_dir, cache) is None
+    assert _crash_child(reference, cache) is None
+    assert_same_store(run_dir / "activations", reference / "activations")
+    compared = [p.relative_to(reference) for p in sorted(reference.rglob("*")) if p.is_file()
+                and p.parts[len(reference.parts)] in ("corpus", "concepts", "sae", "steer")
+                and "checkpoints" not in p.parts and p.name != ".emojax.lock"]
+    assert len(compared) >= 15, compared
+    for name in compared:
+        ours, theirs = (run_dir / name).read_bytes(), (reference / name).read_bytes()
+        if name.suffix in (".json", ".jsonl"):  # the same but for the run folder's own path
+            ours = ours.replace(str(run_dir).encode(), b"RUN")
+            theirs = theirs.replace(str(reference).encode(), b"RUN")
+        assert ours == theirs, (str(name), killed)
+    assert "<html" in (run_dir / "report" / "index.html").read_text()
+    assert not list(run_dir.glob("*.old-*")), "a resume must not move outputs aside"
+
+
+@pytest.mark.parametrize("stage, folder", [("fit", "concepts"), ("sae", "sae"), ("steer", "steer"),
+                                           ("report", "report")])
+def test_a_full_disk_in_a_stage_is_one_line_and_a_rerun_completes(tiny_run, cache, tmp_path, capsys, monkeypatch,
+                                                                   stage, folder):
+    import errno
+
+    run_dir = tmp_path / "tiny"
+    shutil.copytree(tiny_run[0], run_dir)
+    (run_dir / "stages" / f"{stage}.json").unlink()
+    shutil.rmtree(run_dir / folder)
+    replace = os.replace
+
+    def full_disk(src, dst, *args, **kw):  # the stage's first durable write finds the disk full
+        if Path(dst).is_relative_to(run_dir / folder):
+            raise OSError(errno.ENOSPC, "No space left on device", str(src))
+        return replace(src, dst, *args, **kw)
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    args = ["run", "--config", str(TINY), f"run.dir={run_dir}", "--quiet", f"run.stages=[{stage}]"]
+    assert main(args) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if not line.startswith(f"{stage}: ")]
+    assert len(errors) == 1 and errors[0].startswith("emojax: error: no space left"), errors
+    monkeypatch.setattr(os, "replace", replace)
+    assert main(args) == 0
+    assert "resuming an unfinished run" in capsys.readouterr().err
+    reference = tiny_run[0] / folder
+    for path in reference.rglob("*"):
+        if path.is_file() and path.suffix in (".safetensors", ".json") and "checkpoints" not in path.parts:
+            assert (run_dir / folder / path.relative_to(reference)).is_file(), path
+    if stage == "fit":
+        same = (run_dir / folder / "bank.safetensors").read_bytes() == (reference / "bank.safetensors").read_bytes()
+        assert same

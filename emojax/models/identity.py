@@ -10,7 +10,8 @@ bank keep, so that a bank fitted on one model is never silently used with anothe
 - `content`: sha256 of the weight files' bytes when they total at most FULL_HASH_BYTES ("full"), else of the
   headers plus SAMPLES evenly spaced 64 KiB blocks of each file ("sampled": two checkpoints of the same shape
   with different weights differ there with overwhelming probability, and it costs a few ms per file);
-- `id`: sha256 of the three. Random presets (`random:SHAPE`) are identified by name, since their weights are a
+- `tokenizer`: sha256 of tokenizer.json, or None when the folder has none;
+- `id`: sha256 of the four. Random presets (`random:SHAPE`) are identified by name, since their weights are a
   deterministic function of it (seed 0).
 """
 
@@ -28,7 +29,7 @@ from emojax.models.presets import RANDOM_PREFIX
 FULL_HASH_BYTES = 512 * 2**20
 SAMPLES = 64
 BLOCK = 64 * 2**10
-_FIELDS = ("config", "tensors", "content")
+_FIELDS = ("config", "tensors", "content", "tokenizer")
 
 
 def _sha(data: bytes) -> str:
@@ -68,7 +69,7 @@ def model_identity(path_or_preset: str | Path) -> dict:
     name = str(path_or_preset)
     if name.startswith(RANDOM_PREFIX) and not Path(name).exists():
         ident = {"config": _sha(name.encode()), "tensors": _sha(name.encode()), "content": _sha(b"seed 0"),
-                 "content_kind": "preset"}
+                 "tokenizer": None, "content_kind": "preset"}
         return {"id": _sha(json.dumps([ident[k] for k in _FIELDS]).encode()), **ident, "preset": name}
     folder = Path(path_or_preset)
     config_file = folder / "config.json"
@@ -94,7 +95,9 @@ def model_identity(path_or_preset: str | Path) -> dict:
         _file_content(file, digest, full)
     ident = {"config": _sha(json.dumps(config, sort_keys=True).encode()),
              "tensors": _sha(json.dumps(sorted(tensors)).encode()),
-             "content": digest.hexdigest(), "content_kind": "full" if full else "sampled"}
+             "content": digest.hexdigest(), "content_kind": "full" if full else "sampled",
+             "tokenizer": _sha((folder / "tokenizer.json").read_bytes()) if (folder / "tokenizer.json").is_file()
+             else None}
     return {"id": _sha(json.dumps([ident[k] for k in _FIELDS]).encode()), **ident, "bytes": total}
 
 
@@ -109,6 +112,8 @@ def describe_difference(a: dict, b: dict) -> str:
         return "config.json differs"
     if a.get("tensors") != b.get("tensors"):
         return "tensor names, dtypes or shapes differ"
+    if a.get("tokenizer") != b.get("tokenizer"):
+        return "tokenizer.json differs"
     return "same shapes but different weights"
 
 

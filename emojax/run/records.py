@@ -1,17 +1,20 @@
 """Stage records of a run directory: stages/NAME.json says which inputs a stage ran with and whether it finished.
 
-A stage whose record is complete with the same fingerprint is skipped; one whose fingerprint changed has its
-outputs removed and is recomputed; one that started with the same fingerprint but did not finish (a crash,
-Ctrl-C) is run again and resumes where the stage itself can (the dump skips complete shards, the SAE and the
-LM training continue from their last checkpoint).
+A stage whose record is complete with the same fingerprint is skipped (and its record is not rewritten); one
+whose fingerprint changed is recomputed after its old outputs are moved aside to `<output>.old-<time>/`
+(nothing is deleted); one that started with the same fingerprint but did not finish (a crash, Ctrl-C) is run
+again and resumes where the stage itself can (the dump skips complete shards, the SAE and the LM training
+continue from their last checkpoint). Records are written atomically (temp + fsync + rename).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
+import time
 from pathlib import Path
+
+from emojax.fileio import write_json
 
 
 def fingerprint(*parts) -> str:
@@ -28,11 +31,12 @@ class StageRecords:
         except (OSError, ValueError):
             return None
 
+    def complete(self, stage: str) -> dict | None:
+        record = self.read(stage)
+        return record if record is not None and record.get("complete") else None
+
     def write(self, stage: str, record: dict) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.folder / f".{stage}.json.tmp"
-        tmp.write_text(json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
-        os.replace(tmp, self.folder / f"{stage}.json")
+        write_json(self.folder / f"{stage}.json", record, sort_keys=True)
 
     def status(self, stage: str, fp: str) -> str:
         """'complete' (skip), 'resume' (same inputs, unfinished), 'changed' (redo from scratch) or 'new'."""
@@ -42,3 +46,18 @@ class StageRecords:
         if record.get("fingerprint") != fp:
             return "changed"
         return "complete" if record.get("complete") else "resume"
+
+
+def move_aside(path: Path) -> Path | None:
+    """Renames an existing output to `<path>.old-<YYYYmmdd-HHMMSS>[-N]` (never deletes); None if absent."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = path.with_name(f"{path.name}.old-{stamp}")
+    n = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}.old-{stamp}-{n}")
+        n += 1
+    path.rename(target)
+    return target

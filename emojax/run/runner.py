@@ -2,21 +2,25 @@
 
     train (built-in model only) -> corpus -> dump -> fit -> sae -> steer -> report
 
-Each stage's fingerprint covers its own settings and its inputs' fingerprints, so a changed setting recomputes
-that stage and everything downstream of it, and nothing else (records.py).
+Each stage's fingerprint covers the settings that change its outputs (fingerprints.py) and its inputs'
+fingerprints, so a changed setting recomputes that stage and everything downstream of it, and nothing else.
+A stage left out of `run.stages` is read from its record on disk: `run.stages=[fit]` refits on the store the
+dump wrote, and skips the fit if nothing it depends on changed. Old outputs of a recomputed stage are moved to
+`<output>.old-<time>/`, never deleted. One `emojax run` at a time per run directory (an fcntl lock).
 """
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
 from rich.console import Console
 
+from emojax.errors import ConfigError
+from emojax.locks import WriterLock
 from emojax.run import stages
 from emojax.run.config import RunFile
-from emojax.run.records import StageRecords, fingerprint
+from emojax.run.records import StageRecords, fingerprint, move_aside
 
 console = Console(stderr=True)
 
@@ -25,31 +29,70 @@ def run(run_file: RunFile, show_progress: bool = True) -> dict:
     """Runs (or resumes) the configured stages; returns {stage: record}."""
     stages.check_run_file(run_file)
     run_dir = Path(run_file.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with WriterLock(run_dir, what="run directory"):
+        return _run(run_file, run_dir, show_progress)
+
+
+def _stage_fingerprint(name: str, context: stages.Context) -> str:
+    stage = stages.STAGES[name]
+    return fingerprint(name, stage.settings(context), [context.fingerprints.get(d) for d in stage.depends])
+
+
+def _read_upstream(name: str, records: StageRecords, context: stages.Context, needed: set[str]) -> None:
+    """A stage outside run.stages: its fingerprint and summary come from its complete record on disk."""
+    record = records.complete(name)
+    if record is None:
+        if name == "train":  # no record yet: the model is named by run.model, its fingerprint by its settings
+            context.fingerprints[name] = _stage_fingerprint(name, context)
+        elif name in needed:
+            raise ConfigError(f"run.stages={list(context.run_file.run.stages)}: a selected stage needs {name!r}, "
+                              f"which has not completed in {context.run_dir} (no complete {records.folder}/"
+                              f"{name}.json); add {name} to run.stages")
+        return
+    context.fingerprints[name] = record["fingerprint"]
+    context.results[name] = record.get("summary", {})
+    try:
+        wanted = _stage_fingerprint(name, context)
+    except Exception:  # noqa: BLE001 - only a warning: the record on disk is what the next stages use
+        wanted = None
+    if wanted != record["fingerprint"]:
+        console.print(f"[yellow]{name}[/]: not in run.stages; its settings in the config differ from the run "
+                      f"recorded in {records.folder}/{name}.json, which is what later stages use")
+
+
+def _run(run_file: RunFile, run_dir: Path, show_progress: bool) -> dict:
     records = StageRecords(run_dir)
     context = stages.Context(run_file=run_file, run_dir=run_dir, show_progress=show_progress)
+    selected = set(run_file.run.stages)
+    needed = {d for name in selected for d in stages.STAGES[name].depends}
     done = {}
-    for name in run_file.run.stages:
-        stage = stages.STAGES[name]
-        settings = stage.settings(context)
-        fp = fingerprint(name, settings, [context.fingerprints.get(d) for d in stage.depends])
+    for name, stage in stages.STAGES.items():
+        if name not in selected:
+            _read_upstream(name, records, context, needed)
+            continue
+        fp = _stage_fingerprint(name, context)
         status = records.status(name, fp)
         record = records.read(name) if status == "complete" else None
         if record is not None:
             context.results[name] = record.get("summary", {})  # outputs_exist may need it (train: the path)
         if record is not None and stage.outputs_exist(context):
-            console.print(f"[bold]{name}[/]: skipped (complete, inputs unchanged)")
+            if stage.wants_check(context):
+                console.print(f"[bold]{name}[/]: complete; checking its outputs")
+                console.print(f"[bold]{name}[/]: {stage.check(context)}")
+            else:
+                console.print(f"[bold]{name}[/]: skipped (complete, inputs unchanged)")
             done[name] = {**record, "skipped": True}
-            records.write(name, {**record, "skipped": True})
         else:
-            if status == "changed":
-                console.print(f"[bold]{name}[/]: settings or inputs changed; recomputing")
-                for path in stage.outputs(context):
-                    shutil.rmtree(path, ignore_errors=True)
-            elif status == "resume":
+            if status == "resume":
                 console.print(f"[bold]{name}[/]: resuming an unfinished run")
             else:
-                console.print(f"[bold]{name}[/]: running")
+                console.print(f"[bold]{name}[/]: " + ("settings or inputs changed; recomputing"
+                                                      if status == "changed" else "running"))
+                for path in stage.outputs(context):
+                    moved = move_aside(path)
+                    if moved is not None:
+                        console.print(f"[bold]{name}[/]: the previous output {path} was moved to {moved} "
+                                      "(delete it when you no longer need it)")
             records.write(name, {"stage": name, "fingerprint": fp, "complete": False})
             started = time.perf_counter()
             try:

@@ -1,7 +1,8 @@
 """The stages of `emojax run`, each a thin adapter from the run file to one stage's library function.
 
-A stage says which settings it runs with (its fingerprint, with its dependencies' fingerprints), which
-outputs it owns (removed when its inputs change) and how to tell they are complete.
+A stage says which settings it runs with (its fingerprint, with its dependencies' fingerprints; the table of
+which settings count is fingerprints.py), which outputs it owns (moved aside when its inputs change) and how
+to tell they are complete.
 """
 
 from __future__ import annotations
@@ -11,7 +12,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from emojax.config_loader import positive, unbounded
+from emojax.fileio import write_json, write_text
+from emojax.locks import WriterLock
 from emojax.run.config import RunFile, typed_section
+from emojax.run.fingerprints import output_settings
 
 
 @dataclass
@@ -27,8 +32,11 @@ class Context:
 
     @property
     def model(self) -> str:
-        """The checkpoint every stage reads (for a built-in preset: the folder the train stage produced)."""
-        if "train" in self.results and self.results["train"].get("path"):
+        """The checkpoint every stage reads: run.model, or for a built-in preset the folder the train stage
+        produced (a given checkpoint is never taken from a record, so a moved checkpoint is read where it is)."""
+        from emojax.models.presets import BUILTIN_NAMES
+
+        if self.run_file.run.model in BUILTIN_NAMES and self.results.get("train", {}).get("path"):
             return self.results["train"]["path"]
         return self.run_file.run.model
 
@@ -49,6 +57,13 @@ class Stage:
     def outputs_exist(self, ctx: Context) -> bool:
         return all(p.exists() for p in self.outputs(ctx))
 
+    def wants_check(self, ctx: Context) -> bool:
+        """True when a complete stage should still check its outputs (dump.verify=true)."""
+        return False
+
+    def check(self, ctx: Context) -> str:
+        raise NotImplementedError
+
 
 class Train(Stage):
     """Trains the built-in model on first use (cached across runs); a no-op for a given checkpoint."""
@@ -57,19 +72,21 @@ class Train(Stage):
 
     def _config(self, ctx: Context):
         from emojax.models.presets import BUILTIN_NAMES
-        from emojax.train.config import load_train_config
+        from emojax.train.config import train_config_from_section
 
         model = ctx.run_file.run.model
         if model not in BUILTIN_NAMES:
             return None
-        values = ctx.run_file.section("train")
-        overrides = [f"preset={values.pop('preset', BUILTIN_NAMES[model])}"]
-        overrides += [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in values.items()]
-        return load_train_config(None, overrides)
+        return train_config_from_section(ctx.run_file.section("train"), ctx.run_file.source,
+                                         default_preset=BUILTIN_NAMES[model])
 
     def settings(self, ctx):
+        from emojax.models.identity import model_identity
+
         config = self._config(ctx)
-        return {"model": ctx.run_file.run.model} if config is None else {"train": config.fingerprint()}
+        if config is None:  # a given checkpoint, known by its content (a moved copy is the same model)
+            return {"model": model_identity(ctx.run_file.run.model)["id"]}
+        return {"train": config.fingerprint()}
 
     def run(self, ctx):
         from emojax.models.presets import BUILTIN_NAMES
@@ -88,7 +105,7 @@ class Train(Stage):
         return []  # the built-in model lives in the shared cache, never removed by a run
 
     def outputs_exist(self, ctx):
-        path = ctx.results.get("train", {}).get("path", "")
+        path = ctx.model
         return path.startswith("random:") or Path(path).is_dir()
 
 
@@ -105,8 +122,10 @@ class Corpus(Stage):
                              {"out": str(ctx.path("corpus")), "tokenizer": tokenizer})
 
     def settings(self, ctx):
-        config = self._config(ctx)
-        return {"corpus": config.fingerprint()}
+        settings = output_settings("corpus", self._config(ctx))
+        # The tokenizer is the model's (covered by the train stage's content fingerprint), not its path.
+        settings["tokenizer"] = "byte" if settings["tokenizer"] == "byte" else "model"
+        return settings
 
     def run(self, ctx):
         from emojax.corpus.build import build_corpus
@@ -131,8 +150,7 @@ class Dump(Stage):
                               "model": ctx.model})
 
     def settings(self, ctx):
-        config = self._config(ctx)
-        return {k: v for k, v in dataclasses.asdict(config).items() if k not in ("corpus", "out", "model")}
+        return output_settings("dump", self._config(ctx))
 
     def run(self, ctx):
         from emojax.store import dump
@@ -145,6 +163,16 @@ class Dump(Stage):
 
     def outputs(self, ctx):
         return [ctx.path("activations")]
+
+    def wants_check(self, ctx):
+        return self._config(ctx).verify
+
+    def check(self, ctx):
+        """dump.verify=true on a complete store: reread every shard, rewrite only corrupted ones (same bits)."""
+        from emojax.store import dump
+
+        state = dump(self._config(ctx), show_progress=ctx.show_progress, log=lambda m: print(m))
+        return f"verified {len(state.get('complete_shards', []))} shard(s)"
 
     def outputs_exist(self, ctx):
         store = ctx.path("activations", "store.json")
@@ -163,8 +191,7 @@ class Fit(Stage):
                               "model": ctx.model})
 
     def settings(self, ctx):
-        config = self._config(ctx)
-        return {k: v for k, v in dataclasses.asdict(config).items() if k not in ("store", "out", "model")}
+        return output_settings("fit", self._config(ctx))
 
     def run(self, ctx):
         from emojax.concepts import fit
@@ -194,10 +221,14 @@ class SaeStage(Stage):
                              {"store": str(ctx.path("activations")), "out": str(ctx.path("sae", "main"))})
 
     def settings(self, ctx):
-        config = self._config(ctx)
-        return {k: v for k, v in dataclasses.asdict(config).items() if k not in ("store", "out")}
+        return output_settings("sae", self._config(ctx))
 
     def run(self, ctx):
+        config = self._config(ctx)
+        with WriterLock(config.out, what="SAE output"):  # held through training, export and metrics
+            return self._train_and_export(ctx, config)
+
+    def _train_and_export(self, ctx, config):
         import numpy as np
 
         from emojax.models import load_model
@@ -205,7 +236,6 @@ class SaeStage(Stage):
                                 spliced_metrics, train_sae)
         from emojax.store import ActivationStore
 
-        config = self._config(ctx)
         result = train_sae(config, log=print if ctx.show_progress else None)
         store = ActivationStore(config.store)
         test = store.select("test")
@@ -236,8 +266,7 @@ class SaeStage(Stage):
                 entry["bank_max_cosine"] = {k: round(v[0], 4) for k, v in matches.items()}
                 entry["bank_mean_max_cosine"] = float(np.mean([v[0] for v in matches.values()]))
             entries.append(entry)
-        metrics = ctx.path("sae", "main", "metrics.json")
-        metrics.write_text(json.dumps(entries, indent=1) + "\n")
+        write_json(ctx.path("sae", "main", "metrics.json"), entries)
         return {"saes": len(entries), "tokens": result.tokens, "seconds": round(result.seconds, 2),
                 "tokens_per_s": result.tokens / max(result.seconds, 1e-9),
                 **{k: entries[0][k] for k in ("l0", "fvu", "dead_fraction", "ce_loss_recovered")}}
@@ -254,12 +283,12 @@ class SteerSettings:
     """The run's steering evaluation and monitored sample (the `steer:` section)."""
 
     concepts: tuple[str, ...] = ("desperate", "calm", "afraid", "joyful")  # those in the bank are used
-    strengths: tuple[float, ...] = (-0.2, -0.1, 0.0, 0.1, 0.2)  # fractions of the layer's mean residual norm
+    strengths: tuple[float, ...] = unbounded((-0.2, -0.1, 0.0, 0.1, 0.2))  # fractions of the layer's mean norm
     prompts: tuple[str, ...] = ("I opened the letter and", "The meeting started late, and she",
                                 "When the phone rang at midnight, he")
-    max_new_tokens: int = 24
+    max_new_tokens: int = positive(24)
     monitor_prompt: str = "The deadline was in an hour and nothing worked. She"
-    monitor_new_tokens: int = 40
+    monitor_new_tokens: int = positive(40)
 
 
 class Steer(Stage):
@@ -272,7 +301,7 @@ class Steer(Stage):
         return typed_section(SteerSettings, ctx.run_file, "steer", {})
 
     def settings(self, ctx):
-        return {**dataclasses.asdict(self._config(ctx)), "layer": ctx.run_file.run.layer}
+        return {**output_settings("steer", self._config(ctx)), "layer": ctx.run_file.run.layer}
 
     def run(self, ctx):
         import numpy as np
@@ -280,12 +309,14 @@ class Steer(Stage):
         from emojax.concepts import load_bank
         from emojax.models import load_model
         from emojax.steer import Decoder, Readout
+        from emojax.steer.commands import check_bank_model
         from emojax.steer.evaluate import SteeringEval, evaluate_steering
         from emojax.steer.text import encode_prompts, token_texts, tokenizer_for
 
         config = self._config(ctx)
         bank = load_bank(ctx.path("concepts"))
         lm = load_model(ctx.model)
+        check_bank_model(lm, bank, warn=print)  # a bank of another model is refused, as by `emojax steer`
         report = json.loads(ctx.path("concepts", "eval.json").read_text())
         layer = ctx.run_file.run.layer or int(report.get("best_layer") or bank.layers[-1])
         concepts = [c for c in config.concepts if c in bank.names] or list(bank.names[:4])
@@ -294,10 +325,7 @@ class Steer(Stage):
                                  SteeringEval(strengths=config.strengths, layer=layer,
                                               max_new_tokens=config.max_new_tokens), decoder=decoder)
         out = ctx.path("steer")
-        out.mkdir(parents=True, exist_ok=True)
-        with (out / "evaluation.jsonl").open("w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+        write_text(out / "evaluation.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
         curves = {"layer": layer, "read_layer": rows[0]["readout_layer"] if rows else layer, "concepts": {}}
         for c in concepts:
             mine = [r for r in rows if r["concept"] == c]
@@ -305,7 +333,7 @@ class Steer(Stage):
                                      "readout": [r["readout"] for r in mine],
                                      "fluency_ppl": [r["perplexity"] for r in mine],
                                      "logprob_shift": [r["logprob_shift"] for r in mine]}
-        (out / "curves.json").write_text(json.dumps(curves, indent=1) + "\n")
+        write_json(out / "curves.json", curves)
 
         tokenizer = tokenizer_for(lm)
         tokens, mask = encode_prompts(tokenizer, [config.monitor_prompt])
@@ -317,9 +345,8 @@ class Steer(Stage):
         monitor = {"text": tokenizer.decode(ids.tolist()), "tokens": token_texts(tokenizer, ids.tolist()),
                    "concepts": list(bank.names), "readings": np.round(readings, 5).tolist(), "layer": layer,
                    "prompt_tokens": int(np.asarray(mask).sum())}
-        (out / "monitor.json").write_text(json.dumps(monitor) + "\n")
-        with (out / "generations.jsonl").open("w") as f:
-            f.write(json.dumps({"prompt": config.monitor_prompt, **monitor}) + "\n")
+        write_json(out / "monitor.json", monitor, indent=None)
+        write_text(out / "generations.jsonl", json.dumps({"prompt": config.monitor_prompt, **monitor}) + "\n")
         strongest = max(rows, key=lambda r: abs(r["logprob_shift"])) if rows else {}
         return {"layer": layer, "concepts": concepts, "rows": len(rows),
                 "largest_logprob_shift": strongest.get("logprob_shift")}
