@@ -14,6 +14,7 @@ import contextlib
 import errno
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -77,6 +78,21 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fsync_dir(path.parent)
 
 
+def move_aside(path: str | Path) -> Path | None:
+    """Renames an existing output to `<path>.old-<YYYYmmdd-HHMMSS>[-N]` (never deletes); None if absent."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = path.with_name(f"{path.name}.old-{stamp}")
+    n = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}.old-{stamp}-{n}")
+        n += 1
+    path.rename(target)
+    return target
+
+
 def write_bytes(path: str | Path, data: bytes) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
@@ -92,5 +108,5 @@ def write_json(path: str | Path, obj, indent: int | None = 1, sort_keys: bool = 
     return write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, default=str) + "\n")
 
 
-__all__ = ["DiskFullError", "atomic_path", "disk_full", "fsync_dir", "is_disk_full", "write_bytes", "write_json",
-           "write_text"]
+__all__ = ["DiskFullError", "atomic_path", "disk_full", "fsync_dir", "is_disk_full", "move_aside", "write_bytes",
+           "write_json", "write_text"]

@@ -164,9 +164,23 @@ def test_pack_refuses_a_non_positive_length_instead_of_looping():
 
 # ---- (8) the model's position limit ----------------------------------------------------------------------
 
+def _config_json(key: str) -> dict:
+    """A checkpoint's config.json whose position limit is 64: GPT-2 (n_positions) or Llama."""
+    import dataclasses
+
+    from emojax.models.hf_config import config_to_hf_dict
+    from emojax.models.presets import SHAPES
+
+    if key == "n_positions":
+        from hf_checkpoints import make_config
+
+        return make_config("gpt2", n_positions=64).to_dict()
+    return config_to_hf_dict(dataclasses.replace(SHAPES["tiny"], max_position_embeddings=64))
+
+
 @pytest.mark.parametrize("key", ["n_positions", "max_position_embeddings"])
 def test_max_tokens_above_the_models_positions_is_refused(tmp_path, key):
-    (tmp_path / "config.json").write_text(json.dumps({key: 64}))
+    (tmp_path / "config.json").write_text(json.dumps(_config_json(key)))
     with pytest.raises(ConfigError, match=f"max_tokens=512 is above {key}=64 in .*config.json"):
         build_corpus(CorpusConfig(out=str(tmp_path / "o"), tokenizer=str(tmp_path), max_tokens=512))
     check_position_limit(CorpusConfig(tokenizer=str(tmp_path), max_tokens=64))

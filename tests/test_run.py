@@ -109,8 +109,9 @@ def _hashes(folder: Path) -> dict[str, str]:
 @pytest.mark.parametrize("overrides", [
     *([f"run.stages=[{s}]"] for s in STAGES),
     ["run.stages=[dump]", "dump.verify=true"],
-    ["dump.verify=true", "dump.writes_in_flight=1", "dump.mesh=[1,1,1]", "sae.log_every=7",
-     "sae.checkpoint_every=11", "sae.decoder=dense", "fit.mesh=[1,1,1]", "train.checkpoint_every=13"],
+    ["dump.verify=true", "dump.writes_in_flight=1", "sae.log_every=7",
+     "sae.checkpoint_every=11", "sae.decoder=dense", "fit.mesh=[2,1,1]", "sae.mesh=[2,1]",
+     "train.checkpoint_every=13"],
 ], ids=[*STAGES, "verify", "no-output-settings"])
 def test_a_subset_or_verify_run_of_a_finished_run_changes_no_file(tiny_run, cache, tmp_path, capsys, overrides):
     run_dir = tmp_path / "tiny"
@@ -140,12 +141,20 @@ def test_every_stage_setting_is_classified_as_output_or_not():
         assert not output & other, (stage, output & other)
         assert fields == output | other, (stage, "unclassified:", fields - output - other,
                                           "not fields:", (output | other) - fields)
-    # The built-in model's cache key leaves out exactly the train settings the table calls output-independent.
+    # The built-in model's cache key (TrainConfig.fingerprint) leaves out exactly the train settings the table
+    # calls output-independent, and covers every other one.
     base = TrainConfig()
     for name in OTHER_SETTINGS["train"]:
         changed = dataclasses.replace(base, **{name: "elsewhere" if name == "out" else 999})
         assert changed.fingerprint() == base.fingerprint(), name
-    assert dataclasses.replace(base, steps=base.steps + 1).fingerprint() != base.fingerprint()
+    for name in OUTPUT_SETTINGS["train"]:
+        value = getattr(base, name)
+        if isinstance(value, bool):
+            other = not value
+        else:
+            other = (value * 2 or 1) if isinstance(value, int) else (value / 2 or 0.5)
+        changed = dataclasses.replace(base, **{name: other})
+        assert changed.fingerprint() != base.fingerprint(), name
 
 
 def test_a_subset_run_needs_its_upstream_stages_complete(tmp_path, capsys):
@@ -259,9 +268,9 @@ from emojax.run import stages
 from emojax.sae.checkpoint import SaeCheckpoints
 from emojax.store import state, writer
 
-# Kill this process with SIGKILL at the N-th write event of stage S (or, if S has fewer, as the next stage
-# starts): every durable write (os.replace, os.rename), every store array or JSON write and every SAE
-# checkpoint save is an event, before and after it. Target "none": run to the end.
+# Kill this process with SIGKILL at the N-th write event of stage S (or, if S has fewer, when its work is done
+# but before its record says so): every durable write (os.replace, os.rename), every store array or JSON write
+# and every SAE checkpoint save is an event, before and after it. Target "none": run to the end.
 target, n = sys.argv[1], int(sys.argv[2])
 order = list(stages.STAGES)
 current, count = [None], [0]
@@ -290,7 +299,11 @@ for name, stage in stages.STAGES.items():
     def run(ctx, _run=stage.run, _name=name):
         current[0] = _name
         event("start")
-        return _run(ctx)
+        result = _run(ctx)
+        if _name == target and target != "none":
+            print(f"KILLED {_name} event {count[0]} finished, unrecorded", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
     stage.run = run
 for owner, name in ((os, "replace"), (os, "rename"), (writer.Writes, "write"), (state.KeyValueFolder, "write_json"),
                     (SaeCheckpoints, "save")):
@@ -302,11 +315,13 @@ sys.exit(code)
 
 
 def _crash_schedule(seed: int, kills: int = 8) -> list[tuple[str, int]]:
-    """`kills` (stage, event) points over the stages after train, in run order, drawn from a seeded generator."""
+    """`kills` (stage, event) points in run order, drawn from a seeded generator: one in each stage after train
+    (whose model the module's cache already holds), the rest anywhere; never the first event (the stage's start,
+    before any write)."""
     rng = np.random.default_rng(seed)
     order = [s for s in STAGES if s != "train"]
-    picks = sorted(rng.choice(len(order), size=kills, replace=True))
-    return [(order[i], int(rng.integers(1, 9))) for i in picks]
+    picks = sorted([*range(len(order)), *rng.choice(len(order), size=kills - len(order), replace=True)])
+    return [(order[i], int(rng.integers(2, 9))) for i in picks]
 
 
 def _crash_child(run_dir: Path, cache: Path, stage: str = "none", n: int = 0) -> str | None:
@@ -326,9 +341,9 @@ def test_killed_at_eight_seeded_points_then_resumed_equals_an_uninterrupted_run(
     # child like the killed runs (one device), not taken from the in-process fixture.
     run_dir, reference = tmp_path / "tiny", tmp_path / "reference"
     schedule = _crash_schedule(seed=16)
-    assert len({s for s, _ in schedule}) >= 4, schedule  # the kills spread over the stages
     killed = [line for stage, n in schedule if (line := _crash_child(run_dir, cache, stage, n))]
-    assert len(killed) >= 6, killed
+    assert len(killed) == len(schedule) == 8, killed
+    assert {line.split()[1] for line in killed} == {s for s in STAGES if s != "train"}, killed  # every stage hit
     assert _crash_child(run_dir, cache) is None
     assert _crash_child(reference, cache) is None
     assert_same_store(run_dir / "activations", reference / "activations")

@@ -28,7 +28,6 @@ from emojax.store import ActivationStore, DumpError, StoreError, dump, reader
 from emojax.store.arrays import write_error
 from emojax.store.completeness import chunk_key
 from emojax.store.corpus_shards import read_manifest, read_shard
-from emojax.store.checks import position_limit
 
 QUIET = {"show_progress": False, "log": lambda *_: None}
 
@@ -188,7 +187,7 @@ def test_a_document_longer_than_the_position_limit_is_refused_before_any_compute
     with pytest.raises(DumpError, match=r"document '.*' has 1\d\d tokens.*max_position_embeddings=100"):
         dump(dump_config(corpus, out), lm=lm, **QUIET)
     assert not (out / "store.json").exists()
-    assert position_limit(SHAPES["gpt2"]) == (1024, "n_positions")  # GPT-2: its learned position table
+    assert SHAPES["gpt2"].position_limit == (1024, "n_positions")  # GPT-2: its learned position table
 
 
 FULL_DISK_WRITER = """

@@ -9,12 +9,28 @@ from pathlib import Path
 
 from emojax.corpus.config import CorpusConfig
 from emojax.corpus.readers import CorpusError, file_format, read_label_names
-from emojax.errors import CheckpointError, ConfigError
+from emojax.errors import ConfigError
 from emojax.fileio import DiskFullError, disk_full, is_disk_full
 from emojax.locks import WriterLock
 
 # Where a Hugging Face config.json keeps the number of positions the model has, in the order looked up.
-POSITION_KEYS = ("n_positions", "max_position_embeddings")
+
+
+def input_versions(config: CorpusConfig) -> list[tuple[str, int, float]]:
+    """(path, size in bytes, last modified) of every input file and the labels file, from the filesystem's
+    metadata (local or remote, nothing is read): what a run's fingerprint covers, so an edited input rebuilds
+    the corpus instead of being skipped as unchanged."""
+    from apache_beam.io.filesystems import FileSystems
+
+    patterns = [*config.inputs, *([config.labels_file] if config.labels_file else [])]
+    versions = []
+    for pattern in patterns:
+        try:
+            matches = FileSystems.match([pattern])[0].metadata_list
+        except Exception:  # noqa: BLE001 - a missing input is reported by the corpus stage itself, naming it
+            matches = []
+        versions += [(m.path, m.size_in_bytes, m.last_updated_in_seconds) for m in matches] or [(pattern, -1, 0.0)]
+    return sorted(versions)
 
 
 def check_inputs(config: CorpusConfig) -> None:
@@ -70,24 +86,16 @@ def check_position_limit(config: CorpusConfig) -> None:
     """With a checkpoint folder as tokenizer, `max_tokens` may not exceed the model's positions (config.json's
     n_positions for GPT-2, max_position_embeddings for the others): the dump could not run such rows. Longer
     documents are cut to max_tokens, never rejected, and counted in the manifest's documents_truncated."""
-    folder = Path(config.tokenizer)
-    path = folder / "config.json"
+    from emojax.models.hf_config import read_hf_config  # the model package imports jax: only when needed
+
+    path = Path(config.tokenizer) / "config.json"
     if config.tokenizer == "byte" or not path.is_file():
         return
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not readable JSON ({e})") from None
-    sections = [raw, raw.get("text_config") or {}] if isinstance(raw, dict) else []
-    for section in sections:
-        for key in POSITION_KEYS:
-            limit = section.get(key) if isinstance(section, dict) else None
-            if isinstance(limit, int) and not isinstance(limit, bool):
-                if config.max_tokens > limit:
-                    raise ConfigError(f"max_tokens={config.max_tokens} is above {key}={limit} in {path}: the model "
-                                      f"has no positions past {limit}. Set max_tokens <= {limit} (longer documents "
-                                      "are cut to max_tokens and counted as documents_truncated)")
-                return
+    limit, key = read_hf_config(path.parent).position_limit
+    if config.max_tokens > limit:
+        raise ConfigError(f"max_tokens={config.max_tokens} is above {key}={limit} in {path}: the model has no "
+                          f"positions past {limit}. Set max_tokens <= {limit} (longer documents are cut to "
+                          "max_tokens and counted as documents_truncated)")
 
 
 def _disk_full_in(error: BaseException, out: str) -> DiskFullError | None:

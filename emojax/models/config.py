@@ -72,6 +72,15 @@ class ModelConfig:
     layer_windows: tuple[int, ...] = non_negative(())
     max_position_embeddings: int = positive(4096)
 
+    @property
+    def position_limit(self) -> tuple[int, str]:
+        """The longest sequence the model takes, and the config.json key that sets it: a learned position table
+        (GPT-2's n_positions) has no rows past it; a RoPE model (max_position_embeddings) was never trained
+        past it. The corpus, the dump and decoding all check against this one limit."""
+        if self.learned_positions:
+            return self.learned_positions, "n_positions"
+        return self.max_position_embeddings, "max_position_embeddings"
+
     def __post_init__(self):
         if not self.layer_windows:
             object.__setattr__(self, "layer_windows", (0,) * self.n_layers)

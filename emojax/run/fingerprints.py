@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from emojax.sae.fingerprint import MATH as SAE_MATH
+
 # stage -> the settings that change its outputs (float summation order counts: a chunk size that regroups a
 # sum changes the bits, so it is here).
 OUTPUT_SETTINGS: dict[str, tuple[str, ...]] = {
@@ -21,15 +23,13 @@ OUTPUT_SETTINGS: dict[str, tuple[str, ...]] = {
     "corpus": ("inputs", "reader", "labels_file", "extra_labels", "generator", "tokenizer", "max_chars",
                "max_tokens", "n_shards", "pack_length", "val_fraction", "test_fraction"),
     "dump": ("layers", "dtype", "model_dtype", "pool_start", "buckets", "tokens_per_batch", "token_chunk_rows",
-             "token_read_rows", "doc_chunk_rows", "doc_read_rows", "tokenizer"),
+             "token_read_rows", "doc_chunk_rows", "doc_read_rows", "tokenizer",
+             "mesh"),  # batch rows are rounded to the mesh's data axis: another mesh batches (and sums) otherwise
     "fit": ("layers", "labels", "method", "fit_split", "eval_splits", "denoise", "denoise_variance",
             "neutral_split", "unit_norm", "negative", "pca_iters", "probe", "probe_l2", "probe_lr", "probe_epochs",
             "probe_patience", "probe_val_split", "probe_seed", "kmeans_k", "kmeans_seed", "lens_top_k",
             "norm_tokens", "chunk_docs"),
-    "sae": ("variant", "n_latents", "k", "sparsity_coeff", "sparsity_warmup_steps", "aux_k", "aux_coeff",
-            "dead_after_tokens", "jump_bandwidth", "jump_init_threshold", "threshold_decay", "lr",
-            "lr_warmup_steps", "lr_decay_frac", "adam_b1", "adam_b2", "batch_size", "steps", "seed", "sweep",
-            "sweep_values", "init_sample_tokens", "buffer_chunks", "layer"),
+    "sae": SAE_MATH,  # the SAE resume check's own table (emojax/sae/fingerprint.py): one list, two users
     "steer": ("concepts", "strengths", "prompts", "max_new_tokens", "monitor_prompt", "monitor_new_tokens"),
 }
 
@@ -42,12 +42,11 @@ OTHER_SETTINGS: dict[str, dict[str, str]] = {
              "out": "set from run.dir",
              "model": "set from run.model; the model is covered by the train stage's fingerprint (its content)",
              "writes_in_flight": "how many writes overlap the forward, not what is written",
-             "mesh": "how the forward is laid out over devices",
              "verify": "rereads complete shards and rewrites only corrupted ones, with the same bits"},
     "fit": {"store": "set from run.dir; the store is covered by the dump's fingerprint",
             "out": "set from run.dir",
             "model": "set from run.model; covered by the train stage's fingerprint",
-            "mesh": "how the statistics are laid out over devices"},
+            "mesh": "how the statistics are laid out over devices (sums regroup only within float rounding)"},
     "sae": {"store": "set from run.dir; the store is covered by the dump's fingerprint",
             "out": "set from run.dir",
             "mesh": "how the sweep is laid out over devices",

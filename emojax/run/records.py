@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from pathlib import Path
 
 from emojax.fileio import write_json
@@ -46,18 +45,3 @@ class StageRecords:
         if record.get("fingerprint") != fp:
             return "changed"
         return "complete" if record.get("complete") else "resume"
-
-
-def move_aside(path: Path) -> Path | None:
-    """Renames an existing output to `<path>.old-<YYYYmmdd-HHMMSS>[-N]` (never deletes); None if absent."""
-    path = Path(path)
-    if not path.exists():
-        return None
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    target = path.with_name(f"{path.name}.old-{stamp}")
-    n = 1
-    while target.exists():
-        target = path.with_name(f"{path.name}.old-{stamp}-{n}")
-        n += 1
-    path.rename(target)
-    return target

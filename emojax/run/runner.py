@@ -17,10 +17,11 @@ from pathlib import Path
 from rich.console import Console
 
 from emojax.errors import ConfigError
-from emojax.locks import WriterLock
+from emojax.fileio import move_aside
+from emojax.locks import LockedError, WriterLock, holder
 from emojax.run import stages
 from emojax.run.config import RunFile
-from emojax.run.records import StageRecords, fingerprint, move_aside
+from emojax.run.records import StageRecords, fingerprint
 
 console = Console(stderr=True)
 
@@ -38,16 +39,10 @@ def _stage_fingerprint(name: str, context: stages.Context) -> str:
     return fingerprint(name, stage.settings(context), [context.fingerprints.get(d) for d in stage.depends])
 
 
-def _read_upstream(name: str, records: StageRecords, context: stages.Context, needed: set[str]) -> None:
+def _read_upstream(name: str, records: StageRecords, context: stages.Context) -> None:
     """A stage outside run.stages: its fingerprint and summary come from its complete record on disk."""
     record = records.complete(name)
     if record is None:
-        if name == "train":  # no record yet: the model is named by run.model, its fingerprint by its settings
-            context.fingerprints[name] = _stage_fingerprint(name, context)
-        elif name in needed:
-            raise ConfigError(f"run.stages={list(context.run_file.run.stages)}: a selected stage needs {name!r}, "
-                              f"which has not completed in {context.run_dir} (no complete {records.folder}/"
-                              f"{name}.json); add {name} to run.stages")
         return
     context.fingerprints[name] = record["fingerprint"]
     context.results[name] = record.get("summary", {})
@@ -60,22 +55,42 @@ def _read_upstream(name: str, records: StageRecords, context: stages.Context, ne
                       f"recorded in {records.folder}/{name}.json, which is what later stages use")
 
 
+def _refuse_if_written(path: Path) -> None:
+    """An output folder that another process is writing (a per-stage command) is never moved under it."""
+    for folder in (path, *(p for p in path.glob("*") if p.is_dir())) if path.is_dir() else ():
+        who = holder(folder)
+        if who:
+            raise LockedError(f"{folder}: another emojax process is writing it ({who}); it would have to be moved "
+                              "aside to recompute this stage. Wait for it to finish or stop it, then rerun")
+
+
 def _run(run_file: RunFile, run_dir: Path, show_progress: bool) -> dict:
     records = StageRecords(run_dir)
     context = stages.Context(run_file=run_file, run_dir=run_dir, show_progress=show_progress)
     selected = set(run_file.run.stages)
+    if records.complete("train") is None:
+        # The model every stage reads comes from the train stage: a no-op for a checkpoint, a cache lookup (or
+        # the training, the first time) for a built-in model. Never a preset's default in its place.
+        selected.add("train")
     needed = {d for name in selected for d in stages.STAGES[name].depends}
+    for name in sorted(needed - selected):  # before anything runs
+        if records.complete(name) is None:
+            raise ConfigError(f"run.stages={list(run_file.run.stages)}: a selected stage needs {name!r}, which has "
+                              f"not completed in {run_dir} (no complete {records.folder}/{name}.json); add {name} "
+                              "to run.stages")
     done = {}
     for name, stage in stages.STAGES.items():
         if name not in selected:
-            _read_upstream(name, records, context, needed)
+            _read_upstream(name, records, context)
             continue
         fp = _stage_fingerprint(name, context)
         status = records.status(name, fp)
         record = records.read(name) if status == "complete" else None
         if record is not None:
             context.results[name] = record.get("summary", {})  # outputs_exist may need it (train: the path)
-        if record is not None and stage.outputs_exist(context):
+        if status == "complete" and not stage.outputs_exist(context):
+            status = "resume"  # finished once with these inputs, then partly removed: the stage redoes what is gone
+        if status == "complete":
             if stage.wants_check(context):
                 console.print(f"[bold]{name}[/]: complete; checking its outputs")
                 console.print(f"[bold]{name}[/]: {stage.check(context)}")
@@ -89,6 +104,7 @@ def _run(run_file: RunFile, run_dir: Path, show_progress: bool) -> dict:
                 console.print(f"[bold]{name}[/]: " + ("settings or inputs changed; recomputing"
                                                       if status == "changed" else "running"))
                 for path in stage.outputs(context):
+                    _refuse_if_written(path)
                     moved = move_aside(path)
                     if moved is not None:
                         console.print(f"[bold]{name}[/]: the previous output {path} was moved to {moved} "

@@ -64,7 +64,7 @@ def check_positions(cfg, lengths_B: np.ndarray, max_new_tokens: int, beyond_max_
     past a learned position table there is no embedding at all, past a RoPE model's max_position_embeddings the
     model extrapolates (allowed with beyond_max_positions). lengths_B: real tokens per prompt row."""
     learned = bool(cfg.learned_positions)
-    limit = cfg.learned_positions if learned else cfg.max_position_embeddings
+    limit, _ = cfg.position_limit
     if not limit or (beyond_max_positions and not learned):
         return
     row = int(np.argmax(lengths_B))

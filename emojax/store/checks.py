@@ -37,7 +37,7 @@ def check_positions(config: DumpConfig, lm, manifest: dict) -> None:
     """Documents longer than the model's position limit are refused before any compute (a learned position
     table would give NaN past its end, rotary embeddings values the model never saw). The corpus truncates to
     max_tokens, so only a corpus with max_tokens above the limit needs its (length-only) columns read."""
-    limit, _ = position_limit(lm.config)
+    limit, _ = lm.config.position_limit
     if int(manifest["max_tokens"]) <= limit:
         return
     for info in manifest["shards"]:
@@ -45,15 +45,8 @@ def check_positions(config: DumpConfig, lm, manifest: dict) -> None:
         refuse_too_long(info["name"], doc_ids, lengths, lm.config)
 
 
-def position_limit(cfg) -> tuple[int, str]:
-    """The longest sequence the model takes, and the config.json key that sets it."""
-    if cfg.learned_positions:
-        return cfg.learned_positions, "n_positions"
-    return cfg.max_position_embeddings, "max_position_embeddings"
-
-
 def refuse_too_long(shard: str, doc_ids: list[str], lengths: np.ndarray, cfg) -> None:
-    limit, key = position_limit(cfg)
+    limit, key = cfg.position_limit
     too_long = np.flatnonzero(np.asarray(lengths) > limit)
     if len(too_long):
         i = int(too_long[0])

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from emojax.errors import EmojaxError
-from emojax.fileio import atomic_path, write_json, write_text
+from emojax.fileio import atomic_path, move_aside, write_json, write_text
 from emojax.tokenizer import Tokenizer
 from emojax.train.bpe import BOS_ID, EOS_ID, PAD_ID, tokenizer_config, train_bpe
 from emojax.train.config import FORMAT_VERSION, TrainConfig, preset_config
@@ -188,10 +188,12 @@ def _export(config: TrainConfig, trainer, params, tokenizer: Tokenizer, work: Pa
 
 
 def _reset_if_stale(work: Path, fingerprint: str) -> None:
-    """Keeps out.partial/ only if it belongs to this configuration (its checkpoints can be resumed)."""
+    """Keeps out.partial/ only if it belongs to this configuration (its checkpoints can be resumed); another
+    configuration's unfinished work is moved aside to out.partial.old-<time>/, never deleted."""
     marker = work / "fingerprint"
     if work.exists() and (not marker.is_file() or marker.read_text().strip() != fingerprint):
-        shutil.rmtree(work)
+        moved = move_aside(work)
+        print(f"train-lm: {work} held another configuration's unfinished training; moved to {moved}")
     work.mkdir(parents=True, exist_ok=True)
     if not marker.is_file():
         write_text(marker, fingerprint + "\n")
