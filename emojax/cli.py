@@ -101,18 +101,16 @@ def cmd_corpus_build(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from emojax.config_loader import load_section
     from emojax.corpus.build import build_corpus
-    from emojax.corpus.config import CorpusConfig
+    from emojax.run.resolve import stage_config
 
     overrides = list(args.overrides)
-    for flag, key in (("out", "out"), ("tokenizer", "tokenizer"), ("shards", "n_shards"),
-                      ("labels_file", "labels_file"), ("text_column", "reader.text_column"),
+    for flag, key in (("shards", "n_shards"), ("labels_file", "labels_file"), ("text_column", "reader.text_column"),
                       ("label_column", "reader.label_column"), ("id_column", "reader.id_column")):
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={value}")
-    config = load_section(CorpusConfig, "corpus", args.config, overrides)
+    config = stage_config("corpus", args.config, overrides, flags={"out": args.out, "tokenizer": args.tokenizer})
     if args.input:
         config = dataclasses.replace(config, inputs=tuple(args.input))
     if args.extra_label:
@@ -146,15 +144,12 @@ def _start_distributed(args) -> None:
 
 
 def cmd_dump(args) -> int:
-    from emojax.config_loader import load_section
-    from emojax.store import DumpConfig, dump
+    from emojax.run.resolve import stage_config
+    from emojax.store import dump
 
-    overrides = list(args.overrides)
-    for flag in ("corpus", "model", "out"):
-        if getattr(args, flag) is not None:
-            overrides.append(f"{flag}={getattr(args, flag)}")
-    config = load_section(DumpConfig, "dump", args.config, overrides)
     _start_distributed(args)
+    config = stage_config("dump", args.config, args.overrides, show_progress=not args.quiet,
+                          flags={"corpus": args.corpus, "model": args.model, "out": args.out})
     dump(config, show_progress=not args.quiet)
     return 0
 
@@ -258,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     from emojax.concepts.commands import register as register_fit
     from emojax.report.commands import register as register_report
     from emojax.run.commands import register as register_run
+    from emojax.run.plan import register as register_plan
     from emojax.sae.commands import register as register_sae
     from emojax.steer.commands import register as register_steer
     from emojax.train.commands import register as register_train_lm
@@ -268,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_steer(sub)
     register_report(sub)
     register_run(sub)
+    register_plan(sub)
     return parser
 
 

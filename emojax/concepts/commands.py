@@ -29,13 +29,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_fit(args) -> int:
-    from emojax.concepts.config import load_fit_config
     from emojax.concepts.fit import fit
+    from emojax.run.resolve import stage_config
 
-    overrides = list(args.overrides)
-    if args.out:
-        overrides.append(f"out={args.out}")
-    config = load_fit_config(args.config, overrides)
+    config = stage_config("fit", args.config, args.overrides, flags={"out": args.out})
     fit(config, log=None if args.quiet else print)
     print(summary(config.out, max_concepts=8))
     return 0

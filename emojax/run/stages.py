@@ -122,9 +122,13 @@ class Corpus(Stage):
                              {"out": str(ctx.path("corpus")), "tokenizer": tokenizer})
 
     def settings(self, ctx):
-        settings = output_settings("corpus", self._config(ctx))
+        from emojax.corpus.build import input_versions
+
+        config = self._config(ctx)
+        settings = output_settings("corpus", config)
         # The tokenizer is the model's (covered by the train stage's content fingerprint), not its path.
         settings["tokenizer"] = "byte" if settings["tokenizer"] == "byte" else "model"
+        settings["input_versions"] = input_versions(config)  # an edited input file is a changed input
         return settings
 
     def run(self, ctx):
@@ -255,7 +259,8 @@ class SaeStage(Stage):
             value = config.values(config.sweep)[i] if config.sweep else None
             name = f"{config.variant}" + (f" {config.sweep}={value:g}" if config.sweep else f" k={config.k}")
             folder = export_sae(sae, ctx.path("sae", "main", f"sae_{i}"), hook_layer=config.layer,
-                                extra={"sweep": config.sweep, "value": value})
+                                extra={"sweep": config.sweep, "value": value,
+                                       "model_identity": store.state.get("model_identity")})
             entry = {"name": name, "folder": str(folder), "layer": config.layer,
                      **evaluate_batches(sae, held),
                      "dead_fraction": dead_fraction(np.asarray(result.state["stats"]["since_fired"][i]),

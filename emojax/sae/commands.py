@@ -27,14 +27,16 @@ def cmd_sae(args) -> int:
     from emojax.errors import ConfigError
     from emojax.fileio import write_json
     from emojax.locks import WriterLock
-    from emojax.sae.config import load_sae_config
+    from emojax.run.resolve import stage_config
     from emojax.sae.export import export_sae
     from emojax.sae.train import train_sae
+    from emojax.store import ActivationStore
 
-    config = load_sae_config(args.config, args.overrides)
+    config = stage_config("sae", args.config, args.overrides)
     if not config.store or not config.out:
         raise ConfigError("sae.store and sae.out must be set (in the config file or as store=... out=...)")
     # One writer for training and the exports together (train_sae re-enters the same lock).
+    model = ActivationStore(config.store).state.get("model_identity")  # the model the activations came from
     with WriterLock(config.out, what="SAE output"):
         result = train_sae(config, log=None if args.quiet else print)
         summary = {"steps": config.steps, "tokens": result.tokens, "seconds": result.seconds,
@@ -42,7 +44,7 @@ def cmd_sae(args) -> int:
         for i in range(config.n_sae):
             folder = export_sae(result.sae(i), Path(config.out) / f"sae_{i}", hook_layer=config.layer,
                                 extra={"sweep": config.sweep, "value": config.values(config.sweep)[i]
-                                       if config.sweep else None})
+                                       if config.sweep else None, "model_identity": model})
             last = result.history[-1] if result.history else {}
             summary["saes"].append({"folder": str(folder), **{k: v[i] for k, v in last.items()
                                                              if isinstance(v, list)}})
