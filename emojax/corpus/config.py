@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 
 from emojax.config_loader import non_negative, positive, range_violations, ranged
+from emojax.digest import digest
 from emojax.corpus.generator import GeneratorConfig
 from emojax.corpus.readers import ReaderSpec
 
@@ -40,4 +39,4 @@ class CorpusConfig:
         """Hash of every setting that changes the shards (not where they are written)."""
         d = dataclasses.asdict(self)
         d.pop("out")
-        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+        return digest(d)

@@ -9,15 +9,15 @@ continue from their last checkpoint). Records are written atomically (temp + fsy
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
+from emojax.digest import digest
 from emojax.fileio import write_json
 
 
 def fingerprint(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    return digest(parts)
 
 
 class StageRecords:

@@ -8,13 +8,13 @@ A source yields batches with `acts [B, D]`, `rows [B]` (where each token came fr
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
+from emojax.digest import digest
 from emojax.store.reader import ActivationStore, TokenBatch
 
 
@@ -85,7 +85,7 @@ class StoreSource:
         state = self.store.state
         record = {"fingerprints": state.get("fingerprints"), "d_model": state.get("d_model"),
                   "dtype": state.get("dtype"), "n_docs": state.get("n_docs"), "n_tokens": state.get("n_tokens")}
-        return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+        return digest(record)
 
     def batches(self, start: int = 0) -> Iterator[TokenBatch]:
         return iter(self.store.token_batches(self.layer, self.batch_size, seed=self.seed,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import tensorstore as ts
 
+from emojax.digest import digest
 from emojax.store.arrays import StoreError, kvstore, write_error
 
 STORE_FORMAT = "emojax-activations-v1"
@@ -71,7 +72,7 @@ def corpus_fingerprint(manifest: dict) -> str:
     """Changes when any shard's content, the corpus settings or its tokenizer change."""
     key = {"config": manifest.get("config_sha256"), "tokenizer": manifest.get("tokenizer_sha256"),
            "shards": [(s["name"], s.get("sha256")) for s in manifest["shards"]]}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    return digest(key)
 
 
 def checkpoint_fingerprint(source: str, config_json: dict) -> str:

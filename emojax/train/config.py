@@ -8,13 +8,12 @@ CPU cores). The `tiny` preset is the suite's model (seconds). A YAML `train:` se
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 from emojax.config_loader import (build, file_section, fraction, merge, non_negative, parse_overrides, positive,
                                   range_violations, ranged, read_yaml)
+from emojax.digest import digest
 from emojax.errors import ConfigError
 from emojax.models.config import ModelConfig, RopeConfig
 
@@ -85,7 +84,7 @@ class TrainConfig:
         d.pop("out")
         d.pop("checkpoint_every")  # resuming is exact, so checkpoint spacing never changes the result
         d["format_version"] = FORMAT_VERSION
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+        return digest(d)
 
 
 # Each preset lists only what differs from the defaults above.
