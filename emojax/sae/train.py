@@ -264,8 +264,9 @@ def _train(config: SaeConfig, source: BatchSource | None, log, on_step) -> Train
         if config.log_every and (s % config.log_every == 0 or s == config.steps):
             history.append({"step": s, **{k: np.asarray(v).tolist() for k, v in host.items()
                                           if k not in ("finite", "params_finite")}})
-            log(f"sae step {s}: " + " ".join(f"{k}={np.round(np.asarray(v), 4).tolist()}"
-                                             for k, v in host.items() if k in ("mse", "fvu", "l0", "dead_frac")))
+            log(f"sae step {s}: " + " ".join(
+                f"{k}=[{', '.join(f'{x:.4g}' for x in np.ravel(v))}]"  # 4 significant digits, not float32 noise
+                for k, v in host.items() if k in ("mse", "fvu", "l0", "dead_frac")))
 
     try:
         batches = source.batches(position)
