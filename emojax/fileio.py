@@ -14,6 +14,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,8 +31,31 @@ class DiskFullError(EmojaxError, OSError):
         return self.strerror or super().__str__()
 
 
+# Libraries that wrap OS errors in their own types say so in the text: TensorStore "[os_error_code='28']",
+# safetensors "(os error 28)".
+_FULL_TEXT = re.compile(r"os_error_code='(28|122)'|\(os error (28|122)\)|No space left on device|Disk quota exceeded")
+
+
 def is_disk_full(error: BaseException) -> bool:
-    return isinstance(error, OSError) and error.errno in _FULL
+    """ENOSPC or EDQUOT: an OSError with that errno, or a library's error whose text reports one."""
+    if isinstance(error, OSError) and error.errno is not None:
+        return error.errno in _FULL
+    return bool(_FULL_TEXT.search(" ".join(str(error).split())))
+
+
+def disk_full_cause(error: BaseException) -> OSError | None:
+    """The ENOSPC/EDQUOT error anywhere in `error`'s chain of causes and contexts (Beam and orbax re-raise what a
+    worker thread raised, wrapped), or None."""
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if is_disk_full(e):
+            return e
+        todo += [e.__cause__, e.__context__]
+    return None
 
 
 def disk_full(path: str | Path) -> DiskFullError:
@@ -67,13 +91,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
         if is_disk_full(e) and not isinstance(e, DiskFullError):
             raise disk_full(path) from None
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
 
@@ -108,5 +129,5 @@ def write_json(path: str | Path, obj, indent: int | None = 1, sort_keys: bool = 
     return write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, default=str) + "\n")
 
 
-__all__ = ["DiskFullError", "atomic_path", "disk_full", "fsync_dir", "is_disk_full", "move_aside", "write_bytes",
-           "write_json", "write_text"]
+__all__ = ["DiskFullError", "atomic_path", "disk_full", "disk_full_cause", "fsync_dir", "is_disk_full", "move_aside",
+           "write_bytes", "write_json", "write_text"]

@@ -11,6 +11,7 @@ allowed (the run takes the run folder, then the dump takes the store inside it).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import sys
@@ -66,6 +67,15 @@ class WriterLock:
             self._fd = None
 
 
+def writer_lock(location: str | Path, what: str = "output"):
+    """WriterLock for a local folder (a path or file://...); for an object store URL (gs://, s3://, ...), where
+    fcntl locks do not exist, no lock (a null context)."""
+    location = str(location)
+    if "://" in location and not location.startswith("file://"):
+        return contextlib.nullcontext()
+    return WriterLock(location.removeprefix("file://"), what=what)
+
+
 def holder(folder: str | Path) -> str | None:
     """The holder line of a folder's lock if some process holds it now, else None (for messages and tests)."""
     path = Path(folder) / LOCK_NAME
@@ -84,4 +94,4 @@ def holder(folder: str | Path) -> str | None:
         os.close(fd)
 
 
-__all__ = ["LOCK_NAME", "LockedError", "WriterLock", "holder"]
+__all__ = ["LOCK_NAME", "LockedError", "WriterLock", "holder", "writer_lock"]

@@ -228,7 +228,9 @@ def test_weights_are_saved_atomically_and_a_full_disk_keeps_the_old_file(tmp_pat
 
     def full(tensors, filename, metadata=None):  # what safetensors raises (not an OSError) on ENOSPC
         Path(filename).write_bytes(b"half")
-        raise checkpoint.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        from safetensors import SafetensorError
+
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     tensors = {"w": np.zeros((2, 3), np.float32)}
     monkeypatch.setattr(checkpoint, "save_file", full)

@@ -74,8 +74,6 @@ class ConceptBank:
     def model_identity(self) -> dict | None:
         """The content identity of the model the bank was fitted on (None for banks fitted before it was kept)."""
         recorded = self.info.get("model_identity")
-        if isinstance(recorded, str):  # an identity's id alone
-            return {"id": recorded}
         return recorded if isinstance(recorded, dict) and recorded else None
 
     @property
@@ -164,13 +162,6 @@ def load_bank(path: str | Path) -> ConceptBank:
                        center=tensors.get("center"), source=str(path))
 
 
-def same_identity(recorded: dict, identity: dict) -> bool:
-    """same_model, also for a record that kept only the identity's id."""
-    if set(recorded) == {"id"}:
-        return recorded["id"] == identity.get("id")
-    return same_model(recorded, identity)
-
-
 def check_model(bank: ConceptBank, identity: dict | None, model: str, force: bool = False) -> str | None:
     """Refuses `bank` for a model it was not fitted on; returns a warning to show, or None when all is well.
 
@@ -187,13 +178,12 @@ def check_model(bank: ConceptBank, identity: dict | None, model: str, force: boo
                 f"check that it was fitted on {model}; refit it with `emojax fit` to have it checked")
     if identity is None:
         return f"{where}: {model} was built in memory and has no checkpoint identity to check the bank against"
-    if same_identity(fitted, identity):
+    if same_model(fitted, identity):
         return None
     fitted_on = bank.info.get("store_model") or fitted.get("preset") or f"model {fitted.get('id', '?')[:12]}"
     if str(fitted_on) == str(model):  # the same path, its weights changed since (retrained in place)
         fitted_on = f"the weights {model} held then"
-    difference = "another model" if set(fitted) == {"id"} else describe_difference(fitted, identity)
-    problem = (f"{where}: fitted on {fitted_on}, not on {model} ({difference}), "
+    problem = (f"{where}: fitted on {fitted_on}, not on {model} ({describe_difference(fitted, identity)}), "
                "so its directions do not apply to this model")
     if force:
         return f"{problem}; used anyway because of --force"

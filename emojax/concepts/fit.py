@@ -22,14 +22,14 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from emojax.concepts import alternatives, recipe
-from emojax.concepts.bank import ConceptBank, same_identity
+from emojax.concepts.bank import ConceptBank
 from emojax.concepts.config import FitConfig
 from emojax.concepts.evaluate import best_layer, cosine_scores, logit_lens, readout_metrics, split_scores
 from emojax.concepts.geometry import layer_geometry
 from emojax.concepts.recipe import FitError
 from emojax.concepts.stats import fit_mesh, label_stats, mean_token_norm
 from emojax.fileio import atomic_path, write_text
-from emojax.models.identity import describe_difference
+from emojax.models.identity import describe_difference, same_model
 from emojax.store.reader import NEUTRAL_ID, ActivationStore
 from emojax.store.state import SPLIT_CODES
 
@@ -175,19 +175,12 @@ def _model_identity(store: ActivationStore, config: FitConfig, lm) -> dict | Non
     """The identity of the model the store was dumped with (store.json), else of fit.model; a fit.model that is
     not the store's model is refused: its logit lens would describe another model's vectors."""
     recorded = store.state.get("model_identity") or None
-    if isinstance(recorded, str):  # the identity's id alone
-        recorded = {"id": recorded}
-    recorded = recorded if isinstance(recorded, dict) else None
     given = lm.identity if lm is not None else None
-    if recorded and given and not same_identity(recorded, given):
+    if recorded and given and not same_model(recorded, given):
         raise FitError(f"fit.model={config.model!r} is not the model {store.path} was dumped with "
-                       f"({store.state.get('model')!r}: {_difference(recorded, given)}); set fit.model to "
+                       f"({store.state.get('model')!r}: {describe_difference(recorded, given)}); set fit.model to "
                        "that model, or leave it empty to skip the logit lens")
     return recorded or given
-
-
-def _difference(recorded: dict, given: dict) -> str:
-    return "another model" if set(recorded) == {"id"} else describe_difference(recorded, given)
 
 
 def _evaluate_layer(store: ActivationStore, layer: int, names: tuple[str, ...], fitted: recipe.LayerVectors,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,11 +9,8 @@ from pathlib import Path
 from emojax.corpus.config import CorpusConfig
 from emojax.corpus.readers import CorpusError, file_format, read_label_names
 from emojax.errors import ConfigError
-from emojax.fileio import DiskFullError, disk_full, is_disk_full
-from emojax.locks import WriterLock
-
-# Where a Hugging Face config.json keeps the number of positions the model has, in the order looked up.
-
+from emojax.fileio import DiskFullError, disk_full, disk_full_cause
+from emojax.locks import writer_lock
 
 def input_versions(config: CorpusConfig) -> list[tuple[str, int, float]]:
     """(path, size in bytes, last modified) of every input file and the labels file, from the filesystem's
@@ -100,18 +96,10 @@ def check_position_limit(config: CorpusConfig) -> None:
 
 def _disk_full_in(error: BaseException, out: str) -> DiskFullError | None:
     """The full disk behind an error a Beam runner re-raised (it wraps what a transform raised)."""
-    seen, todo = set(), [error]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, DiskFullError):
-            return e
-        if is_disk_full(e):
-            return disk_full(getattr(e, "filename", None) or out)
-        todo += [e.__cause__, e.__context__]
-    return None
+    e = disk_full_cause(error)
+    if e is None or isinstance(e, DiskFullError):
+        return e
+    return disk_full(getattr(e, "filename", None) or out)
 
 
 def build_corpus(config: CorpusConfig, beam_args: Sequence[str] = ()) -> dict:
@@ -129,8 +117,7 @@ def build_corpus(config: CorpusConfig, beam_args: Sequence[str] = ()) -> dict:
     tokenizer = load_tokenizer(config.tokenizer)
     pad_id = getattr(tokenizer, "PAD", 0)
     shards_dir = FileSystems.join(config.out, "shards")
-    local = "://" not in config.out
-    with WriterLock(config.out, what="corpus") if local else contextlib.nullcontext():
+    with writer_lock(config.out, what="corpus"):
         for folder in (config.out, shards_dir) + ((FileSystems.join(config.out, "packed"),)
                                                   if config.pack_length else ()):
             if not FileSystems.exists(folder):

@@ -9,7 +9,6 @@ its own slice and no device ever holds a full copy.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,11 +18,11 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from emojax.errors import CheckpointError
-from emojax.fileio import atomic_path, disk_full
+from emojax.fileio import atomic_path
 from emojax.models.config import ModelConfig
 from emojax.models.hf_keys import TensorMap, key_table, redundant_keys
 from emojax.models.sharding import named_sharding
@@ -216,13 +215,10 @@ def save_safetensors(cfg: ModelConfig, state: nnx.State, out_dir: Path) -> Path:
     """Writes model.safetensors in the Hugging Face layout (loadable by transformers and by emojax)."""
     tensors = {key: np.ascontiguousarray(t) for key, t in iter_hf_tensors(cfg, state)}
     path = Path(out_dir) / "model.safetensors"
-    with atomic_path(path) as tmp:  # never a half-written weight file under the real name
-        try:
-            save_file(tensors, str(tmp), metadata={"format": "pt"})
-        except SafetensorError as e:  # its I/O errors are not OSErrors; a full disk must still read as one
-            if any(f"(os error {code})" in str(e) for code in (errno.ENOSPC, errno.EDQUOT)):
-                raise disk_full(path) from None
-            raise
+    # Never a half-written weight file under the real name; a full disk is a DiskFullError (fileio reads it from
+    # safetensors' error text).
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     return path
 
 

@@ -23,6 +23,7 @@ import os
 import struct
 from pathlib import Path
 
+from emojax.digest import digest
 from emojax.errors import CheckpointError
 from emojax.models.presets import RANDOM_PREFIX
 
@@ -70,7 +71,7 @@ def model_identity(path_or_preset: str | Path) -> dict:
     if name.startswith(RANDOM_PREFIX) and not Path(name).exists():
         ident = {"config": _sha(name.encode()), "tensors": _sha(name.encode()), "content": _sha(b"seed 0"),
                  "tokenizer": None, "content_kind": "preset"}
-        return {"id": _sha(json.dumps([ident[k] for k in _FIELDS]).encode()), **ident, "preset": name}
+        return {"id": digest([ident[k] for k in _FIELDS]), **ident, "preset": name}
     folder = Path(path_or_preset)
     config_file = folder / "config.json"
     try:
@@ -90,15 +91,14 @@ def model_identity(path_or_preset: str | Path) -> dict:
         tensors += [(k, v["dtype"], v["shape"]) for k, v in entries.items() if k != "__metadata__"]
     total = sum(os.path.getsize(f) for f in files)
     full = total <= FULL_HASH_BYTES
-    digest = hashlib.sha256()
+    content = hashlib.sha256()
     for file in files:
-        _file_content(file, digest, full)
-    ident = {"config": _sha(json.dumps(config, sort_keys=True).encode()),
-             "tensors": _sha(json.dumps(sorted(tensors)).encode()),
-             "content": digest.hexdigest(), "content_kind": "full" if full else "sampled",
+        _file_content(file, content, full)
+    ident = {"config": digest(config), "tensors": digest(sorted(tensors)),
+             "content": content.hexdigest(), "content_kind": "full" if full else "sampled",
              "tokenizer": _sha((folder / "tokenizer.json").read_bytes()) if (folder / "tokenizer.json").is_file()
              else None}
-    return {"id": _sha(json.dumps([ident[k] for k in _FIELDS]).encode()), **ident, "bytes": total}
+    return {"id": digest([ident[k] for k in _FIELDS]), **ident, "bytes": total}
 
 
 def same_model(a: dict | None, b: dict | None) -> bool:

@@ -13,18 +13,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from emojax.errors import CheckpointError
-from emojax.fileio import disk_full, is_disk_full
-
-
-def _disk_full_cause(error: BaseException) -> bool:
-    """ENOSPC/EDQUOT anywhere in the chain (orbax re-raises a writer thread's error wrapped)."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if is_disk_full(error):
-            return True
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return False
+from emojax.fileio import disk_full, disk_full_cause
 
 
 class SaeCheckpoints:
@@ -83,7 +72,7 @@ class SaeCheckpoints:
             self.manager.close()
 
     def _raise_disk_full(self, error: BaseException, step) -> None:
-        if _disk_full_cause(error):
+        if disk_full_cause(error) is not None:
             raise disk_full(f"{self.directory}/{step}") from None
 
 

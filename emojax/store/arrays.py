@@ -12,14 +12,13 @@ never "all zeros" (completeness.py checks for them, since TensorStore reads an a
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import numpy as np
 import tensorstore as ts
 
 from emojax.errors import EmojaxError
-from emojax.fileio import disk_full
+from emojax.fileio import disk_full, is_disk_full
 
 
 class StoreError(EmojaxError):
@@ -77,15 +76,11 @@ def open_array(path: str) -> ts.TensorStore:
         raise StoreError(f"{path}: cannot open array ({e})") from None
 
 
-# TensorStore reports OS errors inside a ValueError's text: "... No space left on device [os_error_code='28']".
-_DISK_FULL = re.compile(r"os_error_code='(28|122)'|No space left on device|Disk quota exceeded")
-
-
 def write_error(path: str, error: BaseException, doing: str = "cannot write") -> EmojaxError:
     """The one-line error for a failed TensorStore write: a DiskFullError on ENOSPC/EDQUOT (what to do is the
     same as for any file emojax writes), else a StoreError naming `path`."""
     text = " ".join(str(error).split())
-    if _DISK_FULL.search(text):
+    if is_disk_full(error):  # TensorStore reports OS errors in a ValueError's text: [os_error_code='28']
         return disk_full(path)
     return StoreError(f"{path}: {doing} ({text}); is the disk full or the location read-only? Shards recorded as "
                       "complete are kept; rerun to finish")

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import tensorstore as ts
 
-from emojax.store.arrays import StoreError, kvstore, read_rows
+from emojax.store.arrays import StoreError, read_rows
 from emojax.store.layout import ShardRange
+from emojax.store.state import KeyValueFolder
 from emojax.store.writer import array_path as path_of
 
 
@@ -38,14 +39,10 @@ def chunk_key(unit: int, rank: int) -> str:
 
 def stored_keys(array_path: str) -> set[str]:
     """The chunk files present under one array's folder (temporary `.__lock` files of a write are not keys)."""
-    spec = kvstore(array_path)
-    spec = {**spec, "path": str(spec["path"]).rstrip("/") + "/"} if isinstance(spec, dict) else spec.rstrip("/") + "/"
     try:
-        kv = ts.KvStore.open(spec).result()
-        keys = kv.list(ts.KvStore.KeyRange("c/", "c0")).result()  # "0" follows "/": every key under c/
+        return set(KeyValueFolder(array_path).list("c/"))
     except ValueError as e:
         raise StoreError(f"{array_path}: cannot list the stored files ({e})") from None
-    return {k.decode() for k in keys if not k.endswith(b".__lock")}
 
 
 def shard_rows(shard: ShardRange, per: str) -> tuple[int, int]:
@@ -98,11 +95,10 @@ def damaged_shards(out: str, verify: bool, complete: list[ShardRange], arrays: d
 def readable(where: ShardRange, arrays: dict, specs, log) -> bool:
     """Reads every row of a complete shard back (checksums verified); False if any is damaged."""
     for spec in specs:
-        start = where.token_start if spec.per == "token" else where.doc_start
-        count = where.n_tokens if spec.per == "token" else where.n_docs
+        start, stop = shard_rows(where, spec.per)
         unit = spec.write_rows
         try:
-            read_rows(arrays[spec.name], start, start + -(-count // unit) * unit, spec.name)
+            read_rows(arrays[spec.name], start, start + -(-(stop - start) // unit) * unit, spec.name)
         except StoreError as e:
             log(f"dump: verify: {where.name} will be rewritten: {e}")
             return False

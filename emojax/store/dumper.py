@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 import jax
 import numpy as np
 
-from emojax.locks import WriterLock
+from emojax.locks import writer_lock
 from emojax.models import load_model, make_mesh
 from emojax.models.identity import describe_difference, model_identity, same_model
 from emojax.models.sharding import batch_multiple
@@ -79,9 +79,9 @@ def _writer_lock(out: str):
     (disjoint shards), so only process 0 takes the lock: any second dump has a process 0 too and fails at once,
     and its other processes never write, since they wait at the first barrier for their process 0.
     """
-    if ("://" in out and not out.startswith("file://")) or jax.process_index() != 0:
+    if jax.process_index() != 0:
         return contextlib.nullcontext()
-    return WriterLock(out.removeprefix("file://"), what="activation store")
+    return writer_lock(out, what="activation store")
 
 
 def _dump(config: DumpConfig, show_progress: bool, log, lm) -> dict:
@@ -118,7 +118,7 @@ def _dump(config: DumpConfig, show_progress: bool, log, lm) -> dict:
     state = _open_or_create(folder, config, fingerprints, identity, layout, layers, lm, manifest, specs)
     arrays = open_arrays(config.out, specs)
 
-    done = _complete_shards(folder)
+    done = folder.recorded_shards()
     rank, world = jax.process_index(), jax.process_count()
     complete = [s for s in layout.shards if s.index % world == rank and s.name in done]
     damaged = damaged_shards(config.out, config.verify, complete, arrays, specs, log)
@@ -217,15 +217,11 @@ def _model_difference(legacy: str | None, state: dict, identity: dict, config: D
     return [f"model: store has {state.get('model')!r}, this run has {config.model!r} ({how})"]
 
 
-def _complete_shards(folder: KeyValueFolder) -> set[str]:
-    return {key[len("shards/"):-len(".json")] for key in folder.list("shards/") if key.endswith(".json")}
-
-
 def _finish(folder: KeyValueFolder, state: dict, layout: StoreLayout, world: int) -> dict:
     """Records the complete shards in store.json (process 0, once every process is done writing)."""
     _barrier("emojax-dump-finished")
     if jax.process_index() == 0:
-        done = _complete_shards(folder)
+        done = folder.recorded_shards()
         records = [folder.read_json(f"shards/{s.name}.json") for s in layout.shards if s.name in done]
         new = {**state, "complete_shards": sorted(done & {s.name for s in layout.shards}),
                "short_docs": sum(r["short_docs"] for r in records)}

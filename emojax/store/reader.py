@@ -96,7 +96,7 @@ class ActivationStore:
         self._docs: DocTable | None = None
         done = set(state["complete_shards"])
         if not state.get("complete"):  # a dump in progress records shards here before store.json lists them
-            done |= {k[len("shards/"):-len(".json")] for k in folder.list("shards/") if k.endswith(".json")}
+            done |= folder.recorded_shards()
         self.complete_shards = [ShardRange(*(s[f] for f in ShardRange.__dataclass_fields__))
                                 for s in state["shards"] if s["name"] in done]  # in store order
 

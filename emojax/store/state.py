@@ -66,6 +66,9 @@ class KeyValueFolder:
         """The keys under `prefix`, without the temporary files of writes in flight (or killed)."""
         keys = self.kv.list(ts.KvStore.KeyRange(prefix, prefix + "\xff")).result()
         return sorted(k.decode() for k in keys if not k.endswith(b".__lock"))
+    def recorded_shards(self) -> set[str]:
+        """The shards whose completion record (shards/NAME.json) exists: written only after all their writes."""
+        return {key[len("shards/"):-len(".json")] for key in self.list("shards/") if key.endswith(".json")}
 
 
 def corpus_fingerprint(manifest: dict) -> str:

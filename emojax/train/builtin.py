@@ -94,7 +94,7 @@ def train_lm(config: TrainConfig, out: str | Path | None = None, progress: bool 
             if not _train(config, work, fingerprint, progress, until):
                 return work
             _replace(work, out)
-    except EmojaxError:
+    except EmojaxError:  # DiskFullError is an OSError too: keep its own message
         raise
     except OSError as e:  # full disk, no permission: the user can fix these
         raise EmojaxError(f"{e.filename or out}: cannot write the trained model ({e.strerror or e})") from None
