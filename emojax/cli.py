@@ -26,10 +26,9 @@ def _mesh_arg(text: str) -> tuple[int, int, int]:
 
 
 def _load(args):
-    import emojax
+    from emojax.models import load_model, make_mesh
 
-    mesh = emojax.make_mesh(args.mesh) if args.mesh else None
-    return emojax.load_model(args.model, dtype=args.dtype, mesh=mesh)
+    return load_model(args.model, dtype=args.dtype, mesh=make_mesh(args.mesh) if args.mesh else None)
 
 
 def cmd_info(args) -> int:
@@ -83,7 +82,7 @@ def cmd_forward(args) -> int:
 
 
 def cmd_init_random(args) -> int:
-    import emojax
+    from emojax.models import random_model
     from emojax.models.presets import SHAPES
 
     from emojax.models.hf_config import config_to_hf_dict
@@ -91,7 +90,7 @@ def cmd_init_random(args) -> int:
     if args.shape not in SHAPES:
         raise EmojaxError(f"unknown shape {args.shape!r}; shapes: {', '.join(SHAPES)}")
     config_to_hf_dict(SHAPES[args.shape])  # refuses shapes it cannot write before allocating anything
-    lm = emojax.random_model(SHAPES[args.shape], dtype=args.dtype, seed=args.seed)
+    lm = random_model(SHAPES[args.shape], dtype=args.dtype, seed=args.seed)
     out = lm.save(args.out)
     print(f"wrote {out} ({lm.num_params:,} parameters, random, seed {args.seed})")
     return 0
@@ -101,15 +100,13 @@ def cmd_corpus_build(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from emojax.corpus.build import build_corpus
+    from emojax.config_loader import merge, parse_overrides
+    from emojax.pipelines.corpus import build_corpus
     from emojax.run.resolve import stage_config
 
-    overrides = list(args.overrides)
-    for flag, key in (("shards", "n_shards"), ("labels_file", "labels_file"), ("text_column", "reader.text_column"),
-                      ("label_column", "reader.label_column"), ("id_column", "reader.id_column")):
-        value = getattr(args, flag)
-        if value is not None:
-            overrides.append(f"{key}={value}")
+    reader = {k: getattr(args, k) for k in ("text_column", "label_column", "id_column") if getattr(args, k) is not None}
+    given = {"n_shards": args.shards, "labels_file": args.labels_file, "reader": reader or None}
+    overrides = merge(parse_overrides(args.overrides), {k: v for k, v in given.items() if v is not None})
     config = stage_config("corpus", args.config, overrides, flags={"out": args.out, "tokenizer": args.tokenizer})
     if args.input:
         config = dataclasses.replace(config, inputs=tuple(args.input))

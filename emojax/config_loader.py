@@ -2,7 +2,8 @@
 
 Config classes are frozen dataclasses with their defaults defined once; a YAML file (one section per stage,
 e.g. `corpus:`) and `key=value` overrides change only what differs. Unknown keys are errors naming the key
-and the file.
+and the file. Each class registers itself as a section where it lives (`@config_section("corpus", ...)`), and
+every reader (a stage command's `load_section`, `emojax run`'s run file) types sections through that registry.
 
 Nothing is coerced silently: an int setting refuses 2.7, a text setting refuses an empty value (YAML null),
 and every number is checked against the range its field declares (`positive(8)`, `fraction(0.1)`, ...), with
@@ -15,7 +16,7 @@ import dataclasses
 import math
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -327,15 +328,56 @@ def _text(value, source: str, key: str) -> str:
                       f"\"{value}\"")
 
 
-def load_section(cls: type[T], section: str, config_file: str | Path | None = None,
-                 overrides: Sequence[str] = ()) -> T:
-    """The `section` of a YAML config file (or defaults), with key=value overrides applied."""
+# ---- the sections of a config file
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+    """One section of a config file: its name, the class its mapping is built into, the keys `emojax run` derives
+    itself ({key: what it is, for printouts}), and `base`, an optional hook giving the values under the file's
+    (the train section's `preset: NAME`)."""
+
+    name: str
+    cls: type
+    derived: dict[str, str]
+    base: Callable[[dict, str], dict] | None = None
+
+    def build(self, values: dict, source: str):
+        """The typed config of a parsed mapping (the file's section with overrides merged)."""
+        if self.base is not None:
+            values = self.base(values, source)
+        return build(self.cls, values, source, prefix=f"{self.name}.")
+
+
+SECTIONS: dict[str, Section] = {}  # name -> section, filled by @config_section where each class lives
+
+
+def config_section(name: str, derived: dict[str, str] | None = None,
+                   base: Callable[[dict, str], dict] | None = None):
+    """Class decorator: registers a frozen dataclass as section `name` of config files."""
+    def register(cls):
+        SECTIONS[name] = Section(name, cls, dict(derived or {}), base)
+        return cls
+    return register
+
+
+def section_of(cls: type) -> Section:
+    for section in SECTIONS.values():
+        if section.cls is cls:
+            return section
+    raise LookupError(f"{cls.__name__} is not registered as a config section (@config_section)")
+
+
+def load_section(cls: type[T], config_file: str | Path | None = None, overrides: Sequence[str] | dict = ()) -> T:
+    """The section `cls` is registered for, from a YAML config file (or defaults), with overrides applied:
+    KEY=VALUE strings, or the mapping parse_overrides made of them."""
+    section = section_of(cls)
     values: dict = {}
     source = "defaults"
     if config_file is not None:
         source = str(config_file)
-        values = file_section(read_yaml(config_file), section, source)
+        values = file_section(read_yaml(config_file), section.name, source)
     if overrides:
         source += " + overrides"
-        values = merge(values, parse_overrides(overrides), source)
-    return build(cls, values, source, prefix=f"{section}.")
+        values = merge(values, overrides if isinstance(overrides, dict) else parse_overrides(overrides), source)
+    return section.build(values, source)

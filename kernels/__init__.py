@@ -4,7 +4,7 @@ Each kernel lives beside a pure-JAX `reference_*` of the same function; tests/te
 (values and gradients) in interpret mode on CPU.
 
     kernel          reference                  computes
-    sparse_decode   reference_sparse_decode    TopK SAE decoder: out_BD[b] = sum_k vals_BK[b, k] * W_FD[idx_BK[b, k]],
+    sparse_decode   reference_sparse_decode    TopK SAE decoder: out_BD[b] = sum_k vals_BJ[b, k] * W_FD[idx_BJ[b, k]],
                                                with Pallas kernels for d vals (gather-dot) and d W (scatter-add)
 
 The rule: emojax uses a kernel only where scripts/bench_kernels.py shows it faster than its reference on that

@@ -1,24 +1,24 @@
-"""The TopK SAE sparse decoder as Pallas kernels: out_BD[b] = sum_k vals_BK[b, k] * W_FD[idx_BK[b, k]].
+"""The TopK SAE sparse decoder as Pallas kernels: out_BD[b] = sum_k vals_BJ[b, k] * W_FD[idx_BJ[b, k]].
 
-Axes: B tokens, K latents chosen per token, F latents (decoder rows), D model width; N = B*K (token, latent)
-pairs, P pairs handled per step of the W-gradient kernel. All arrays are float32 except idx_BK (int32).
+Axes: B tokens, J latents chosen per token, F latents (decoder rows), D model width; X = B*J (token, latent)
+pairs, `chunk` per d W step; lowercase letters are tiles. All arrays are float32 except idx_BJ (int32).
 
 Three kernels, all tiled over D so each program touches a contiguous slice of every decoder row it reads:
 
-* forward, grid (B tiles, D tiles): a loop over the K chosen latents gathers W_FD[idx_BK[:, k]] for the tile's
-  tokens (one row gather per k, no (B, K, D) intermediate) and accumulates vals * rows.
+* forward, grid (B tiles, D tiles): a loop over the J chosen latents gathers W_FD[idx_BJ[:, k]] for the tile's
+  tokens (one row gather per k, no (B, J, D) intermediate) and accumulates vals * rows.
 * d vals, grid (B tiles, D tiles): the same gather, dotted with the incoming gradient g_BD; each D tile writes
-  its own partial (B, K) slice and the partials are summed outside, so no program waits on another.
+  its own partial (B, J) slice and the partials are summed outside, so no program waits on another.
 * d W, grid (F tiles, D tiles): a scatter-add written as a gather, so that it needs no atomics. Outside the
-  kernel the N pairs are sorted by latent (one lax.sort) and the first pair of each F tile is found with
+  kernel the X pairs are sorted by latent (one lax.sort) and the first pair of each F tile is found with
   searchsorted. A program then owns its (F tile, D tile) of dW outright: it walks only the pairs that hit its
-  rows, P at a time, gathers their g rows scaled by vals (P, D tile), and adds them to its rows through a
-  one-hot (F tile, P) matmul (at HIGHEST precision: the default TF32 would cost ~1e-3 relative error). Why this and
-  not the alternatives: atomics (Triton's atomic_add, B-gridded) make dW's summation order, hence its rounding,
-  change from run to run; a one-hot over all F without sorting costs N*F*D work; gridding over B and reducing
-  partial dW copies costs a dense (B tiles, F, D) buffer. The sorted form costs N*D reads of g plus the F*D
-  write every dense dW pays, is deterministic, and a latent chosen by many tokens only lengthens its own tile's
-  loop.
+  rows, `chunk` at a time, gathers their g rows scaled by vals (chunk, D tile), and adds them to its rows
+  through a one-hot (F tile, chunk) matmul (at HIGHEST precision: the default TF32 would cost ~1e-3 relative
+  error). Why this and not the alternatives: atomics (Triton's atomic_add, B-gridded) make dW's summation
+  order, hence its rounding, change from run to run; a one-hot over all F without sorting costs X*F*D work;
+  gridding over B and reducing partial dW copies costs a dense (B tiles, F, D) buffer. The sorted form costs
+  X*D reads of g plus the F*D write every dense dW pays, is deterministic, and a latent chosen by many tokens
+  only lengthens its own tile's loop.
 
 Shapes need not divide the block sizes: B is padded with zero-valued pairs; the D tile is the largest power of
 two in [16, block_d] dividing D, and only where none does are W and g padded to a multiple of the tile (a full
@@ -47,13 +47,13 @@ from jax.experimental.pallas import triton as pl_triton
 _MIN_BLOCK = 16  # smallest tile side that Triton's tl.dot accepts
 
 
-def reference_sparse_decode(vals_BK: jax.Array, idx_BK: jax.Array, W_FD: jax.Array) -> jax.Array:
-    """Pure-JAX sparse decode, differentiable by autodiff: out_BD[b] = sum_k vals_BK[b, k] * W_FD[idx_BK[b, k]].
+def reference_sparse_decode(vals_BJ: jax.Array, idx_BJ: jax.Array, W_FD: jax.Array) -> jax.Array:
+    """Pure-JAX sparse decode, differentiable by autodiff: out_BD[b] = sum_k vals_BJ[b, k] * W_FD[idx_BJ[b, k]].
 
-    vals_BK float32 (B, K), idx_BK int32 (B, K) in [0, F), W_FD float32 (F, D) -> float32 (B, D). Materialises the
-    gathered rows (B, K, D); autodiff gives the gather-dot for d vals and a scatter-add for d W.
+    vals_BJ float32 (B, J), idx_BJ int32 (B, J) in [0, F), W_FD float32 (F, D) -> float32 (B, D). Materialises the
+    gathered rows (B, J, D); autodiff gives the gather-dot for d vals and a scatter-add for d W.
     """
-    return jnp.einsum("BK,BKD->BD", vals_BK, W_FD[idx_BK], precision=lax.Precision.HIGHEST)
+    return jnp.einsum("BJ,BJD->BD", vals_BJ, W_FD[idx_BJ], precision=lax.Precision.HIGHEST)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +61,7 @@ class _Plan:
     """Static tiling of one call: block sizes and padded extents."""
 
     B: int
-    K: int
+    J: int
     F: int
     D: int
     block_b: int
@@ -108,95 +108,95 @@ def _d_block(D: int, block_d: int) -> int:
     return min(block_d, max(_MIN_BLOCK, _next_pow2(D)))
 
 
-def _check(vals_BK, idx_BK, W_FD, block_b, block_d, block_f, chunk) -> None:
-    shapes = f"vals_BK {vals_BK.shape} {vals_BK.dtype}, idx_BK {idx_BK.shape} {idx_BK.dtype}, " \
+def _check(vals_BJ, idx_BJ, W_FD, block_b, block_d, block_f, chunk) -> None:
+    shapes = f"vals_BJ {vals_BJ.shape} {vals_BJ.dtype}, idx_BJ {idx_BJ.shape} {idx_BJ.dtype}, " \
              f"W_FD {W_FD.shape} {W_FD.dtype}"
-    if vals_BK.ndim != 2 or W_FD.ndim != 2 or idx_BK.shape != vals_BK.shape:
-        raise ValueError(f"sparse_decode wants vals_BK (B, K), idx_BK (B, K), W_FD (F, D); got {shapes}")
-    if 0 in vals_BK.shape or 0 in W_FD.shape:
+    if vals_BJ.ndim != 2 or W_FD.ndim != 2 or idx_BJ.shape != vals_BJ.shape:
+        raise ValueError(f"sparse_decode wants vals_BJ (B, J), idx_BJ (B, J), W_FD (F, D); got {shapes}")
+    if 0 in vals_BJ.shape or 0 in W_FD.shape:
         raise ValueError(f"sparse_decode wants non-empty arrays; got {shapes}")
-    if vals_BK.dtype != jnp.float32 or W_FD.dtype != jnp.float32 or idx_BK.dtype != jnp.int32:
-        raise ValueError(f"sparse_decode wants float32 vals_BK and W_FD and int32 idx_BK; got {shapes}")
+    if vals_BJ.dtype != jnp.float32 or W_FD.dtype != jnp.float32 or idx_BJ.dtype != jnp.int32:
+        raise ValueError(f"sparse_decode wants float32 vals_BJ and W_FD and int32 idx_BJ; got {shapes}")
     for name, size, least in (("block_b", block_b, 1), ("block_d", block_d, _MIN_BLOCK),
                               ("block_f", block_f, _MIN_BLOCK), ("chunk", chunk, _MIN_BLOCK)):
         if size < least or size & (size - 1):
             raise ValueError(f"sparse_decode: {name} must be a power of two >= {least}, got {size}")
 
 
-def sparse_decode(vals_BK: jax.Array, idx_BK: jax.Array, W_FD: jax.Array, *, interpret: bool | None = None,
+def sparse_decode(vals_BJ: jax.Array, idx_BJ: jax.Array, W_FD: jax.Array, *, interpret: bool | None = None,
                   block_b: int = 32, block_d: int = 128, block_f: int = 16, chunk: int = 32,
                   num_warps: int = 4) -> jax.Array:
-    """Sparse decode by Pallas kernels, forward and backward: out_BD[b] = sum_k vals_BK[b, k] * W_FD[idx_BK[b, k]].
+    """Sparse decode by Pallas kernels, forward and backward: out_BD[b] = sum_k vals_BJ[b, k] * W_FD[idx_BJ[b, k]].
 
-    vals_BK float32 (B, K), idx_BK int32 (B, K), W_FD float32 (F, D) -> float32 (B, D). Differentiable in vals_BK
-    and W_FD (idx_BK gets no gradient). Indices outside [0, F) are clamped (not checked: that would need a host
+    vals_BJ float32 (B, J), idx_BJ int32 (B, J), W_FD float32 (F, D) -> float32 (B, D). Differentiable in vals_BJ
+    and W_FD (idx_BJ gets no gradient). Indices outside [0, F) are clamped (not checked: that would need a host
     sync), so they read a wrong row rather than foreign memory.
 
     interpret: run the kernels in Pallas interpret mode; None means "only on CPU". block_b / block_d: tile of
     tokens / width in the forward and d vals kernels (block_d also in d W); block_f: decoder rows per d W program;
     chunk: pairs per step of the d W loop; num_warps: Triton warps per program. All powers of two.
     """
-    _check(vals_BK, idx_BK, W_FD, block_b, block_d, block_f, chunk)
-    (B, K), (F, D) = vals_BK.shape, W_FD.shape
-    plan = _Plan(B=B, K=K, F=F, D=D, block_b=min(block_b, _next_pow2(B)),
+    _check(vals_BJ, idx_BJ, W_FD, block_b, block_d, block_f, chunk)
+    (B, J), (F, D) = vals_BJ.shape, W_FD.shape
+    plan = _Plan(B=B, J=J, F=F, D=D, block_b=min(block_b, _next_pow2(B)),
                  block_d=_d_block(D, block_d), block_f=block_f, chunk=chunk,
                  interpret=jax.default_backend() == "cpu" if interpret is None else bool(interpret),
                  num_warps=num_warps)
-    return _sparse_decode(vals_BK, jnp.clip(idx_BK, 0, F - 1), W_FD, plan)
+    return _sparse_decode(vals_BJ, jnp.clip(idx_BJ, 0, F - 1), W_FD, plan)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _sparse_decode(vals_BK, idx_BK, W_FD, plan: _Plan):
-    return _forward(vals_BK, idx_BK, _pad_cols(W_FD, plan.D_pad), plan)[:, :plan.D]
+def _sparse_decode(vals_BJ, idx_BJ, W_FD, plan: _Plan):
+    return _forward(vals_BJ, idx_BJ, _pad_cols(W_FD, plan.D_pad), plan)[:, :plan.D]
 
 
-def _sparse_decode_fwd(vals_BK, idx_BK, W_FD, plan: _Plan):
-    out_BD = _forward(vals_BK, idx_BK, _pad_cols(W_FD, plan.D_pad), plan)[:, :plan.D]
-    return out_BD, (vals_BK, idx_BK, W_FD)
+def _sparse_decode_fwd(vals_BJ, idx_BJ, W_FD, plan: _Plan):
+    out_BD = _forward(vals_BJ, idx_BJ, _pad_cols(W_FD, plan.D_pad), plan)[:, :plan.D]
+    return out_BD, (vals_BJ, idx_BJ, W_FD)
 
 
 def _sparse_decode_bwd(plan: _Plan, residuals, g_BD):
-    vals_BK, idx_BK, W_FD = residuals
+    vals_BJ, idx_BJ, W_FD = residuals
     g_BD = _pad_cols(g_BD.astype(jnp.float32), plan.D_pad)
-    d_vals_BK = _d_vals(idx_BK, _pad_cols(W_FD, plan.D_pad), g_BD, plan)
-    d_W_FD = _d_W(vals_BK, idx_BK, g_BD, plan)[:plan.F, :plan.D]
-    return d_vals_BK, None, d_W_FD
+    d_vals_BJ = _d_vals(idx_BJ, _pad_cols(W_FD, plan.D_pad), g_BD, plan)
+    d_W_FD = _d_W(vals_BJ, idx_BJ, g_BD, plan)[:plan.F, :plan.D]
+    return d_vals_BJ, None, d_W_FD
 
 
 _sparse_decode.defvjp(_sparse_decode_fwd, _sparse_decode_bwd)
 
 
-def _pad_cols(x_ND, width):
-    return x_ND if x_ND.shape[1] == width else jnp.pad(x_ND, ((0, 0), (0, width - x_ND.shape[1])))
+def _pad_cols(x, width):
+    return x if x.shape[1] == width else jnp.pad(x, ((0, 0), (0, width - x.shape[1])))
 
 
-def _pad_rows(x_BK, rows):
-    return x_BK if x_BK.shape[0] == rows else jnp.pad(x_BK, ((0, rows - x_BK.shape[0]), (0, 0)))
+def _pad_rows(x_BJ, rows):
+    return x_BJ if x_BJ.shape[0] == rows else jnp.pad(x_BJ, ((0, rows - x_BJ.shape[0]), (0, 0)))
 
 
-def _forward(vals_BK, idx_BK, W_FD, plan: _Plan):
+def _forward(vals_BJ, idx_BJ, W_FD, plan: _Plan):
     """(B, D_pad): padded tokens are zero-valued pairs on row 0, so they add nothing."""
-    bb, bd, K = plan.block_b, plan.block_d, plan.K
+    bb, bd, J = plan.block_b, plan.block_d, plan.J
 
     def kernel(vals_ref, idx_ref, w_ref, out_ref):
         def add_latent(k, acc_bd):
             rows_bd = w_ref[idx_ref[:, k], :]  # gather: row idx[b, k], this program's D tile, for each token b
             return acc_bd + vals_ref[:, k][:, None] * rows_bd
-        out_ref[...] = lax.fori_loop(0, K, add_latent, jnp.zeros(out_ref.shape, jnp.float32))
+        out_ref[...] = lax.fori_loop(0, J, add_latent, jnp.zeros(out_ref.shape, jnp.float32))
 
     out = plan.call(
         kernel, grid=(plan.B_pad // bb, plan.D_pad // bd),
-        in_specs=[pl.BlockSpec((bb, K), lambda i, j: (i, 0)), pl.BlockSpec((bb, K), lambda i, j: (i, 0)),
+        in_specs=[pl.BlockSpec((bb, J), lambda i, j: (i, 0)), pl.BlockSpec((bb, J), lambda i, j: (i, 0)),
                   pl.BlockSpec((plan.F, bd), lambda i, j: (0, j))],
         out_specs=pl.BlockSpec((bb, bd), lambda i, j: (i, j)),
         out_shape=jax.ShapeDtypeStruct((plan.B_pad, plan.D_pad), jnp.float32),
-    )(_pad_rows(vals_BK, plan.B_pad), _pad_rows(idx_BK, plan.B_pad), W_FD)
+    )(_pad_rows(vals_BJ, plan.B_pad), _pad_rows(idx_BJ, plan.B_pad), W_FD)
     return out[:plan.B]
 
 
-def _d_vals(idx_BK, W_FD, g_BD, plan: _Plan):
-    """d vals_BK[b, k] = <g_BD[b], W_FD[idx_BK[b, k]]>, summed over per-D-tile partials."""
-    bb, bd, K = plan.block_b, plan.block_d, plan.K
+def _d_vals(idx_BJ, W_FD, g_BD, plan: _Plan):
+    """d vals_BJ[b, k] = <g_BD[b], W_FD[idx_BJ[b, k]]>, summed over per-D-tile partials."""
+    bb, bd, J = plan.block_b, plan.block_d, plan.J
     n_d = plan.D_pad // bd
 
     def kernel(idx_ref, w_ref, g_ref, partial_ref):
@@ -205,50 +205,50 @@ def _d_vals(idx_BK, W_FD, g_BD, plan: _Plan):
         def dot_latent(k, carry):
             partial_ref[:, k] = jnp.sum(w_ref[idx_ref[:, k], :] * g_bd, axis=1)
             return carry
-        lax.fori_loop(0, K, dot_latent, 0)
+        lax.fori_loop(0, J, dot_latent, 0)
 
-    partial_BnK = plan.call(
+    partial_BnJ = plan.call(
         kernel, grid=(plan.B_pad // bb, n_d),
-        in_specs=[pl.BlockSpec((bb, K), lambda i, j: (i, 0)), pl.BlockSpec((plan.F, bd), lambda i, j: (0, j)),
+        in_specs=[pl.BlockSpec((bb, J), lambda i, j: (i, 0)), pl.BlockSpec((plan.F, bd), lambda i, j: (0, j)),
                   pl.BlockSpec((bb, bd), lambda i, j: (i, j))],
-        out_specs=pl.BlockSpec((bb, K), lambda i, j: (i, j)),  # D tile j writes columns [j*K, (j+1)*K)
-        out_shape=jax.ShapeDtypeStruct((plan.B_pad, n_d * K), jnp.float32),
-    )(_pad_rows(idx_BK, plan.B_pad), W_FD, _pad_rows(g_BD, plan.B_pad))
-    return partial_BnK[:plan.B].reshape(plan.B, n_d, K).sum(axis=1)
+        out_specs=pl.BlockSpec((bb, J), lambda i, j: (i, j)),  # D tile j writes columns [j*J, (j+1)*J)
+        out_shape=jax.ShapeDtypeStruct((plan.B_pad, n_d * J), jnp.float32),
+    )(_pad_rows(idx_BJ, plan.B_pad), W_FD, _pad_rows(g_BD, plan.B_pad))
+    return partial_BnJ[:plan.B].reshape(plan.B, n_d, J).sum(axis=1)
 
 
-def _d_W(vals_BK, idx_BK, g_BD, plan: _Plan):
-    """(F_pad, D_pad): row f is the sum of vals_BK[b, k] * g_BD[b] over the pairs with idx_BK[b, k] == f."""
-    bf, bd, P = plan.block_f, plan.block_d, plan.chunk
+def _d_W(vals_BJ, idx_BJ, g_BD, plan: _Plan):
+    """(F_pad, D_pad): row f is the sum of vals_BJ[b, k] * g_BD[b] over the pairs with idx_BJ[b, k] == f."""
+    bf, bd, bx = plan.block_f, plan.block_d, plan.chunk
     n_f = plan.F_pad // bf
-    N = plan.B * plan.K
-    # Pairs sorted by latent, then P sentinel pairs (latent F_pad: no tile's row, value 0) so that a chunk
+    X = plan.B * plan.J
+    # Pairs sorted by latent, then a chunk of sentinel pairs (latent F_pad: no tile's row, value 0) so that a chunk
     # starting at any real pair stays in bounds without masks.
-    f_N, b_N, v_N = lax.sort((idx_BK.reshape(N), jnp.arange(N, dtype=jnp.int32) // plan.K, vals_BK.reshape(N)),
+    f_X, b_X, v_X = lax.sort((idx_BJ.reshape(X), jnp.arange(X, dtype=jnp.int32) // plan.J, vals_BJ.reshape(X)),
                              num_keys=1)
-    f_N = jnp.concatenate([f_N, jnp.full((P,), plan.F_pad, jnp.int32)])
-    b_N = jnp.concatenate([b_N, jnp.zeros((P,), jnp.int32)])
-    v_N = jnp.concatenate([v_N, jnp.zeros((P,), jnp.float32)])
-    tile_start = jnp.searchsorted(f_N[:N], jnp.arange(n_f + 1, dtype=jnp.int32) * bf).astype(jnp.int32)
+    f_X = jnp.concatenate([f_X, jnp.full((bx,), plan.F_pad, jnp.int32)])
+    b_X = jnp.concatenate([b_X, jnp.zeros((bx,), jnp.int32)])
+    v_X = jnp.concatenate([v_X, jnp.zeros((bx,), jnp.float32)])
+    tile_start = jnp.searchsorted(f_X[:X], jnp.arange(n_f + 1, dtype=jnp.int32) * bf).astype(jnp.int32)
 
     def kernel(start_ref, f_ref, b_ref, v_ref, g_ref, out_ref):
         t = pl.program_id(0)
         start, end = start_ref[t], start_ref[t + 1]
-        row_fP = t * bf + lax.broadcasted_iota(jnp.int32, (bf, P), 0)
+        row_fx = t * bf + lax.broadcasted_iota(jnp.int32, (bf, bx), 0)
 
         def add_chunk(c, acc_fd):
-            pairs = pl.ds(start + c * P, P)
-            scaled_Pd = v_ref[pairs][:, None] * g_ref[b_ref[pairs], :]
+            pairs = pl.ds(start + c * bx, bx)
+            scaled_xd = v_ref[pairs][:, None] * g_ref[b_ref[pairs], :]
             # Pairs past `end` belong to later tiles (or are sentinels) and match none of this tile's rows.
-            hits_fP = (f_ref[pairs][None, :] == row_fP).astype(jnp.float32)
-            return acc_fd + jnp.dot(hits_fP, scaled_Pd, precision=lax.Precision.HIGHEST)
-        out_ref[...] = lax.fori_loop(0, (end - start + P - 1) // P, add_chunk, jnp.zeros(out_ref.shape, jnp.float32))
+            hits_fx = (f_ref[pairs][None, :] == row_fx).astype(jnp.float32)
+            return acc_fd + jnp.dot(hits_fx, scaled_xd, precision=lax.Precision.HIGHEST)
+        out_ref[...] = lax.fori_loop(0, (end - start + bx - 1) // bx, add_chunk, jnp.zeros(out_ref.shape, jnp.float32))
 
-    whole_N = pl.BlockSpec(f_N.shape, lambda t, j: (0,))
+    whole_X = pl.BlockSpec(f_X.shape, lambda t, j: (0,))
     return plan.call(
         kernel, grid=(n_f, plan.D_pad // bd),
-        in_specs=[pl.BlockSpec(tile_start.shape, lambda t, j: (0,)), whole_N, whole_N, whole_N,
+        in_specs=[pl.BlockSpec(tile_start.shape, lambda t, j: (0,)), whole_X, whole_X, whole_X,
                   pl.BlockSpec((plan.B, bd), lambda t, j: (0, j))],
         out_specs=pl.BlockSpec((bf, bd), lambda t, j: (t, j)),
         out_shape=jax.ShapeDtypeStruct((plan.F_pad, plan.D_pad), jnp.float32),
-    )(tile_start, f_N, b_N, v_N, g_BD)
+    )(tile_start, f_X, b_X, v_X, g_BD)

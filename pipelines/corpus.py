@@ -27,19 +27,23 @@ import io
 import json
 import re
 import unicodedata
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import apache_beam as beam
 from apache_beam.io import fileio
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
 
+from emojax.corpus.build import check_inputs, check_position_limit
 from emojax.corpus.catalogue import NEUTRAL, load_catalogue
 from emojax.corpus.config import CorpusConfig
 from emojax.corpus.generator import implicit_scenarios, neutral_dialogue, story, validate_story
 from emojax.corpus.readers import RawRecord, read_label_names, read_records
-from emojax.fileio import write_bytes
+from emojax.fileio import DiskFullError, disk_full, disk_full_cause, write_bytes
+from emojax.locks import writer_lock
+from emojax.tokenizer import load_tokenizer
 
 REJECTED = "rejected"
 TRUNCATED = "truncated"
@@ -389,3 +393,45 @@ def build(p: beam.Pipeline, config: CorpusConfig, tokenizer_fingerprint: str, pa
                label_ids=label_ids, shards=beam.pvalue.AsSingleton(shards),
                counts=beam.pvalue.AsSingleton(counts), rejected=beam.pvalue.AsSingleton(rejected),
                n_in=beam.pvalue.AsSingleton(n_in), n_truncated=beam.pvalue.AsSingleton(n_truncated)))
+
+
+def _disk_full_in(error: BaseException, out: str) -> DiskFullError | None:
+    """The full disk behind an error a Beam runner re-raised (it wraps what a transform raised)."""
+    e = disk_full_cause(error)
+    if e is None or isinstance(e, DiskFullError):
+        return e
+    return disk_full(getattr(e, "filename", None) or out)
+
+
+def build_corpus(config: CorpusConfig, beam_args: Sequence[str] = ()) -> dict:
+    """Runs the corpus stage and returns its manifest. `beam_args` are Beam pipeline options
+    (default: the local DirectRunner). A full disk is a one-line `DiskFullError`; rerunning completes."""
+
+    check_inputs(config)
+    check_position_limit(config)
+    tokenizer = load_tokenizer(config.tokenizer)
+    pad_id = getattr(tokenizer, "PAD", 0)
+    shards_dir = FileSystems.join(config.out, "shards")
+    with writer_lock(config.out, what="corpus"):
+        for folder in (config.out, shards_dir) + ((FileSystems.join(config.out, "packed"),)
+                                                  if config.pack_length else ()):
+            if not FileSystems.exists(folder):
+                FileSystems.mkdirs(folder)
+        options = PipelineOptions(list(beam_args) or ["--runner=DirectRunner"])
+        try:
+            with beam.Pipeline(options=options) as p:
+                build(p, config, tokenizer.fingerprint, pad_id)
+        except Exception as e:
+            full = _disk_full_in(e, config.out)
+            if full is None:
+                raise
+            raise full from None
+        with FileSystems.open(FileSystems.join(config.out, "manifest.json")) as f:
+            manifest = json.loads(f.read())
+        # Shards of an earlier build with another shard count would be read as part of this corpus.
+        current = {s["name"] for s in manifest["shards"]}
+        stale = [m.path for m in FileSystems.match([FileSystems.join(shards_dir, "*.parquet")])[0].metadata_list
+                 if m.path.rsplit("/", 1)[-1] not in current]
+        if stale:
+            FileSystems.delete(stale)
+    return manifest

@@ -27,7 +27,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="/tmp/emojax-bench-corpus")
     args = p.parse_args(argv)
 
-    from emojax.corpus.build import build_corpus
+    from emojax.pipelines.corpus import build_corpus
     from emojax.corpus.config import CorpusConfig
     from emojax.corpus.generator import GeneratorConfig
 

@@ -44,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="default float32 (bfloat16 for 1b on gpu)")
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--attention", choices=["xla", "cudnn", "auto", "xla-fused"], default="xla",
+                   help="emojax's attention kernel (emojax.models.layers.attention_kernel)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     gpu_1b = args.device == "gpu" and args.model_shape == "1b"
@@ -60,13 +62,13 @@ def capture_layers(n_layers: int) -> tuple[int, int]:
     return (n_layers // 3, 2 * n_layers // 3)
 
 
-def emojax_step(cfg, tokens, capture, dtype: str, seed: int):
+def emojax_step(cfg, tokens, capture, dtype: str, seed: int, attention: str = "xla"):
     import jax
     import numpy as np
 
     import emojax
 
-    lm = emojax.random_model(cfg, dtype=dtype, mesh=None, seed=seed)
+    lm = emojax.random_model(cfg, dtype=dtype, mesh=None, seed=seed, attention=attention)
     jax.block_until_ready(lm.params)
 
     def step():
@@ -166,7 +168,7 @@ def main(argv=None) -> None:
     tokens = np.random.default_rng(args.seed).integers(0, cfg.vocab_size, size=(B, T), dtype=np.int32)
     log(f"bench_forward: {shape} ({args.dtype}, {args.device}) B={B} T={T} capture={capture} iters={args.iters}")
 
-    emo_step, compile_s, emo_params = emojax_step(cfg, tokens, capture, args.dtype, args.seed)
+    emo_step, compile_s, emo_params = emojax_step(cfg, tokens, capture, args.dtype, args.seed, args.attention)
     base_step, base_params = baseline_step(cfg, tokens, capture, args.dtype, args.device, args.seed)
     rounds = timed_rounds({"emojax": emo_step, "transformers": base_step}, args.iters, args.rounds)
     ratios = [b["median"] / e["median"] for e, b in zip(rounds["emojax"], rounds["transformers"])]
@@ -191,7 +193,7 @@ def main(argv=None) -> None:
     info = env_info()
     record = {
         "bench": "forward_capture", "shape": shape, "device": args.device, "dtype": args.dtype,
-        "attention": os.environ.get("EMOJAX_ATTENTION", "xla"),
+        "attention": args.attention,
         "batch": B, "seq": T, "capture": list(capture), "iters": args.iters,
         "emojax_tok_s": emo_tok_s, "baseline_tok_s": base_tok_s, "ratio": emo_tok_s / base_tok_s,
         "rounds": args.rounds, "round_ratios": ratios, "median_round_ratio": statistics.median(ratios),

@@ -5,7 +5,7 @@
                                     [--chunk 32] [--num-warps 4]
 
 Both sides are jitted and get the same random inputs (idx uniform over F). "forward" times out_BD; "forward_
-backward" times the loss sum(out_BD * probe_BD) with its gradients w.r.t. vals_BK and W_FD. Compilation is
+backward" times the loss sum(out_BD * probe_BD) with its gradients w.r.t. vals_BJ and W_FD. Compilation is
 excluded (each side's first call is reported as *_compile_s); the sides are timed alternately for --rounds
 rounds of --iters calls. One JSON line per figure: kernel_ms, reference_ms (medians) and ratio =
 reference_ms / kernel_ms (> 1: the kernel is faster), plus the largest error of the kernel against the
@@ -67,21 +67,21 @@ def main(argv=None) -> None:
     blocks = dict(block_b=args.block_b, block_d=args.block_d, block_f=args.block_f, chunk=args.chunk,
                   num_warps=args.num_warps)
     rng = np.random.default_rng(args.seed)
-    vals_BK = jnp.asarray(rng.normal(size=(B, K)), jnp.float32)
-    idx_BK = jnp.asarray(rng.integers(0, F, size=(B, K)), jnp.int32)
+    vals_BJ = jnp.asarray(rng.normal(size=(B, K)), jnp.float32)
+    idx_BJ = jnp.asarray(rng.integers(0, F, size=(B, K)), jnp.int32)
     W_FD = jnp.asarray(rng.normal(size=(F, D)) / np.sqrt(D), jnp.float32)
     probe_BD = jnp.asarray(rng.normal(size=(B, D)), jnp.float32)
     decoders = {"kernel": lambda v, i, w: sparse_decode(v, i, w, interpret=interpret, **blocks),
                 "reference": reference_sparse_decode}
 
     def loss_and_grads(decode):
-        return jax.jit(jax.value_and_grad(lambda v, w: jnp.sum(decode(v, idx_BK, w) * probe_BD), (0, 1)))
+        return jax.jit(jax.value_and_grad(lambda v, w: jnp.sum(decode(v, idx_BJ, w) * probe_BD), (0, 1)))
 
     benches = {
         "forward": {name: jax.jit(decode) for name, decode in decoders.items()},
         "forward_backward": {name: loss_and_grads(decode) for name, decode in decoders.items()},
     }
-    bench_args = {"forward": (vals_BK, idx_BK, W_FD), "forward_backward": (vals_BK, W_FD)}
+    bench_args = {"forward": (vals_BJ, idx_BJ, W_FD), "forward_backward": (vals_BJ, W_FD)}
     mode = "interpret" if interpret else "compiled"
     info = env_info()
     log(f"bench_kernels: sparse_decode B={B} K={K} F={F} D={D} on {info['jax_device']} ({mode}), "

@@ -7,7 +7,7 @@
 #      (pytest-xdist): cpu_suite.txt
 #   3. scripts/bench_kernels.py: the Pallas kernels against their references, values and times: kernels.jsonl
 #   4. scripts/bench.py --only decode,sae,dump: emojax vs transformers / PyTorch in the same run
-#   5. (GPU, time permitting) the forward with EMOJAX_ATTENTION=xla vs cudnn: attention.jsonl; the SAE step with
+#   5. (GPU, time permitting) the forward with --attention xla vs cudnn: attention.jsonl; the SAE step with
 #      sae.decoder gather: sae_gather.jsonl
 # Everything lands in $OUT (a temp folder when unset): versions.txt, pytest.txt, cpu_suite.txt, kernels.jsonl,
 # bench.jsonl, bench.log, attention.jsonl, sae_gather.jsonl. Each step has a timeout so the whole stays within
@@ -190,12 +190,12 @@ BENCH_LIMIT=$(($(left) - 5 - RESERVE))
 step bench "$BENCH_LIMIT" "$OUT/bench.log" "$PY" scripts/bench.py --device "$DEVICE" --model-shape "$SHAPE" \
     --only "$BENCHES" --out "$OUT/bench.jsonl" --budget $((BENCH_LIMIT - 10))
 
-# The forward with emojax's blocked attention vs cuDNN's fused kernel (EMOJAX_ATTENTION, emojax/models/layers.py):
+# The forward with emojax's blocked attention vs cuDNN's fused kernel (--attention, emojax/models/layers.py):
 # the default stays "xla" until this shows cuDNN faster. Only on a GPU, and only with the time that is left.
 if [ "$DEVICE" = gpu ] && [ "$(left)" -ge 40 ]; then
     for impl in xla cudnn; do
         step "forward-attention-$impl" "$(cap 70)" "$WORK/attention-$impl.log" \
-            env EMOJAX_ATTENTION=$impl "$PY" scripts/bench_forward.py --device gpu --model-shape "$SHAPE" \
+            "$PY" scripts/bench_forward.py --device gpu --attention "$impl" --model-shape "$SHAPE" \
             --iters 5 --rounds 1
         grep '^{' "$WORK/attention-$impl.log" >>"$OUT/attention.jsonl"
     done

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import tensorstore as ts
 
-from emojax.corpus.build import build_corpus
+from emojax.pipelines.corpus import build_corpus
 from emojax.corpus.config import CorpusConfig
 from emojax.corpus.generator import GeneratorConfig
 from emojax.store import DumpConfig

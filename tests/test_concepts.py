@@ -200,6 +200,33 @@ def test_eval_json_matches_numpy_reference(tmp_path):
     assert report["best_layer"] == LAYER
 
 
+def test_the_monitor_reads_the_scores_fit_evaluation_used(tmp_path):
+    """One readout: the stored test rows read through the monitor's Readout of the saved bank (on device, float32)
+    get the scores fit evaluation gave them, so eval.json's accuracy is the monitor's."""
+    import jax.numpy as jnp
+
+    from emojax.concepts.evaluate import concept_readout, readout_metrics, split_scores
+    from emojax.steer import readout_from_bank
+
+    C = 4
+    x, labels, split, _ = planted(seed=4, C=C, D=11, n_per=100, n_neutral=120, amp=1.0, conf_sd=(4.0,), noise=1.0,
+                                  implicit_per=5)
+    path = _store(tmp_path, x, labels, split, C)
+    fit(FitConfig(store=path, out=str(tmp_path / "bank"), chunk_docs=64, mesh=(1, 1, 1), probe=False,
+                  norm_tokens=0))
+    bank = load_bank(tmp_path / "bank")
+    assert np.abs(bank.center).max() > 1  # the planted offset: a centred and an uncentred readout differ
+    readout, names = readout_from_bank(bank, LAYER)
+    fitted = json.loads((tmp_path / "bank" / "eval.json").read_text())["per_layer"][str(LAYER)]["test"]["nearest"]
+    scores, y = split_scores(ActivationStore(path), LAYER, "test", names, {
+        "monitor": lambda acts: np.asarray(readout(jnp.asarray(acts)[None]))[0],
+        "fit": lambda acts: concept_readout(acts, bank.at_layer(LAYER), bank.center[0])}, chunk_docs=64)
+    np.testing.assert_allclose(scores["monitor"], scores["fit"], atol=1e-5)
+    monitored = readout_metrics(scores["monitor"], y)
+    assert monitored["top1"] == fitted["top1"] and monitored["n"] == fitted["n"]
+    assert monitored["macro_auroc"] == pytest.approx(fitted["macro_auroc"], abs=1e-6)
+
+
 def test_bad_input_errors_name_the_problem(tmp_path):
     x, labels, split, _ = planted(seed=3, C=3, D=9, n_per=40, n_neutral=30, implicit_per=0)
     ids = {"c0": 0, "c1": 1, "c2": 2, "ghost": 7}

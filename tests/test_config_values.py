@@ -13,22 +13,21 @@ import pytest
 
 import emojax
 from emojax.concepts.config import FitConfig
-from emojax.config_loader import build, field_range, load_section, parse_overrides
+from emojax.config_loader import SECTIONS, build, field_range, load_section, parse_overrides
 from emojax.corpus.config import CorpusConfig
 from emojax.errors import CheckpointError, ConfigError
 from emojax.models.config import ModelConfig, RopeConfig
 from emojax.models.hf_config import config_from_hf_dict
 from emojax.run.config import load_run_file
-from emojax.run.stages import SECTION_CLASSES
 from emojax.sae.config import SaeConfig
 from emojax.store.config import DumpConfig
-from emojax.train.config import TrainConfig, load_train_config
+from emojax.train.config import TrainConfig
 
 
 def _corpus(tmp_path, text: str) -> CorpusConfig:
     path = tmp_path / "c.yaml"
     path.write_text(text)
-    return load_section(CorpusConfig, "corpus", path)
+    return load_section(CorpusConfig, path)
 
 
 # ---- no silent coercion
@@ -38,24 +37,24 @@ def test_int_field_refuses_a_fraction(tmp_path):
     with pytest.raises(ConfigError, match=r"c\.yaml: corpus\.n_shards must be a whole number, got 2\.7"):
         _corpus(tmp_path, "corpus:\n  n_shards: 2.7\n")
     with pytest.raises(ConfigError, match=r"overrides: corpus\.n_shards must be a whole number"):
-        load_section(CorpusConfig, "corpus", overrides=["n_shards=2.7"])
+        load_section(CorpusConfig, overrides=["n_shards=2.7"])
 
 
 def test_int_field_takes_whole_floats_and_exponents():
-    config = load_section(SaeConfig, "sae", overrides=["n_latents=4096.0", "dead_after_tokens=1e6"])
+    config = load_section(SaeConfig, overrides=["n_latents=4096.0", "dead_after_tokens=1e6"])
     assert (config.n_latents, config.dead_after_tokens) == (4096, 1_000_000)
     assert type(config.n_latents) is int and type(config.dead_after_tokens) is int
 
 
 def test_bool_is_no_number():
     with pytest.raises(ConfigError, match=r"corpus\.n_shards must be a number, got True"):
-        load_section(CorpusConfig, "corpus", overrides=["n_shards=true"])
+        load_section(CorpusConfig, overrides=["n_shards=true"])
 
 
 def test_float_field_takes_ints_and_yaml11_exponents(tmp_path):
     path = tmp_path / "t.yaml"
     path.write_text("train:\n  lr: 5e-3\n  rope_theta: 500000\n")  # YAML 1.1 reads 5e-3 as a string
-    config = load_train_config(path)
+    config = load_section(TrainConfig, path)
     assert config.lr == 0.005 and config.rope_theta == 500_000.0 and type(config.rope_theta) is float
 
 
@@ -71,7 +70,7 @@ def test_text_field_takes_numbers_as_written(tmp_path):
     # YAML 1.1 reads 0123 as octal 83, 1_000 as 1000 and 1.10 as 1.1: a text setting keeps what was written.
     config = _corpus(tmp_path, "corpus:\n  out: 0123\n  tokenizer: 1.10\n  extra_labels: [1_000, x]\n")
     assert (config.out, config.tokenizer, config.extra_labels) == ("0123", "1.10", ("1_000", "x"))
-    assert load_section(CorpusConfig, "corpus", overrides=["out=007"]).out == "007"
+    assert load_section(CorpusConfig, overrides=["out=007"]).out == "007"
 
 
 def test_bool_for_a_text_field_is_an_error(tmp_path):
@@ -99,12 +98,12 @@ def test_duplicate_yaml_key_is_an_error(tmp_path):
 ])
 def test_out_of_range_names_key_value_and_range(cls, section, override, message):
     with pytest.raises(ConfigError, match=r"defaults \+ overrides: " + message):
-        load_section(cls, section, overrides=[override])
+        load_section(cls, overrides=[override])
 
 
 def test_train_ranges():
     with pytest.raises(ConfigError, match=r"train\.vocab_size=100 is out of range: it must be >= 259"):
-        load_train_config(overrides=["preset=tiny", "vocab_size=100"])
+        load_section(TrainConfig, overrides=["preset=tiny", "vocab_size=100"])
     with pytest.raises(ValueError, match="n_heads=0 must be > 0"):  # not a ZeroDivisionError
         TrainConfig(n_heads=0)
     with pytest.raises(ValueError, match="n_kv_heads=0 must be > 0"):
@@ -115,8 +114,7 @@ def test_train_ranges():
 def _config_classes() -> list[type]:
     """Every dataclass of every emojax `config` module, each stage section's class, and the dataclasses nested in
     their fields: a config class added later is walked without being listed here."""
-    found: list[type] = [importlib.import_module(t.split(":")[0]).__dict__[t.split(":")[1]]
-                         for t, _ in SECTION_CLASSES.values()]
+    found: list[type] = [section.cls for section in SECTIONS.values()]
     for info in pkgutil.walk_packages(emojax.__path__, "emojax."):
         if info.name.rsplit(".", 1)[-1] == "config":
             module = importlib.import_module(info.name)
@@ -193,7 +191,7 @@ def test_same_key_twice():
 
 def test_conflicting_overrides_through_a_loader():
     with pytest.raises(ConfigError, match=r"'reader\.format=csv' and 'reader=csv' conflict"):
-        load_section(CorpusConfig, "corpus", overrides=["reader.format=csv", "reader=csv"])
+        load_section(CorpusConfig, overrides=["reader.format=csv", "reader=csv"])
 
 
 @pytest.mark.parametrize("text", ["corpus: 5\n", "corpus: [1, 2]\n", "corpus: text\n"])
@@ -206,14 +204,14 @@ def test_scalar_section_is_an_error_in_every_loader(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("train: 3\ncorpus: 0\n")
     with pytest.raises(ConfigError, match=r"run\.yaml: section 'train' must be a mapping"):
-        load_train_config(path)
+        load_section(TrainConfig, path)
     with pytest.raises(ConfigError, match=r"run\.yaml: section 'corpus' must be a mapping"):
-        load_section(CorpusConfig, "corpus", path, overrides=["n_shards=2"])
+        load_section(CorpusConfig, path, overrides=["n_shards=2"])
     with pytest.raises(ConfigError, match=r"run\.yaml \+ overrides: corpus is a mapping .* single value 0"):
         load_run_file(path, overrides=["corpus.n_shards=2"])
     path.write_text("corpus:\n  generator: 5\n")
     with pytest.raises(ConfigError, match=r"corpus\.generator must be a mapping of settings, got 5"):
-        load_section(CorpusConfig, "corpus", path)
+        load_section(CorpusConfig, path)
 
 
 # ---- config.json read from dicts (the file-level cases live in test_load_errors.py)

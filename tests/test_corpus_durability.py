@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from emojax.config_loader import load_section
-from emojax.corpus.build import build_corpus, check_inputs, check_position_limit
+from emojax.corpus.build import check_inputs, check_position_limit
+from emojax.pipelines.corpus import build_corpus
 from emojax.corpus.config import CorpusConfig
 from emojax.corpus.generator import GeneratorConfig
 from emojax.corpus.readers import CorpusError, ReaderSpec, read_records
@@ -152,7 +153,7 @@ def test_corpus_numbers_out_of_range_are_config_errors(key, value, tmp_path):
     with pytest.raises(ValueError, match=key):
         CorpusConfig(**{key: value})
     with pytest.raises(ConfigError, match=key):
-        load_section(CorpusConfig, "corpus", None, [f"{key}={value}"])
+        load_section(CorpusConfig, None, [f"{key}={value}"])
 
 
 def test_pack_refuses_a_non_positive_length_instead_of_looping():

@@ -10,7 +10,7 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from emojax.corpus.build import build_corpus
+from emojax.pipelines.corpus import build_corpus
 from emojax.corpus.config import CorpusConfig
 from emojax.corpus.generator import GeneratorConfig
 from emojax.corpus.readers import CorpusError, RawRecord, ReaderSpec

@@ -12,7 +12,6 @@ import torch
 import emojax
 from emojax.errors import InputError
 from emojax.models.config import ModelConfig
-from emojax.models.transformer import Patch, Steering
 from emojax.steer import DecodeConfig, Decoder, Interventions, Sampling, choose
 from hf_checkpoints import CASES, CheckpointCache
 
@@ -113,30 +112,23 @@ def test_a_padded_prompt_generates_what_it_generates_unpadded(dec):
         assert alone.generated(0) == batch.generated(b)
 
 
-def _steering_rows(entries):
-    rows = np.zeros((L + 1, D), np.float32)
-    for index, v in entries:
-        rows[index] += v
-    return jnp.asarray(rows)
-
-
-def _position_mask(gen, positions):
-    valid = np.asarray(gen.valid, np.float32)
-    prompt = np.zeros_like(valid)
-    prompt[:, :gen.prompt_columns] = 1
-    return valid * {"prompt": prompt, "generated": 1 - prompt, "all": np.ones_like(prompt)}[positions]
+def _generated_columns(gen):
+    """[B, S] 1.0 on the generated columns: the forward's `generated` mask for the same interventions."""
+    generated = np.zeros(np.asarray(gen.tokens).shape, np.float32)
+    generated[:, gen.prompt_columns:] = 1
+    return generated
 
 
 @pytest.mark.parametrize("positions", ["prompt", "generated", "all"])
-def test_steering_equals_the_forward_with_the_vector_added(lm, dec, positions):
+def test_steering_equals_the_forward_with_the_same_interventions(lm, dec, positions):
     tokens, mask = _prompts(CONFIG.vocab_size, seed=3)
     rng = np.random.default_rng(4)
     v = rng.normal(size=D).astype(np.float32)
     strengths = np.array([0.0, 0.6, -1.3], np.float32)
     iv = Interventions.empty(3, L, D).add(v, layers=(2,), strengths=strengths, positions=positions)
     gen = dec.generate(tokens, mask, max_new_tokens=MAX_NEW, interventions=iv, return_logits=True)
-    steering = Steering(vectors=_steering_rows([(2, v)]), scale=strengths, mask=_position_mask(gen, positions))
-    _assert_step_logits(gen, _step_logits_from_forward(lm, gen, steering=steering), atol=1e-5)
+    want = _step_logits_from_forward(lm, gen, interventions=iv, generated=_generated_columns(gen))
+    _assert_step_logits(gen, want, atol=1e-5)
     plain = dec.generate(tokens, mask, max_new_tokens=MAX_NEW, return_logits=True)
     assert gen.generated(0) == plain.generated(0)  # strength 0 is no steering
     assert not np.allclose(np.asarray(gen.logits)[2], np.asarray(plain.logits)[2], atol=1e-3)
@@ -150,50 +142,87 @@ def test_several_vectors_at_several_layers(lm, dec):
     iv = (Interventions.empty(3, L, D).add(v1, layers=(1, L), strengths=s)
           .add(v2, layers=(0, 2), strengths=s))
     gen = dec.generate(tokens, mask, max_new_tokens=MAX_NEW, interventions=iv, return_logits=True)
-    steering = Steering(vectors=_steering_rows([(1, v1), (L, v1), (0, v2), (2, v2)]), scale=s,
-                        mask=_position_mask(gen, "all"))
-    _assert_step_logits(gen, _step_logits_from_forward(lm, gen, steering=steering), atol=1e-5)
+    # the same edit written out by hand: one vector per index
+    rows = [(1, v1), (L, v1), (0, v2), (2, v2)]
+    by_hand = Interventions.empty(3, L, D)
+    for index, v in rows:
+        by_hand = by_hand.add(v, layers=(index,), strengths=s)
+    _assert_step_logits(gen, _step_logits_from_forward(lm, gen, interventions=by_hand), atol=1e-5)
 
 
-def test_directional_ablation_equals_a_patched_forward(lm, dec):
+@pytest.mark.parametrize("mean", [0.0, 0.7], ids=["project-out", "to-mean"])
+def test_directional_ablation_equals_a_patched_forward(lm, dec, mean):
     tokens, mask = _prompts(CONFIG.vocab_size, seed=7)
     u = np.random.default_rng(8).normal(size=D).astype(np.float32)
-    iv = Interventions.empty(3, L, D).ablate(u, layers=(2,))
+    iv = Interventions.empty(3, L, D).ablate(u, layers=(2,), mean=mean)
     gen = dec.generate(tokens, mask, max_new_tokens=MAX_NEW, interventions=iv, return_logits=True)
     seq, valid = np.asarray(gen.tokens), np.asarray(gen.valid)
     h = np.asarray(lm(seq, valid, capture=(2,)).hidden[0])
     unit = u / np.linalg.norm(u)
-    patched = h - (h @ unit)[..., None] * unit
-    _assert_step_logits(gen, _step_logits_from_forward(lm, gen, patch=Patch(values=jnp.asarray(patched), index=2)),
-                        atol=1e-4)
+    patched = h - ((h @ unit) - mean)[..., None] * unit
+    patch = Interventions.empty(3, L, D).patch_at(patched, 2)
+    _assert_step_logits(gen, _step_logits_from_forward(lm, gen, interventions=patch), atol=1e-4)
+    _assert_step_logits(gen, _step_logits_from_forward(lm, gen, interventions=iv), atol=1e-5)
 
 
-@pytest.mark.parametrize("activation", ["topk", "relu"])
-def test_sae_clamp_keeps_the_error_term(lm, dec, activation):
-    tokens, mask = _prompts(CONFIG.vocab_size, seed=9)
+def _sae(variant: str):
+    """A random SAE of each variant, with an input scale and thresholds that bind."""
+    from emojax.sae.model import Sae
+    from emojax.sae.variants import BatchTopK, JumpRelu, ReluL1, TopK
+
     rng = np.random.default_rng(10)
-    F, k = 23, 4
-    W_enc = rng.normal(size=(D, F)).astype(np.float32) * 0.3
-    b_enc = rng.normal(size=F).astype(np.float32) * 0.1
-    W_dec = rng.normal(size=(F, D)).astype(np.float32) * 0.3
-    b_dec = rng.normal(size=D).astype(np.float32) * 0.1
+    F = 23
+    params = {"W_enc": rng.normal(size=(D, F)).astype(np.float32) * 0.3,
+              "b_enc": rng.normal(size=F).astype(np.float32) * 0.1,
+              "W_dec": rng.normal(size=(F, D)).astype(np.float32) * 0.3,
+              "b_dec": rng.normal(size=D).astype(np.float32) * 0.1}
+    stats = {}
+    if variant == "jumprelu":
+        params["log_threshold"] = np.log(rng.uniform(0.05, 0.6, F)).astype(np.float32)
+    if variant == "batchtopk":
+        stats = {"threshold": np.float32(0.3), "threshold_steps": np.int32(10)}
+    kind = {"topk": TopK(k_max=4), "batchtopk": BatchTopK(k_max=4), "jumprelu": JumpRelu(), "relu": ReluL1()}
+    return Sae(variant=kind[variant], params=params, stats=stats, input_scale=1.7, k=4)
+
+
+@pytest.mark.parametrize("variant", ["topk", "batchtopk", "jumprelu", "relu"])
+def test_sae_clamp_keeps_the_error_term(lm, dec, variant):
+    tokens, mask = _prompts(CONFIG.vocab_size, seed=9)
+    sae = _sae(variant)
     latents = [3, 17]
     values = np.array([[5.0, 0.0], [2.0, 1.0], [0.0, 0.0]], np.float32)
-    iv = Interventions.empty(3, L, D).clamp_sae(W_enc, b_enc, W_dec, b_dec, index=2, latents=latents, values=values,
-                                                activation=activation, k=k)
+    iv = Interventions.empty(3, L, D).clamp_sae(sae, index=2, latents=latents, values=values)
     gen = dec.generate(tokens, mask, max_new_tokens=MAX_NEW, interventions=iv, return_logits=True)
     seq, valid = np.asarray(gen.tokens), np.asarray(gen.valid)
-    h = np.asarray(lm(seq, valid, capture=(2,)).hidden[0], np.float64)
-    pre = np.maximum(h @ W_enc + b_enc, 0)
-    if activation == "topk":
-        kth = -np.sort(-pre, axis=-1)[..., k - 1:k]
-        pre = np.where(pre >= kth, pre, 0)
-    clamped = pre.copy()
+    h = np.asarray(lm(seq, valid, capture=(2,)).hidden[0])
+    B, S, _ = h.shape
+    f = np.asarray(sae.encode(h.reshape(B * S, D))).reshape(B, S, -1)  # the SAE's own encoder, thresholds and all
+    assert 0 < (f > 0).mean() < 1
+    clamped = f.copy()
     clamped[..., latents] = values[:, None, :]
-    recon = lambda f: f @ W_dec + b_dec  # noqa: E731
-    patched = recon(clamped) + (h - recon(pre))  # the clamped reconstruction plus the untouched error term
-    want = _step_logits_from_forward(lm, gen, patch=Patch(values=jnp.asarray(patched, jnp.float32), index=2))
+    recon = lambda a: np.asarray(sae.decode(a.reshape(B * S, -1))).reshape(B, S, D)  # noqa: E731
+    patched = recon(clamped) + (h - recon(f))  # the clamped reconstruction plus the untouched error term
+    patch = Interventions.empty(3, L, D).patch_at(patched, 2)
+    _assert_step_logits(gen, _step_logits_from_forward(lm, gen, interventions=patch), atol=2e-4)
+    _assert_step_logits(gen, _step_logits_from_forward(lm, gen, interventions=iv), atol=1e-5)
+
+
+def test_a_patch_of_the_prompt_equals_the_patched_forward(lm, dec):
+    tokens, mask = _prompts(CONFIG.vocab_size, seed=13)
+    values = np.random.default_rng(14).normal(size=(*tokens.shape, D)).astype(np.float32)
+    iv = Interventions.empty(3, L, D).patch_at(values, 1)
+    gen = dec.generate(tokens, mask, max_new_tokens=MAX_NEW, interventions=iv, return_logits=True)
+    # the same values at the decode loop's (left-padded) prompt columns; generated columns keep their own stream
+    seq = np.asarray(gen.tokens)
+    P, T = gen.prompt_columns, tokens.shape[1]
+    full = np.zeros((*seq.shape, D), np.float32)
+    full[:, P - T:P] = values
+    weights = np.zeros(seq.shape, np.float32)
+    weights[:, P - T:P] = mask
+    want = _step_logits_from_forward(lm, gen, interventions=Interventions.empty(3, L, D).patch_at(full, 1, weights))
     _assert_step_logits(gen, want, atol=1e-4)
+    plain = dec.generate(tokens, mask, max_new_tokens=MAX_NEW, return_logits=True)
+    assert not np.allclose(np.asarray(gen.logits), np.asarray(plain.logits), atol=1e-3)
 
 
 def test_stop_tokens_end_a_row_and_leave_the_others(dec):
@@ -240,14 +269,11 @@ def test_nothing_recompiles_for_new_values_in_the_same_bucket(lm):
     np.testing.assert_array_equal(np.asarray(again.tokens), np.asarray(sampled.tokens))
     n0 = int(np.asarray(sampled.n_generated)[0])
     assert sampled.generated(0) == list(np.asarray(sampled.logits)[0, :n0].argmax(-1))
-    prompt = np.zeros(sampled.tokens.shape, np.float32)
-    prompt[:, :sampled.prompt_columns] = 1
     rng = np.random.default_rng(12)
     rng.normal(size=D)
-    v = rng.normal(size=D).astype(np.float32)
-    steering = Steering(vectors=_steering_rows([(2, v)]), scale=sweep,
-                        mask=(1 - prompt) * np.asarray(sampled.valid, np.float32))
-    _assert_step_logits(sampled, _step_logits_from_forward(lm, sampled, steering=steering), atol=1e-4)
+    iv = Interventions.empty(5, L, D).add(rng.normal(size=D), layers=(2,), strengths=sweep, positions="generated")
+    want = _step_logits_from_forward(lm, sampled, interventions=iv, generated=_generated_columns(sampled))
+    _assert_step_logits(sampled, want, atol=1e-4)
 
 
 def test_bad_inputs_are_user_errors(dec):

@@ -72,6 +72,35 @@ def test_activations_equal_a_direct_forward(corpus, reference, lm):
         np.testing.assert_allclose(store.document_tokens(2, ids.index(shard.doc_ids[0])), want, atol=1e-5)
 
 
+def test_a_steered_dump_stores_the_steered_forward(corpus, reference, lm, tmp_path):
+    """The dump takes the forward's interventions (built for batch 1): each document's stored activations are
+    the steered forward's, and the store records them, so an unsteered resume of it is refused."""
+    from emojax.models import Interventions
+
+    cfg = lm.config
+    rng = np.random.default_rng(3)
+    iv = (Interventions.empty(1, cfg.n_layers, cfg.d_model).add(rng.normal(size=cfg.d_model), layers=(1,))
+          .ablate(rng.normal(size=cfg.d_model), layers=(2,)))
+    out = tmp_path / "steered"
+    dump(dump_config(corpus, out), show_progress=False, log=lambda *_: None, interventions=iv)
+    store, plain = ActivationStore(str(out)), ActivationStore(str(reference))
+    _, shards = _shards(corpus)
+    ids = store.doc_ids()
+    for shard in shards[:2]:
+        alone = shard.tokens[shard.offsets[0]:shard.offsets[1]][None]
+        want = lm(alone, capture=LAYERS, interventions=iv).hidden
+        doc = ids.index(shard.doc_ids[0])
+        for layer, h in zip(LAYERS, want):
+            np.testing.assert_allclose(store.document_tokens(layer, doc), np.asarray(h[0]), atol=1e-5)
+            assert not np.allclose(store.document_tokens(layer, doc), plain.document_tokens(layer, doc), atol=1e-3)
+    assert store.state["fingerprints"]["interventions"] == iv.fingerprint()
+    with pytest.raises(DumpError, match="interventions"):
+        dump(dump_config(corpus, out), show_progress=False, log=lambda *_: None)
+    with pytest.raises(DumpError, match="built for batch 1"):
+        dump(dump_config(corpus, tmp_path / "other"), show_progress=False, log=lambda *_: None,
+             interventions=Interventions.empty(2, cfg.n_layers, cfg.d_model))
+
+
 def test_bfloat16_store_is_the_rounded_float32_one(corpus, reference, tmp_path):
     out = tmp_path / "bf16"
     dump(dump_config(corpus, out, dtype="bfloat16"), show_progress=False, log=lambda *_: None)
@@ -341,7 +370,7 @@ def test_cli_dump_reads_a_config_file_and_names_bad_keys(corpus, tmp_path, capsy
     assert main(["dump", "--config", str(config), "--quiet"]) == 0
     store = ActivationStore(str(tmp_path / "acts"))
     assert store.layers == (2,) and store.dtype == "bfloat16"
-    assert "tokens/s" in capsys.readouterr().out
+    assert "tokens/s" in capsys.readouterr().err  # log lines go to stderr (emojax.progress)
     config.write_text("dump:\n  layer: [2]\n")
     assert main(["dump", "--config", str(config)]) == 2
     assert "unknown key(s) ['dump.layer']" in capsys.readouterr().err

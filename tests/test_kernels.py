@@ -21,22 +21,22 @@ from emojax.kernels import reference_sparse_decode, sparse_decode
 SMALL_BLOCKS = dict(block_b=8, block_d=16, block_f=16, chunk=16)  # several tiles even at test sizes
 
 
-def _inputs(B, K, F, D, seed=0, idx_BK=None):
+def _inputs(B, K, F, D, seed=0, idx_BJ=None):
     rng = np.random.default_rng(seed)
-    vals_BK = jnp.asarray(rng.normal(size=(B, K)), jnp.float32)
-    if idx_BK is None:
-        idx_BK = rng.integers(0, F, size=(B, K))
+    vals_BJ = jnp.asarray(rng.normal(size=(B, K)), jnp.float32)
+    if idx_BJ is None:
+        idx_BJ = rng.integers(0, F, size=(B, K))
     W_FD = jnp.asarray(rng.normal(size=(F, D)) / np.sqrt(D), jnp.float32)
     probe_BD = jnp.asarray(rng.normal(size=(B, D)), jnp.float32)  # turns out_BD into a scalar loss
-    return vals_BK, jnp.asarray(idx_BK, jnp.int32), W_FD, probe_BD
+    return vals_BJ, jnp.asarray(idx_BJ, jnp.int32), W_FD, probe_BD
 
 
-def _value_and_grads(decode, vals_BK, idx_BK, W_FD, probe_BD):
-    def loss(vals_BK, W_FD):
-        out_BD = decode(vals_BK, idx_BK, W_FD)
+def _value_and_grads(decode, vals_BJ, idx_BJ, W_FD, probe_BD):
+    def loss(vals_BJ, W_FD):
+        out_BD = decode(vals_BJ, idx_BJ, W_FD)
         return jnp.sum(out_BD * probe_BD), out_BD
-    (_, out_BD), (d_vals_BK, d_W_FD) = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(vals_BK, W_FD)
-    return {"out": out_BD, "d_vals": d_vals_BK, "d_W": d_W_FD}
+    (_, out_BD), (d_vals_BJ, d_W_FD) = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(vals_BJ, W_FD)
+    return {"out": out_BD, "d_vals": d_vals_BJ, "d_W": d_W_FD}
 
 
 def _assert_matches_reference(inputs, **blocks):
@@ -64,23 +64,23 @@ def test_matches_reference_default_blocks():
 def test_repeated_indices():
     B, K, F, D = 48, 6, 80, 48
     rng = np.random.default_rng(2)
-    idx_BK = rng.integers(0, F, size=(B, K))
-    idx_BK[:, 0] = 7                 # one latent chosen by every token: 48 pairs on one row, several chunks
-    idx_BK[:, 1] = idx_BK[:, 2]      # the same row twice within each token
-    idx_BK[::3, 3:] = 79             # the last row (last, partly padded F tile) chosen often
-    _assert_matches_reference(_inputs(B, K, F, D, seed=2, idx_BK=idx_BK), **SMALL_BLOCKS)
+    idx_BJ = rng.integers(0, F, size=(B, K))
+    idx_BJ[:, 0] = 7                 # one latent chosen by every token: 48 pairs on one row, several chunks
+    idx_BJ[:, 1] = idx_BJ[:, 2]      # the same row twice within each token
+    idx_BJ[::3, 3:] = 79             # the last row (last, partly padded F tile) chosen often
+    _assert_matches_reference(_inputs(B, K, F, D, seed=2, idx_BJ=idx_BJ), **SMALL_BLOCKS)
 
 
 def test_jit_matches_eager():
-    vals_BK, idx_BK, W_FD, _ = _inputs(20, 4, 50, 32, seed=3)
-    eager = sparse_decode(vals_BK, idx_BK, W_FD, **SMALL_BLOCKS)
-    jitted = jax.jit(lambda v, i, w: sparse_decode(v, i, w, **SMALL_BLOCKS))(vals_BK, idx_BK, W_FD)
+    vals_BJ, idx_BJ, W_FD, _ = _inputs(20, 4, 50, 32, seed=3)
+    eager = sparse_decode(vals_BJ, idx_BJ, W_FD, **SMALL_BLOCKS)
+    jitted = jax.jit(lambda v, i, w: sparse_decode(v, i, w, **SMALL_BLOCKS))(vals_BJ, idx_BJ, W_FD)
     np.testing.assert_array_equal(eager, jitted)
-    np.testing.assert_allclose(eager, reference_sparse_decode(vals_BK, idx_BK, W_FD), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(eager, reference_sparse_decode(vals_BJ, idx_BJ, W_FD), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("vals, idx, W, match", [
-    ((8, 4), (8, 3), (16, 32), "idx_BK \\(8, 3\\)"),
+    ((8, 4), (8, 3), (16, 32), "idx_BJ \\(8, 3\\)"),
     ((8, 4), (8, 4), (2, 16, 32), "W_FD \\(2, 16, 32\\)"),
     ((0, 4), (0, 4), (16, 32), "non-empty"),
 ])
@@ -96,7 +96,7 @@ def test_refuses_bad_shapes(vals, idx, W, match):
     (jnp.float32, jnp.float32, jnp.float32),
 ])
 def test_refuses_bad_dtypes(vals_dtype, idx_dtype, W_dtype):
-    with pytest.raises(ValueError, match="float32 vals_BK and W_FD and int32 idx_BK"):
+    with pytest.raises(ValueError, match="float32 vals_BJ and W_FD and int32 idx_BJ"):
         sparse_decode(jnp.zeros((8, 4), vals_dtype), jnp.zeros((8, 4), idx_dtype), jnp.zeros((16, 32), W_dtype))
 
 
@@ -119,8 +119,8 @@ def _lowers_for_cuda_here() -> bool:
 @pytest.mark.parametrize("B, K, F, D", [(4096, 32, 32768, 2048), (1000, 20, 5000, 768), (37, 5, 101, 40)])
 def test_lowers_to_triton(B, K, F, D):
     """Forward and backward lower for CUDA with interpret=False: three Triton kernels, nothing else refused."""
-    def loss(vals_BK, idx_BK, W_FD, probe_BD):
-        return jnp.sum(sparse_decode(vals_BK, idx_BK, W_FD, interpret=False) * probe_BD)
+    def loss(vals_BJ, idx_BJ, W_FD, probe_BD):
+        return jnp.sum(sparse_decode(vals_BJ, idx_BJ, W_FD, interpret=False) * probe_BD)
     shapes = [jax.ShapeDtypeStruct(s, t) for s, t in
               (((B, K), jnp.float32), ((B, K), jnp.int32), ((F, D), jnp.float32), ((B, D), jnp.float32))]
     lowered = jax.jit(jax.grad(loss, (0, 2))).trace(*shapes).lower(lowering_platforms=("cuda",))

@@ -20,7 +20,7 @@ from emojax.errors import InputError
 from emojax.models.config import ModelConfig
 from emojax.models.identity import model_identity
 from emojax.models.presets import SHAPES
-from emojax.steer.commands import monitor, steer
+from emojax.steer.generate import monitor, steer
 from emojax.steer.decode import check_positions
 
 # vocab 260 holds the byte tokenizer; max_position_embeddings 24 makes the position limit cheap to reach

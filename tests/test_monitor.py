@@ -1,17 +1,17 @@
-"""Monitoring: readings from the decode loop equal projections of a separate forward's captures; streamed
+"""Monitoring: readings from the decode loop equal the fit's readout (concept_readout) of a separate forward's
+captures, measured from the bank's center; streamed
 chunks add up to the final readings; threshold rules raise alerts with the right positions."""
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import emojax
+from emojax.concepts.evaluate import concept_readout
 from emojax.errors import InputError
 from emojax.models.config import ModelConfig
-from emojax.models.transformer import Steering
-from emojax.steer import (AlertTracker, DecodeConfig, Decoder, Interventions, Readout, Rule, find_alerts, project)
+from emojax.steer import AlertTracker, DecodeConfig, Decoder, Interventions, Readout, Rule, find_alerts
 
 CONFIG = ModelConfig(architecture="llama", vocab_size=97, d_model=40, n_layers=3, n_heads=4, n_kv_heads=2,
                      head_dim=10, d_mlp=64)
@@ -42,20 +42,22 @@ def _concepts(seed=1):
     return np.random.default_rng(seed).normal(size=(C, D)).astype(np.float32)
 
 
-def _expected(lm, gen, index, concepts, metric, **kwargs):
+def _expected(lm, gen, index, concepts, metric, center=None, **kwargs):
     seq, valid = np.asarray(gen.tokens), np.asarray(gen.valid)
     hidden = np.asarray(lm(seq, valid, capture=(index,), **kwargs).hidden[0])
-    return project(hidden, concepts, metric) * valid[..., None]
+    return concept_readout(hidden, concepts, center, metric) * valid[..., None]
 
 
 def test_readings_equal_projections_of_a_separate_forward(lm, dec):
     tokens, mask = _prompts()
     concepts = _concepts()
+    center = np.random.default_rng(9).normal(size=D).astype(np.float32)  # readings are cos(x - center, v)
     for index in (0, 2, L):  # embeddings, a middle layer, after the final norm (one compiled loop for all)
-        gen = dec.generate(tokens, mask, max_new_tokens=9, readout=Readout(concepts=concepts, index=index))
+        gen = dec.generate(tokens, mask, max_new_tokens=9, readout=Readout(concepts=concepts, index=index,
+                                                                             center=center))
         readings = np.asarray(gen.readings)
         assert readings.shape == (3, gen.prompt_columns + 16, C)
-        np.testing.assert_allclose(readings, _expected(lm, gen, index, concepts, "cosine"), atol=1e-4)
+        np.testing.assert_allclose(readings, _expected(lm, gen, index, concepts, "cosine", center), atol=1e-4)
         # every prompt and generated token was read, including the last generated one
         valid = np.asarray(gen.valid)
         assert (np.abs(readings).sum(-1)[valid] > 0).all()
@@ -70,13 +72,9 @@ def test_readings_see_the_steered_stream(lm, dec):
     iv = Interventions.empty(3, L, D).add(v, layers=(2,), strengths=[0.0, 1.0, 2.0], positions="generated")
     gen = dec.generate(tokens, mask, max_new_tokens=9, interventions=iv,
                        readout=Readout(concepts=concepts, index=2, metric="dot"))
-    prompt = np.zeros(gen.tokens.shape, np.float32)
-    prompt[:, :gen.prompt_columns] = 1
-    rows = np.zeros((L + 1, D), np.float32)
-    rows[2] = v
-    steering = Steering(vectors=jnp.asarray(rows), scale=np.array([0.0, 1.0, 2.0], np.float32),
-                        mask=(1 - prompt) * np.asarray(gen.valid))
-    want = _expected(lm, gen, 2, concepts, "dot", steering=steering)
+    generated = np.zeros(gen.tokens.shape, np.float32)
+    generated[:, gen.prompt_columns:] = 1
+    want = _expected(lm, gen, 2, concepts, "dot", interventions=iv, generated=generated)
     np.testing.assert_allclose(np.asarray(gen.readings), want, atol=1e-4)
 
 

@@ -144,7 +144,7 @@ def test_malformed_input_is_reported_in_its_section(tmp_path):
 def test_cli_prints_the_path(tmp_path, capsys):
     import argparse
 
-    from emojax.report import register
+    from emojax.report.commands import register
 
     _corpus(tmp_path)
     parser = argparse.ArgumentParser()

@@ -20,7 +20,7 @@ from emojax.locks import holder
 from emojax.run import load_run_file, run
 from emojax.run.config import STAGES
 from emojax.run.fingerprints import OTHER_SETTINGS, OUTPUT_SETTINGS
-from emojax.run.stages import SteerSettings
+from emojax.steer.config import SteerSettings
 from emojax.store import ActivationStore
 
 TINY = REPO / "configs" / "tiny.yaml"

@@ -4,6 +4,7 @@ reports, SAELens-style export round trip, metrics."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import signal
 import time
 
@@ -237,6 +238,16 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     for key in ("params", "opt", "stats"):
         for a, b in zip(jax.tree.leaves(resumed.state[key]), jax.tree.leaves(straight.state[key])):
             assert np.asarray(a).tobytes() == np.asarray(b).tobytes(), key  # bitwise
+
+
+def test_log_lines_print_floats_at_4_significant_digits(data):
+    lines: list[str] = []
+    train_sae(SaeConfig(**{**GT, "steps": 4, "log_every": 2, "sweep": "k", "sweep_values": (4, 32)}),
+              ArraySource(data[0], 256), log=lines.append)
+    assert [line.split(":")[0] for line in lines] == ["sae step 2", "sae step 4"]
+    assert "mse=[" in lines[0] and "dead_frac=[" in lines[0]
+    floats = [f for line in lines for f in re.findall(r"\d+\.\d+(?:e[-+]\d+)?", line)]
+    assert floats and all(len(f.split("e")[0].replace(".", "").lstrip("0")) <= 4 for f in floats), lines
 
 
 def test_nan_in_a_batch_stops_training_with_its_rows(tmp_path):

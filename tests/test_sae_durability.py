@@ -187,18 +187,18 @@ def test_a_second_writer_of_the_sae_output_fails_at_once(tmp_path):
 
 
 def test_the_sae_command_holds_the_lock_through_export_and_writes_atomically(store, tmp_path, monkeypatch):
-    import emojax.sae.export as export_module
+    import emojax.sae.evaluate as evaluate_module
     from emojax.sae.commands import register
 
     out = tmp_path / "out"
     held_at_export = []
-    real_export = export_module.export_sae
+    real_export = evaluate_module.export_sae
 
     def export(*args, **kwargs):
         held_at_export.append(holder(out))
         return real_export(*args, **kwargs)
 
-    monkeypatch.setattr(export_module, "export_sae", export)
+    monkeypatch.setattr(evaluate_module, "export_sae", export)
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
     args = parser.parse_args(["sae", "--quiet", f"store={store}", f"out={out}", "layer=2", "n_latents=24", "k=3",

@@ -11,9 +11,10 @@ import pytest
 
 import emojax
 from emojax.concepts.bank import BankError, ConceptBank
+from emojax.concepts.evaluate import concept_readout
 from emojax.errors import EmojaxError, InputError
 from emojax.models.config import ModelConfig
-from emojax.steer import Decoder, project
+from emojax.steer import Decoder
 from emojax.steer.commands import parse_sweep, register
 from emojax.steer.evaluate import (SYCOPHANCY, SteeringEval, answer_logprobs, congruent_tokens, evaluate_ab,
                                    evaluate_steering, sequence_perplexity)
@@ -168,7 +169,7 @@ def test_monitor_command_writes_per_token_readings_and_alerts(cli, lm, bank, cap
     assert [t["source"] for t in tokens].count("generated") == 5 and tokens[0]["source"] == "prompt"
     ids = [t["token"] for t in tokens]
     hidden = np.asarray(lm(np.asarray([ids]), capture=(2,)).hidden[0])
-    want = project(hidden, bank.at_layer(2), "dot")[0]
+    want = concept_readout(hidden, bank.at_layer(2), metric="dot")[0]  # the bank has no center: the origin
     got = np.array([[t["readings"][n] for n in NAMES] for t in tokens])
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     assert tokens[0]["top"][0][0] == NAMES[int(np.argmax(want[0]))]

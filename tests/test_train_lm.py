@@ -10,10 +10,12 @@ import pytest
 import torch
 
 import emojax
+from emojax.config_loader import load_section
 from emojax.errors import ConfigError, EmojaxError
-from emojax.train import (BOS_ID, EOS_ID, PAD_ID, ensure_builtin_model, load_train_config, preset_config,
-                          read_train_json, register, train_lm)
+from emojax.train import (BOS_ID, EOS_ID, PAD_ID, TrainConfig, ensure_builtin_model, preset_config,
+                          read_train_json, train_lm)
 from emojax.train import builtin
+from emojax.train.commands import register
 from emojax.train.builtin import builtin_folder, is_complete
 from emojax.train.trainer import DivergedError
 
@@ -128,12 +130,12 @@ def test_unknown_config_key_names_the_key_and_file(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("train:\n  preset: tiny\n  d_modle: 32\n")
     with pytest.raises(ConfigError, match=r"run\.yaml.*train\.d_modle"):
-        load_train_config(path)
+        load_section(TrainConfig, path)
     with pytest.raises(ConfigError, match=r"train\.steps must be a number"):
-        load_train_config(None, ["steps=many"])
+        load_section(TrainConfig, None, ["steps=many"])
     path.write_text("train:\n  preset: huge\n")
     with pytest.raises(ConfigError, match=r"run\.yaml.*train\.preset='huge'.*tiny"):
-        load_train_config(path)
+        load_section(TrainConfig, path)
     # the subcommand raises the same error (the CLI prints it as one line)
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
@@ -147,9 +149,9 @@ def test_unknown_config_key_names_the_key_and_file(tmp_path):
 def test_presets_resolve_and_overrides_win(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(json.dumps({"train": {"preset": "tiny", "steps": 70}}))
-    config = load_train_config(path, ["lr=0.5"])
+    config = load_section(TrainConfig, path, ["lr=0.5"])
     assert (config.d_model, config.steps, config.lr) == (64, 70, 0.5)
-    assert load_train_config() == preset_config("default")
+    assert load_section(TrainConfig) == preset_config("default")
     assert config.fingerprint() != preset_config("tiny").fingerprint()
     assert preset_config("tiny", out="elsewhere").fingerprint() == preset_config("tiny").fingerprint()
 

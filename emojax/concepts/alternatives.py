@@ -45,15 +45,15 @@ def contrastive(stats: LabelStats, negative: str, names: tuple[str, ...]) -> np.
 
 
 def pca_pairs(store: ActivationStore, layer: int, split: str, names: tuple[str, ...], stats: LabelStats,
-              negative: str, iters: int, mesh: Mesh, chunk_docs: int, exclude_PD: np.ndarray | None = None
+              negative: str, iters: int, mesh: Mesh, chunk_docs: int, exclude_QD: np.ndarray | None = None
               ) -> np.ndarray:
     """First principal axis of each concept's differences from the negative mean, scaled by the contrastive
     difference's projection on it [C, D] (`iters` streamed passes). The axis is sought in the complement of
-    `exclude_PD` (the neutral components, when denoising): high-variance neutral directions would otherwise
+    `exclude_QD` (the neutral components, when denoising): high-variance neutral directions would otherwise
     dominate every concept's differences, which unpaired documents cannot cancel."""
     shift = negative_means(stats, negative, names)
     diff = stats.means_CD - shift
-    exclude = np.zeros((0, diff.shape[1])) if exclude_PD is None else exclude_PD
+    exclude = np.zeros((0, diff.shape[1])) if exclude_QD is None else exclude_QD
     v = project_out(diff, exclude)
     v = v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
     for _ in range(iters):
@@ -75,25 +75,25 @@ class Probe:
     best_epoch: int  # the epoch whose parameters were kept (lowest val loss)
     val_loss: float
 
-    def logits(self, x_ND: np.ndarray) -> np.ndarray:
-        return x_ND @ self.weights_CD.T + self.bias_C
+    def logits(self, x_XD: np.ndarray) -> np.ndarray:
+        return x_XD @ self.weights_CD.T + self.bias_C
 
 
-def _loss(params, x_ND, class_N, center_D, scale_D, l2):
-    z_ND = (x_ND - center_D) / scale_D
-    logits_NC = z_ND @ params["w_DC"] + params["b_C"]
-    valid_N = class_N >= 0
-    labels_N = jnp.where(valid_N, class_N, 0)
-    ce_N = optax.softmax_cross_entropy_with_integer_labels(logits_NC, labels_N)
-    ce_sum = jnp.sum(jnp.where(valid_N, ce_N, 0.0))
-    return ce_sum, valid_N.sum()
+def _loss(params, x_XD, class_X, center_D, scale_D, l2):
+    z_XD = (x_XD - center_D) / scale_D
+    logits_XC = z_XD @ params["w_DC"] + params["b_C"]
+    valid_X = class_X >= 0
+    labels_X = jnp.where(valid_X, class_X, 0)
+    ce_X = optax.softmax_cross_entropy_with_integer_labels(logits_XC, labels_X)
+    ce_sum = jnp.sum(jnp.where(valid_X, ce_X, 0.0))
+    return ce_sum, valid_X.sum()
 
 
 def _make_steps(optimizer, l2: float):
     @jax.jit
-    def train_step(params, opt_state, x_ND, class_N, center_D, scale_D):
+    def train_step(params, opt_state, x_XD, class_X, center_D, scale_D):
         def objective(p):
-            ce_sum, n = _loss(p, x_ND, class_N, center_D, scale_D, l2)
+            ce_sum, n = _loss(p, x_XD, class_X, center_D, scale_D, l2)
             return ce_sum / jnp.maximum(n, 1) + l2 * jnp.sum(p["w_DC"] ** 2)
 
         loss, grads = jax.value_and_grad(objective)(params)
@@ -101,8 +101,8 @@ def _make_steps(optimizer, l2: float):
         return optax.apply_updates(params, updates), opt_state, loss
 
     @jax.jit
-    def eval_step(params, x_ND, class_N, center_D, scale_D):
-        return _loss(params, x_ND, class_N, center_D, scale_D, l2)
+    def eval_step(params, x_XD, class_X, center_D, scale_D):
+        return _loss(params, x_XD, class_X, center_D, scale_D, l2)
 
     return train_step, eval_step
 
@@ -119,7 +119,7 @@ def train_probe(store: ActivationStore, layer: int, names: tuple[str, ...], cent
     has_val = len(store.select(val_split, names)) > 0
     scale = None
     for chunk in stream_classes(store, layer, train_split, lookup, chunk_docs):
-        rows_x = chunk.acts_ND[chunk.class_N >= 0]
+        rows_x = chunk.acts_XD[chunk.class_X >= 0]
         if len(rows_x):
             scale = np.maximum(rows_x.std(0), 1e-6).astype(np.float32)
             break

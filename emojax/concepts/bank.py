@@ -4,7 +4,7 @@ A bank is a folder with
     bank.safetensors  vectors [C, L, D] float32   the directions used for steering and readout (denoised)
                       raw     [C, L, D] float32   before neutral denoising
                       resid_norm [L] float32      mean residual-stream norm at each layer (the strength unit)
-                      neutral_pcs [L, P, D]       the neutral components projected out (optional; zero rows pad P)
+                      neutral_pcs [L, Q, D]       the neutral components projected out (optional; zero rows pad Q)
                       center  [L, D] float32      the point readouts measure from (optional): x - center
     bank.json         concept names (C), residual indices (L), method, d_model, fingerprints, notes, the
                       sha256 of bank.safetensors, and `model_identity`: the content identity
@@ -51,7 +51,7 @@ class ConceptBank:
     vectors: np.ndarray  # [C, L, D] float32
     raw: np.ndarray  # [C, L, D] float32
     resid_norm: np.ndarray  # [L] float32
-    neutral_pcs: np.ndarray | None = None  # [L, P, D] float32
+    neutral_pcs: np.ndarray | None = None  # [L, Q, D] float32
     method: str = "mean_diff"
     info: dict = field(default_factory=dict)  # fingerprints, settings; written to bank.json as is
     center: np.ndarray | None = None  # [L, D] float32: the mean of the concept means (readout origin)

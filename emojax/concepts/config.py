@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from emojax.config_loader import load_section, non_negative, positive, ranged
+from emojax.config_loader import config_section, non_negative, positive, ranged
 
 METHODS = ("mean_diff", "contrastive", "pca_pairs", "probe")
 NEGATIVES = ("neutral", "rest")
 
 
+@config_section("fit", derived={"model": "model", "store": "input", "out": "output"})
 @dataclasses.dataclass(frozen=True)
 class FitConfig:
     store: str = "runs/default/activations"  # the dump stage's output (store.json + arrays)
@@ -59,7 +60,3 @@ class FitConfig:
             raise ValueError("probe_l2 must be >= 0 and probe_lr > 0")
         if self.mesh and len(self.mesh) != 3:
             raise ValueError(f"mesh must have 3 entries (data, fsdp, tensor), got {list(self.mesh)}")
-
-
-def load_fit_config(config_file=None, overrides=()) -> FitConfig:
-    return load_section(FitConfig, "fit", config_file, overrides)

@@ -24,8 +24,9 @@ from safetensors.numpy import save_file
 from emojax.concepts import alternatives, recipe
 from emojax.concepts.bank import ConceptBank
 from emojax.concepts.config import FitConfig
-from emojax.concepts.evaluate import best_layer, cosine_scores, logit_lens, readout_metrics, split_scores
+from emojax.concepts.evaluate import concept_readout, logit_lens, readout_metrics, split_scores
 from emojax.concepts.geometry import layer_geometry
+from emojax.concepts.layer import best_layer
 from emojax.concepts.recipe import FitError
 from emojax.concepts.stats import fit_mesh, label_stats, mean_token_norm
 from emojax.fileio import atomic_path, write_text
@@ -185,7 +186,7 @@ def _model_identity(store: ActivationStore, config: FitConfig, lm) -> dict | Non
 
 def _evaluate_layer(store: ActivationStore, layer: int, names: tuple[str, ...], fitted: recipe.LayerVectors,
                     probe, config: FitConfig, lm) -> dict:
-    readouts = {"nearest": lambda x: cosine_scores(x, fitted.vectors_CD, fitted.center_D)}
+    readouts = {"nearest": lambda x: concept_readout(x, fitted.vectors_CD, fitted.center_D)}
     if probe is not None:
         readouts["probe"] = probe.logits
     result: dict = {}

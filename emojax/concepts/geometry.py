@@ -10,7 +10,7 @@ AROUSAL_CODES = {"high": 1.0, "low": -1.0}
 
 
 def pca(vectors_CD: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(explained variance ratio [K], PC scores [C, K], axes [K, D]) of the centred vectors, K = min(C, D)."""
+    """(explained variance ratio [Q], PC scores [C, Q], axes [Q, D]) of the centred vectors, Q = min(C, D)."""
     x = vectors_CD - vectors_CD.mean(0, keepdims=True)
     u, s, vt = np.linalg.svd(x, full_matrices=False)
     var = s ** 2
@@ -26,26 +26,26 @@ def cosine_matrix(vectors_CD: np.ndarray) -> np.ndarray:
     return v @ v.T
 
 
-def kmeans(points_CK: np.ndarray, k: int, seed: int = 0, iters: int = 100) -> np.ndarray:
+def kmeans(points_CQ: np.ndarray, k: int, seed: int = 0, iters: int = 100) -> np.ndarray:
     """Cluster index [C] per point (k-means++ seeding, Lloyd iterations); k is capped at the number of points."""
-    n = len(points_CK)
+    n = len(points_CQ)
     k = min(k, n)
     rng = np.random.default_rng(seed)
-    centers = [points_CK[rng.integers(n)]]
+    centers = [points_CQ[rng.integers(n)]]
     for _ in range(1, k):
-        d2 = np.min(((points_CK[:, None] - np.array(centers)[None]) ** 2).sum(-1), axis=1)
+        d2 = np.min(((points_CQ[:, None] - np.array(centers)[None]) ** 2).sum(-1), axis=1)
         p = d2 / d2.sum() if d2.sum() > 0 else np.full(n, 1 / n)
-        centers.append(points_CK[rng.choice(n, p=p)])
+        centers.append(points_CQ[rng.choice(n, p=p)])
     centers = np.array(centers)
     assign = np.zeros(n, int)
     for _ in range(iters):
-        new = np.argmin(((points_CK[:, None] - centers[None]) ** 2).sum(-1), axis=1)
+        new = np.argmin(((points_CQ[:, None] - centers[None]) ** 2).sum(-1), axis=1)
         if _ and np.array_equal(new, assign):
             break
         assign = new
         for j in range(k):
             if np.any(assign == j):
-                centers[j] = points_CK[assign == j].mean(0)
+                centers[j] = points_CQ[assign == j].mean(0)
     return assign
 
 
@@ -56,7 +56,7 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float | None:
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def annotation_correlations(names: tuple[str, ...], scores_CK: np.ndarray) -> dict:
+def annotation_correlations(names: tuple[str, ...], scores_CQ: np.ndarray) -> dict:
     """Pearson r of PC1/PC2 scores with the catalogue's valence (+1/0/-1) and arousal (high 1 / low -1) over
     the concepts the catalogue annotates."""
     from emojax.corpus.catalogue import load_catalogue
@@ -68,9 +68,9 @@ def annotation_correlations(names: tuple[str, ...], scores_CK: np.ndarray) -> di
         return out
     valence = np.array([known[names[i]].valence for i in idx], float)
     arousal = np.array([AROUSAL_CODES[known[names[i]].arousal] for i in idx])
-    for pc in range(min(2, scores_CK.shape[1])):
-        out[f"pc{pc + 1}_valence_r"] = pearson(scores_CK[idx, pc], valence)
-        out[f"pc{pc + 1}_arousal_r"] = pearson(scores_CK[idx, pc], arousal)
+    for pc in range(min(2, scores_CQ.shape[1])):
+        out[f"pc{pc + 1}_valence_r"] = pearson(scores_CQ[idx, pc], valence)
+        out[f"pc{pc + 1}_arousal_r"] = pearson(scores_CQ[idx, pc], arousal)
     return out
 
 

@@ -61,7 +61,7 @@ def check_finite(values, what: str, layer: int, source: str, names: tuple[str, .
 
 
 def neutral_components(cov_DD: np.ndarray, fraction: float) -> np.ndarray:
-    """The fewest top principal axes [P, D] of a covariance that explain at least `fraction` of its variance."""
+    """The fewest top principal axes [Q, D] of a covariance that explain at least `fraction` of its variance."""
     evals, evecs = np.linalg.eigh(cov_DD)
     order = np.argsort(evals)[::-1]
     evals, evecs = np.clip(evals[order], 0, None), evecs[:, order]
@@ -72,9 +72,9 @@ def neutral_components(cov_DD: np.ndarray, fraction: float) -> np.ndarray:
     return evecs[:, :k].T
 
 
-def project_out(vectors_CD: np.ndarray, pcs_PD: np.ndarray) -> np.ndarray:
+def project_out(vectors_CD: np.ndarray, pcs_QD: np.ndarray) -> np.ndarray:
     """vectors minus their components along the (orthonormal) rows of pcs."""
-    return vectors_CD - (vectors_CD @ pcs_PD.T) @ pcs_PD
+    return vectors_CD - (vectors_CD @ pcs_QD.T) @ pcs_QD
 
 
 def unit(vectors_CD: np.ndarray) -> np.ndarray:

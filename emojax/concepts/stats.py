@@ -5,7 +5,7 @@ mesh's ("data", "fsdp") axes, reduced on every device to partial sums, and the p
 psum. The host only adds the per-chunk totals (float64), so no more than one chunk of activations is ever in
 memory and the result does not depend on how many devices share the work (up to float32 summation order).
 
-Axis names: N rows of a chunk, C concepts, D d_model.
+Axes (the glossary in emojax/__init__.py): X rows of a chunk, C concepts, D d_model.
 Row classes: 0..C-1 a concept, NEUTRAL_CLASS a neutral document, IGNORED_CLASS anything else (padding,
 labels not being fitted).
 
@@ -55,8 +55,8 @@ class LabelStats:
 
 @dataclass(frozen=True)
 class ChunkClasses:
-    acts_ND: np.ndarray  # float32
-    class_N: np.ndarray  # int32 row classes (see module docstring)
+    acts_XD: np.ndarray  # float32
+    class_X: np.ndarray  # int32 row classes (see module docstring)
 
 
 def fit_mesh(shape: tuple[int, ...] = ()) -> Mesh:
@@ -100,41 +100,41 @@ def padded_rows(chunk_docs: int, mesh: Mesh) -> int:
 
 def place_chunk(chunk: ChunkClasses, rows: int, mesh: Mesh) -> tuple[jax.Array, jax.Array]:
     """Pads a chunk to `rows` (padding rows are IGNORED_CLASS) and shards its rows over ("data", "fsdp")."""
-    n, d = chunk.acts_ND.shape
+    n, d = chunk.acts_XD.shape
     acts = np.zeros((rows, d), np.float32)
-    acts[:n] = chunk.acts_ND
+    acts[:n] = chunk.acts_XD
     cls = np.full((rows,), IGNORED_CLASS, np.int32)
-    cls[:n] = chunk.class_N
+    cls[:n] = chunk.class_X
     return (jax.device_put(acts, NamedSharding(mesh, P(ROW_AXES, None))),
             jax.device_put(cls, NamedSharding(mesh, P(ROW_AXES))))
 
 
-def _moments(x_ND, class_N, shift_D, *, n_classes: int):
-    onehot_NC = (class_N[:, None] == jnp.arange(n_classes)[None, :]).astype(jnp.float32)
-    neutral_N = (class_N == NEUTRAL_CLASS).astype(jnp.float32)
-    bad_N = ~jnp.isfinite(x_ND).all(-1)
-    x_ND = jnp.where(bad_N[:, None], 0.0, x_ND)  # counted below; the fit refuses them by label
-    read_N = (class_N != IGNORED_CLASS).astype(jnp.float32)
-    xc_ND = (x_ND - shift_D[None, :]) * neutral_N[:, None]  # shifted: a large shared offset costs no precision
+def _moments(x_XD, class_X, shift_D, *, n_classes: int):
+    onehot_XC = (class_X[:, None] == jnp.arange(n_classes)[None, :]).astype(jnp.float32)
+    neutral_X = (class_X == NEUTRAL_CLASS).astype(jnp.float32)
+    bad_X = ~jnp.isfinite(x_XD).all(-1)
+    x_XD = jnp.where(bad_X[:, None], 0.0, x_XD)  # counted below; the fit refuses them by label
+    read_X = (class_X != IGNORED_CLASS).astype(jnp.float32)
+    xc_XD = (x_XD - shift_D[None, :]) * neutral_X[:, None]  # shifted: a large shared offset costs no precision
     out = {
-        "sums_CD": jnp.einsum("NC,ND->CD", onehot_NC, x_ND, precision="highest"),
-        "counts_C": onehot_NC.sum(0),
-        "neutral_count": neutral_N.sum(),
-        "neutral_sum_D": xc_ND.sum(0),
-        "neutral_outer_DD": jnp.einsum("ND,NE->DE", xc_ND, xc_ND, precision="highest"),
-        "norm_sum": (jnp.linalg.norm(x_ND, axis=-1) * read_N).sum(),
-        "nonfinite_C": (onehot_NC * bad_N[:, None]).sum(0),
-        "neutral_nonfinite": (neutral_N * bad_N).sum(),
+        "sums_CD": jnp.einsum("XC,XD->CD", onehot_XC, x_XD, precision="highest"),
+        "counts_C": onehot_XC.sum(0),
+        "neutral_count": neutral_X.sum(),
+        "neutral_sum_D": xc_XD.sum(0),
+        "neutral_outer_DD": jnp.tensordot(xc_XD, xc_XD, axes=(0, 0), precision="highest"),
+        "norm_sum": (jnp.linalg.norm(x_XD, axis=-1) * read_X).sum(),
+        "nonfinite_C": (onehot_XC * bad_X[:, None]).sum(0),
+        "neutral_nonfinite": (neutral_X * bad_X).sum(),
     }
     return jax.tree.map(lambda a: jax.lax.psum(a, ROW_AXES), out)
 
 
 @partial(jax.jit, static_argnames=("n_classes", "mesh"))
-def moments_step(x_ND, class_N, shift_D, *, n_classes: int, mesh: Mesh):
+def moments_step(x_XD, class_X, shift_D, *, n_classes: int, mesh: Mesh):
     """Per-device partial moments of one chunk, combined with psum over the row axes."""
     fn = jax.shard_map(partial(_moments, n_classes=n_classes), mesh=mesh,
                        in_specs=(P(ROW_AXES, None), P(ROW_AXES), P()), out_specs=P(), check_vma=False)
-    return fn(x_ND, class_N, shift_D)
+    return fn(x_XD, class_X, shift_D)
 
 
 def label_stats(store: ActivationStore, layer: int, split: str, label_names: tuple[str, ...], mesh: Mesh,
@@ -147,7 +147,7 @@ def label_stats(store: ActivationStore, layer: int, split: str, label_names: tup
     shift = None
     for chunk in stream_classes(store, layer, split, lookup, chunk_docs):
         if shift is None:  # any fixed point near the data; the first chunk's mean is deterministic
-            finite = chunk.acts_ND[np.isfinite(chunk.acts_ND).all(-1)]
+            finite = chunk.acts_XD[np.isfinite(chunk.acts_XD).all(-1)]
             shift = finite.astype(np.float64).mean(0).astype(np.float32) if len(finite) else np.zeros(D, np.float32)
         x, cls = place_chunk(chunk, rows, mesh)
         part = moments_step(x, cls, jnp.asarray(shift), n_classes=C, mesh=mesh)
@@ -169,21 +169,21 @@ def label_stats(store: ActivationStore, layer: int, split: str, label_names: tup
                       int(np.rint(total["neutral_nonfinite"])))
 
 
-def _power(x_ND, class_N, shift_CD, v_CD, *, n_classes: int):
-    onehot_NC = (class_N[:, None] == jnp.arange(n_classes)[None, :]).astype(jnp.float32)
+def _power(x_XD, class_X, shift_CD, v_CD, *, n_classes: int):
+    onehot_XC = (class_X[:, None] == jnp.arange(n_classes)[None, :]).astype(jnp.float32)
     # d_i = x_i - shift_c for the row's own concept c: (d_i . v_c) d_i summed per concept.
-    proj_NC = (jnp.einsum("ND,CD->NC", x_ND, v_CD, precision="highest")
-               - jnp.sum(shift_CD * v_CD, -1)[None, :]) * onehot_NC
-    out_CD = (jnp.einsum("NC,ND->CD", proj_NC, x_ND, precision="highest") - proj_NC.sum(0)[:, None] * shift_CD)
+    proj_XC = (jnp.einsum("XD,CD->XC", x_XD, v_CD, precision="highest")
+               - jnp.sum(shift_CD * v_CD, -1)[None, :]) * onehot_XC
+    out_CD = (jnp.einsum("XC,XD->CD", proj_XC, x_XD, precision="highest") - proj_XC.sum(0)[:, None] * shift_CD)
     return jax.lax.psum(out_CD, ROW_AXES)
 
 
 @partial(jax.jit, static_argnames=("n_classes", "mesh"))
-def power_step(x_ND, class_N, shift_CD, v_CD, *, n_classes: int, mesh: Mesh):
+def power_step(x_XD, class_X, shift_CD, v_CD, *, n_classes: int, mesh: Mesh):
     """sum over a chunk's rows i of concept c of (d_i . v_c) d_i, d_i = x_i - shift_c: [C, D]."""
     fn = jax.shard_map(partial(_power, n_classes=n_classes), mesh=mesh,
                        in_specs=(P(ROW_AXES, None), P(ROW_AXES), P(), P()), out_specs=P(), check_vma=False)
-    return fn(x_ND, class_N, shift_CD, v_CD)
+    return fn(x_XD, class_X, shift_CD, v_CD)
 
 
 def second_moment_times(store: ActivationStore, layer: int, split: str, label_names: tuple[str, ...],

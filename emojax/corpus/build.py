@@ -1,16 +1,14 @@
-"""`build_corpus`: checks the inputs, then runs the corpus pipeline on the configured Beam runner."""
+"""The corpus stage's checks before its pipeline runs (inputs, position limit) and its inputs' versions;
+the driver that runs the pipeline is emojax.pipelines.corpus.build_corpus."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
 from pathlib import Path
 
 from emojax.corpus.config import CorpusConfig
 from emojax.corpus.readers import CorpusError, file_format, read_label_names
 from emojax.errors import ConfigError
-from emojax.fileio import DiskFullError, disk_full, disk_full_cause
-from emojax.locks import writer_lock
+
 
 def input_versions(config: CorpusConfig) -> list[tuple[str, int, float]]:
     """(path, size in bytes, last modified) of every input file and the labels file, from the filesystem's
@@ -92,51 +90,3 @@ def check_position_limit(config: CorpusConfig) -> None:
         raise ConfigError(f"max_tokens={config.max_tokens} is above {key}={limit} in {path}: the model has no "
                           f"positions past {limit}. Set max_tokens <= {limit} (longer documents are cut to "
                           "max_tokens and counted as documents_truncated)")
-
-
-def _disk_full_in(error: BaseException, out: str) -> DiskFullError | None:
-    """The full disk behind an error a Beam runner re-raised (it wraps what a transform raised)."""
-    e = disk_full_cause(error)
-    if e is None or isinstance(e, DiskFullError):
-        return e
-    return disk_full(getattr(e, "filename", None) or out)
-
-
-def build_corpus(config: CorpusConfig, beam_args: Sequence[str] = ()) -> dict:
-    """Runs the corpus stage and returns its manifest. `beam_args` are Beam pipeline options
-    (default: the local DirectRunner). A full disk is a one-line `DiskFullError`; rerunning completes."""
-    import apache_beam as beam
-    from apache_beam.io.filesystems import FileSystems
-    from apache_beam.options.pipeline_options import PipelineOptions
-
-    from emojax.pipelines import corpus as pipeline
-    from emojax.tokenizer import load_tokenizer
-
-    check_inputs(config)
-    check_position_limit(config)
-    tokenizer = load_tokenizer(config.tokenizer)
-    pad_id = getattr(tokenizer, "PAD", 0)
-    shards_dir = FileSystems.join(config.out, "shards")
-    with writer_lock(config.out, what="corpus"):
-        for folder in (config.out, shards_dir) + ((FileSystems.join(config.out, "packed"),)
-                                                  if config.pack_length else ()):
-            if not FileSystems.exists(folder):
-                FileSystems.mkdirs(folder)
-        options = PipelineOptions(list(beam_args) or ["--runner=DirectRunner"])
-        try:
-            with beam.Pipeline(options=options) as p:
-                pipeline.build(p, config, tokenizer.fingerprint, pad_id)
-        except Exception as e:
-            full = _disk_full_in(e, config.out)
-            if full is None:
-                raise
-            raise full from None
-        with FileSystems.open(FileSystems.join(config.out, "manifest.json")) as f:
-            manifest = json.loads(f.read())
-        # Shards of an earlier build with another shard count would be read as part of this corpus.
-        current = {s["name"] for s in manifest["shards"]}
-        stale = [m.path for m in FileSystems.match([FileSystems.join(shards_dir, "*.parquet")])[0].metadata_list
-                 if m.path.rsplit("/", 1)[-1] not in current]
-        if stale:
-            FileSystems.delete(stale)
-    return manifest

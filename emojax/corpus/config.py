@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from emojax.config_loader import non_negative, positive, range_violations, ranged
+from emojax.config_loader import config_section, non_negative, positive, range_violations, ranged
 from emojax.digest import digest
 from emojax.corpus.generator import GeneratorConfig
 from emojax.corpus.readers import ReaderSpec
 
 
+@config_section("corpus", derived={"out": "output", "tokenizer": "tokenizer"})
 @dataclasses.dataclass(frozen=True)
 class CorpusConfig:
     out: str = "runs/default/corpus"

@@ -78,7 +78,7 @@ def _untied_head(cfg: ModelConfig, hf_key: str) -> list[TensorMap]:
 
 def llama_family_keys(cfg: ModelConfig) -> list[TensorMap]:
     """Llama, Mistral, Qwen2/3 and Gemma 1/2/3 (same names; Gemma 2/3 add sandwich norms)."""
-    D, F, V = cfg.d_model, cfg.d_mlp, cfg.vocab_size
+    D, d_mlp, V = cfg.d_model, cfg.d_mlp, cfg.vocab_size
     N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     layer = "model.layers.{i}."
     maps = [
@@ -89,9 +89,9 @@ def llama_family_keys(cfg: ModelConfig) -> list[TensorMap]:
         TensorMap(("layers", "attn", "k_proj"), layer + "self_attn.k_proj.weight", (K * H, D), *_split_heads_in(K, H)),
         TensorMap(("layers", "attn", "v_proj"), layer + "self_attn.v_proj.weight", (K * H, D), *_split_heads_in(K, H)),
         TensorMap(("layers", "attn", "o_proj"), layer + "self_attn.o_proj.weight", (D, N * H), *_split_heads_out(N, H)),
-        TensorMap(("layers", "mlp", "gate_proj"), layer + "mlp.gate_proj.weight", (F, D), _transpose, _transpose),
-        TensorMap(("layers", "mlp", "up_proj"), layer + "mlp.up_proj.weight", (F, D), _transpose, _transpose),
-        TensorMap(("layers", "mlp", "down_proj"), layer + "mlp.down_proj.weight", (D, F), _transpose, _transpose),
+        TensorMap(("layers", "mlp", "gate_proj"), layer + "mlp.gate_proj.weight", (d_mlp, D), _transpose, _transpose),
+        TensorMap(("layers", "mlp", "up_proj"), layer + "mlp.up_proj.weight", (d_mlp, D), _transpose, _transpose),
+        TensorMap(("layers", "mlp", "down_proj"), layer + "mlp.down_proj.weight", (D, d_mlp), _transpose, _transpose),
     ]
     if cfg.post_norms:
         for path, name in (("post_attn_norm", "post_attention_layernorm"), ("mlp_norm", "pre_feedforward_layernorm"),
@@ -112,7 +112,7 @@ def llama_family_keys(cfg: ModelConfig) -> list[TensorMap]:
             maps.append(TensorMap(("layers", "attn", f"{name}_norm", "scale"), layer + f"self_attn.{name}_norm.weight",
                                   (H,), _identity, _identity))
     if cfg.mlp_bias:
-        for name, size in (("gate", F), ("up", F), ("down", D)):
+        for name, size in (("gate", d_mlp), ("up", d_mlp), ("down", D)):
             maps.append(TensorMap(("layers", "mlp", f"{name}_bias"), layer + f"mlp.{name}_proj.bias", (size,),
                                   _identity, _identity))
     return maps + _untied_head(cfg, "lm_head.weight")
@@ -120,7 +120,7 @@ def llama_family_keys(cfg: ModelConfig) -> list[TensorMap]:
 
 def gpt2_keys(cfg: ModelConfig, prefix: str = "transformer.") -> list[TensorMap]:
     """GPT-2: Conv1D weights are already [in, out]; c_attn holds q, k, v side by side."""
-    D, F, V, N, H = cfg.d_model, cfg.d_mlp, cfg.vocab_size, cfg.n_heads, cfg.head_dim
+    D, d_mlp, V, N, H = cfg.d_model, cfg.d_mlp, cfg.vocab_size, cfg.n_heads, cfg.head_dim
     layer = prefix + "h.{i}."
     maps = [
         TensorMap(("embed",), prefix + "wte.weight", (V, D), _identity, _identity),
@@ -135,9 +135,9 @@ def gpt2_keys(cfg: ModelConfig, prefix: str = "transformer.") -> list[TensorMap]
         TensorMap(("layers", "attn", "o_proj"), layer + "attn.c_proj.weight", (D, D),
                   lambda w: w.reshape(N, H, D), lambda w: w.reshape(D, D)),
         TensorMap(("layers", "attn", "o_bias"), layer + "attn.c_proj.bias", (D,), _identity, _identity),
-        TensorMap(("layers", "mlp", "up_proj"), layer + "mlp.c_fc.weight", (D, F), _identity, _identity),
-        TensorMap(("layers", "mlp", "up_bias"), layer + "mlp.c_fc.bias", (F,), _identity, _identity),
-        TensorMap(("layers", "mlp", "down_proj"), layer + "mlp.c_proj.weight", (F, D), _identity, _identity),
+        TensorMap(("layers", "mlp", "up_proj"), layer + "mlp.c_fc.weight", (D, d_mlp), _identity, _identity),
+        TensorMap(("layers", "mlp", "up_bias"), layer + "mlp.c_fc.bias", (d_mlp,), _identity, _identity),
+        TensorMap(("layers", "mlp", "down_proj"), layer + "mlp.c_proj.weight", (d_mlp, D), _identity, _identity),
         TensorMap(("layers", "mlp", "down_bias"), layer + "mlp.c_proj.bias", (D,), _identity, _identity),
     ]
     return maps + _untied_head(cfg, "lm_head.weight")
@@ -145,7 +145,7 @@ def gpt2_keys(cfg: ModelConfig, prefix: str = "transformer.") -> list[TensorMap]
 
 def gpt_neox_keys(cfg: ModelConfig, prefix: str = "gpt_neox.") -> list[TensorMap]:
     """GPT-NeoX / Pythia: query_key_value rows are ordered [head, (q, k, v), head_dim]."""
-    D, F, V, N, H = cfg.d_model, cfg.d_mlp, cfg.vocab_size, cfg.n_heads, cfg.head_dim
+    D, d_mlp, V, N, H = cfg.d_model, cfg.d_mlp, cfg.vocab_size, cfg.n_heads, cfg.head_dim
     layer = prefix + "layers.{i}."
     maps = [
         TensorMap(("embed",), prefix + "embed_in.weight", (V, D), _identity, _identity),
@@ -156,9 +156,10 @@ def gpt_neox_keys(cfg: ModelConfig, prefix: str = "gpt_neox.") -> list[TensorMap
                   lambda w: np.ascontiguousarray(w.reshape(N, 3, H, D).transpose(3, 1, 0, 2)),
                   lambda w: np.ascontiguousarray(w.transpose(2, 1, 3, 0).reshape(3 * D, D))),
         TensorMap(("layers", "attn", "o_proj"), layer + "attention.dense.weight", (D, D), *_split_heads_out(N, H)),
-        TensorMap(("layers", "mlp", "up_proj"), layer + "mlp.dense_h_to_4h.weight", (F, D), _transpose, _transpose),
-        TensorMap(("layers", "mlp", "up_bias"), layer + "mlp.dense_h_to_4h.bias", (F,), _identity, _identity),
-        TensorMap(("layers", "mlp", "down_proj"), layer + "mlp.dense_4h_to_h.weight", (D, F), _transpose, _transpose),
+        TensorMap(("layers", "mlp", "up_proj"), layer + "mlp.dense_h_to_4h.weight", (d_mlp, D), _transpose, _transpose),
+        TensorMap(("layers", "mlp", "up_bias"), layer + "mlp.dense_h_to_4h.bias", (d_mlp,), _identity, _identity),
+        TensorMap(("layers", "mlp", "down_proj"), layer + "mlp.dense_4h_to_h.weight", (D, d_mlp), _transpose,
+                  _transpose),
         TensorMap(("layers", "mlp", "down_bias"), layer + "mlp.dense_4h_to_h.bias", (D,), _identity, _identity),
     ]
     if cfg.qkv_bias:

@@ -8,13 +8,12 @@ attention scores and softmax are float32.
 from __future__ import annotations
 
 import math
-import os
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
 from jax.sharding import Mesh
 
 from emojax.models.config import RopeConfig
@@ -109,27 +108,26 @@ _ACTIVATIONS = {
 }
 
 
-ATTENTION_ENV = "EMOJAX_ATTENTION"
-ATTENTION_CHOICES = ("xla", "cudnn", "auto")
+ATTENTION_CHOICES = ("xla", "cudnn", "auto", "xla-fused")
 
 
-def attention_implementation(dtype, head_dim: int, softcap: float | None) -> str:
-    """The attention kernel of the full forward pass: "blocked" (emojax's causal query-block attention, XLA) or
-    "cudnn" (jax.nn.dot_product_attention's fused cuDNN kernel), chosen by $EMOJAX_ATTENTION at trace time:
+def attention_kernel(choice: str, dtype, head_dim: int, softcap: float | None) -> str:
+    """The attention kernel a model runs with (forward, dump and decode alike), from the `attention` setting:
 
-        xla    (default) the blocked path everywhere
-        cudnn  cuDNN; an error where it cannot run (not a GPU, not bf16/fp16, head_dim not a multiple of 8
-               or above 128, or tanh soft-capping)
-        auto   cuDNN where it can run, else the blocked path
+        xla        (default) "blocked": emojax's causal query-block attention, plain XLA
+        cudnn      "cudnn": jax.nn.dot_product_attention's fused cuDNN kernel; an error where it cannot run (not a
+                   GPU, not bf16/fp16, head_dim not a multiple of 8 up to 128, or tanh soft-capping)
+        auto       cuDNN where it can run, else the blocked path
+        xla-fused  "xla-fused": the same jax.nn.dot_product_attention call with its XLA implementation (any
+                   backend; checks the fused path's plumbing where there is no GPU)
 
     The default stays "xla" until a GPU benchmark (scripts/gpu_check.sh runs the forward both ways) shows
-    cuDNN faster on the anchor shape.
+    cuDNN faster on the anchor shape. The kernel is part of every compile cache key (LanguageModel, Decoder).
     """
-    choice = os.environ.get(ATTENTION_ENV, "xla").lower()
     if choice not in ATTENTION_CHOICES:
-        raise ValueError(f"${ATTENTION_ENV}={choice!r}: expected one of {', '.join(ATTENTION_CHOICES)}")
-    if choice == "xla":
-        return "blocked"
+        raise ValueError(f"attention={choice!r}: expected one of {', '.join(ATTENTION_CHOICES)}")
+    if choice in ("xla", "xla-fused"):
+        return "blocked" if choice == "xla" else "xla-fused"
     reasons = []
     if jax.default_backend() != "gpu":
         reasons.append(f"the backend is {jax.default_backend()}, not gpu")
@@ -142,17 +140,32 @@ def attention_implementation(dtype, head_dim: int, softcap: float | None) -> str
     if not reasons:
         return "cudnn"
     if choice == "cudnn":
-        raise ValueError(f"${ATTENTION_ENV}=cudnn cannot run here: {'; '.join(reasons)}")
+        raise ValueError(f"attention=cudnn cannot run here: {'; '.join(reasons)}")
     return "blocked"
 
 
-def fused_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale: float, implementation: str) -> jax.Array:
-    """jax.nn.dot_product_attention (grouped heads, boolean mask) -> [B, T, N, H]. Queries that see no key
-    (left padding) get zeros rather than whatever the kernel leaves there, so nothing non-finite can reach
-    later layers through the padded positions."""
+def fused_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale: float, kernel: str) -> jax.Array:
+    """jax.nn.dot_product_attention (grouped heads, boolean mask) -> [B, T, N, H], with cuDNN ("cudnn") or XLA
+    ("xla-fused"). Queries that see no key (left padding) get zeros rather than whatever the kernel leaves there,
+    so nothing non-finite can reach later layers through the padded positions."""
     out = jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None], scale=scale,
-                                       implementation=implementation)
+                                       implementation="cudnn" if kernel == "cudnn" else "xla")
     return jnp.where(jnp.any(mask_BTS, axis=-1)[:, :, None, None], out, jnp.zeros((), out.dtype))
+
+
+@struct.dataclass
+class LayerCache:
+    """One layer's slot in a KV cache, as the attention reads and writes it.
+
+    keys [Ls, B, K, H, S] and values [Ls, B, K, S, H] of a segment of Ls layers (the layouts the score and value
+    products read); `layer` this layer's row in them (an int for an unrolled layer, traced inside a scan);
+    `start` the cache column of the first new token.
+    """
+
+    keys: jax.Array
+    values: jax.Array
+    layer: jax.Array | int
+    start: jax.Array | int
 
 
 class Attention(nnx.Module):
@@ -187,22 +200,20 @@ class Attention(nnx.Module):
             self.q_norm = Norm(H, norm_eps, offset=norm_offset, dtype=dtype, logical_axis="head_dim")
             self.k_norm = Norm(H, norm_eps, offset=norm_offset, dtype=dtype, logical_axis="head_dim")
 
-    def _project(self, x_BTD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def project(self, x_BTD: jax.Array, cos: jax.Array | None, sin: jax.Array | None,
+                mesh: Mesh | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Queries [B, T, N, H], keys and values [B, T, K, H]: projected, q/k-normed and rotated."""
         if self.fused:
-            qkv = jnp.einsum("BTD,DCNH->CBTNH", x_BTD, self.qkv_proj[...])
+            qkv = jnp.einsum("BTD,D...NH->...BTNH", x_BTD, self.qkv_proj[...])  # ...: the q/k/v triple
             if self.has_qkv_bias:
                 qkv = qkv + self.qkv_bias[...][:, None, None]
-            return qkv[0], qkv[1], qkv[2]
-        q = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.q_proj[...])
-        k = jnp.einsum("BSD,DKH->BSKH", x_BTD, self.k_proj[...])
-        v = jnp.einsum("BSD,DKH->BSKH", x_BTD, self.v_proj[...])
-        if self.has_qkv_bias:
-            q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
-        return q, k, v
-
-    def __call__(self, x_BTD: jax.Array, cos: jax.Array | None, sin: jax.Array | None, mask_BTS: jax.Array,
-                 mesh: Mesh | None) -> jax.Array:
-        q, k, v = self._project(x_BTD)
+            q, k, v = qkv[0], qkv[1], qkv[2]
+        else:
+            q = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.q_proj[...])
+            k = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.k_proj[...])
+            v = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.v_proj[...])
+            if self.has_qkv_bias:
+                q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
         if self.has_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if cos is not None:
@@ -210,13 +221,24 @@ class Attention(nnx.Module):
         q = constrain(q, ("batch", "seq", "act_heads", "head_dim"), mesh)
         k = constrain(k, ("batch", "seq", "act_kv_heads", "head_dim"), mesh)
         v = constrain(v, ("batch", "seq", "act_kv_heads", "head_dim"), mesh)
+        return q, k, v
 
+    def __call__(self, x_BTD: jax.Array, cos: jax.Array | None, sin: jax.Array | None, mask_BTS: jax.Array,
+                 mesh: Mesh | None, kernel: str = "blocked",
+                 cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
+        """The attention output [B, T, D] and, with a cache, the cache with this pass's keys and values written.
+
+        mask_BTS: which keys each query sees (causal, real tokens, sliding window); without a cache the keys are
+        the T new tokens, with one they are the cache's first S columns (the new tokens at `start`).
+        """
+        q, k, v = self.project(x_BTD, cos, sin, mesh)
+        if cache is not None:
+            return self._attend_cached(q, k, v, mask_BTS, cache, kernel)
+        if kernel != "blocked":
+            out = fused_attention(q, k, v, mask_BTS, self.scale, kernel)
+            return self._output(constrain(out, ("batch", "seq", "act_heads", "head_dim"), mesh)), None
         B, T, N, H = q.shape
         K = self.n_kv_heads
-        if attention_implementation(q.dtype, H, self.softcap) == "cudnn":
-            out = fused_attention(q, k, v, mask_BTS, self.scale, "cudnn")
-            out = constrain(out, ("batch", "seq", "act_heads", "head_dim"), mesh)
-            return self._output(out)
         # Heads-major layout before the score and value matmuls: both become plain batched matmuls over
         # (B, K) with contiguous operands (about 1.8x faster on CPU than contracting in the [B, T, ...] layout).
         q_BKGTH = q.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)  # query head n uses kv head n // G
@@ -228,26 +250,81 @@ class Attention(nnx.Module):
         outs = []
         for start in range(0, T, block):
             end = min(start + block, T)
-            outs.append(self._attend(q_BKGTH[:, :, :, start:end], k_BKSH[:, :, :end], v_BKSH[:, :, :end],
-                                     mask_BTS[:, start:end, :end]))
+            scores = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH[:, :, :, start:end], k_BKSH[:, :, :end],
+                                preferred_element_type=jnp.float32)
+            probs = self._probs(scores, mask_BTS[:, start:end, :end], v.dtype)
+            outs.append(jnp.einsum("BKGTS,BKSH->BKGTH", probs, v_BKSH[:, :, :end]))
         out = jnp.concatenate(outs, axis=3).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
-        out = constrain(out, ("batch", "seq", "act_heads", "head_dim"), mesh)
-        return self._output(out)
+        return self._output(constrain(out, ("batch", "seq", "act_heads", "head_dim"), mesh)), None
 
-    def _output(self, out_BTNH: jax.Array) -> jax.Array:
-        y = jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o_proj[...])
-        if self.has_o_bias:
-            y = y + self.o_bias[...]
-        return y
+    def _attend_cached(self, q, k, v, mask_BTS, cache: LayerCache, kernel: str):
+        """Attention of T new tokens over a KV cache, writing their keys and values at column `start`.
 
-    def _attend(self, q_BKGTH, k_BKSH, v_BKSH, mask_BTS):
-        scores = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k_BKSH, preferred_element_type=jnp.float32)
-        scores = scores * self.scale
+        An unrolled layer (an int `layer`) attends to the cache as it was (columns < start) and to the new keys
+        and values, which are written into the cache only for later passes. Reading the cache only before the
+        write halves what XLA's CPU backend copies per decode step: reading the updated cache made it fuse the
+        write into every reader and copy each layer's cache four times a step (~10% of a batch-32 step of the
+        56M model). Inside a scan over layers (a traced `layer`) that form copies the whole stacked cache
+        instead, so there the write comes first and the products read the updated cache; so does the fused
+        kernel, which reads keys as [B, S, K, H].
+        """
+        B, T, N, H = q.shape
+        K, S = self.n_kv_heads, mask_BTS.shape[-1]
+        G = N // K
+        k_BKHT, v_BKTH = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
+        if kernel != "blocked" or not isinstance(cache.layer, int):
+            cache = _write(cache, k_BKHT, v_BKTH)
+            keys_BKHS = jax.lax.dynamic_index_in_dim(cache.keys, cache.layer, 0, keepdims=False)[..., :S]
+            values_BKSH = jax.lax.dynamic_index_in_dim(cache.values, cache.layer, 0, keepdims=False)[:, :, :S]
+            if kernel != "blocked":
+                out = fused_attention(q, keys_BKHS.transpose(0, 3, 1, 2).astype(q.dtype),
+                                      values_BKSH.transpose(0, 2, 1, 3).astype(q.dtype), mask_BTS, self.scale,
+                                      kernel)
+                return self._output(out), cache
+            q_BKGTH = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4)
+            probs = self._probs(_scores(q_BKGTH, keys_BKHS.astype(q.dtype)), mask_BTS, q.dtype)
+            out_BKGTH = jnp.einsum("BKGTS,BKSH->BKGTH", probs, values_BKSH.astype(q.dtype))
+            return self._output_heads_major(out_BKGTH), cache
+        q_BKGTH = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4)
+        old_BTS = mask_BTS & (jnp.arange(S) < cache.start)[None, None, :]
+        new_BTT = jax.lax.dynamic_slice_in_dim(mask_BTS, cache.start, T, axis=2)
+        scores = jnp.concatenate([_scores(q_BKGTH, cache.keys[cache.layer, ..., :S].astype(q.dtype)),
+                                  _scores(q_BKGTH, k_BKHT)], axis=-1)
+        probs = self._probs(scores, jnp.concatenate([old_BTS, new_BTT], axis=-1), q.dtype)
+        out_BKGTH = (jnp.einsum("BKGTS,BKSH->BKGTH", probs[..., :S],
+                                cache.values[cache.layer, :, :, :S].astype(q.dtype))
+                     + jnp.einsum("BKGTS,BKSH->BKGTH", probs[..., S:], v_BKTH))
+        return self._output_heads_major(out_BKGTH), _write(cache, k_BKHT, v_BKTH)
+
+    def _probs(self, scores_BKGTS, mask_BTS, dtype):
+        """Softmax over the keys of float32 scores (scaled, soft-capped, masked), cast to `dtype`."""
+        scores = scores_BKGTS * self.scale
         if self.softcap is not None:
             scores = jnp.tanh(scores / self.softcap) * self.softcap
         scores = jnp.where(mask_BTS[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v_BKSH.dtype)
-        return jnp.einsum("BKGTS,BKSH->BKGTH", probs, v_BKSH)
+        return jax.nn.softmax(scores, axis=-1).astype(dtype)
+
+    def _output(self, out_BTNH: jax.Array) -> jax.Array:
+        y = jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o_proj[...])
+        return y + self.o_bias[...] if self.has_o_bias else y
+
+    def _output_heads_major(self, out_BKGTH: jax.Array) -> jax.Array:
+        """The output projection contracting (K, G, H) in the attention layout: no transpose of the activations."""
+        K, G, H = out_BKGTH.shape[1], out_BKGTH.shape[2], out_BKGTH.shape[4]
+        y = jnp.einsum("BKGTH,KGHD->BTD", out_BKGTH, self.o_proj[...].reshape(K, G, H, -1))
+        return y + self.o_bias[...] if self.has_o_bias else y
+
+
+def _scores(q_BKGTH, k_BKHS):
+    return jnp.einsum("BKGTH,BKHS->BKGTS", q_BKGTH, k_BKHS, preferred_element_type=jnp.float32)
+
+
+def _write(cache: LayerCache, k_BKHT: jax.Array, v_BKTH: jax.Array) -> LayerCache:
+    keys = jax.lax.dynamic_update_slice(cache.keys, k_BKHT[None].astype(cache.keys.dtype),
+                                        (cache.layer, 0, 0, 0, cache.start))
+    values = jax.lax.dynamic_update_slice(cache.values, v_BKTH[None].astype(cache.values.dtype),
+                                          (cache.layer, 0, 0, cache.start, 0))
+    return cache.replace(keys=keys, values=values)
 
 
 class MLP(nnx.Module):
@@ -268,18 +345,18 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BTD: jax.Array, mesh: Mesh | None) -> jax.Array:
         act = _ACTIVATIONS[self.activation]
-        up = jnp.einsum("BTD,DF->BTF", x_BTD, self.up_proj[...])
+        up = jnp.einsum("BTD,DI->BTI", x_BTD, self.up_proj[...])
         if self.bias:
             up = up + self.up_bias[...]
         if self.gated:
-            gate = jnp.einsum("BTD,DF->BTF", x_BTD, self.gate_proj[...])
+            gate = jnp.einsum("BTD,DI->BTI", x_BTD, self.gate_proj[...])
             if self.bias:
                 gate = gate + self.gate_bias[...]
-            h = act(gate) * up
+            h_BTI = act(gate) * up
         else:
-            h = act(up)
-        h = constrain(h, ("batch", "seq", "act_mlp"), mesh)
-        y = jnp.einsum("BTF,FD->BTD", h, self.down_proj[...])
+            h_BTI = act(up)
+        h_BTI = constrain(h_BTI, ("batch", "seq", "act_mlp"), mesh)
+        y = jnp.einsum("BTI,ID->BTD", h_BTI, self.down_proj[...])
         if self.bias:
             y = y + self.down_bias[...]
         return y

@@ -19,21 +19,27 @@ from emojax.fileio import atomic_path, write_text
 from emojax.models.checkpoint import NUMPY_DTYPES, load_state, nest, param_shardings, save_safetensors
 from emojax.models.config import ModelConfig
 from emojax.models.hf_config import config_from_hf_dict, config_to_hf_dict, read_config_json
-from emojax.models.presets import BUILTIN_NAMES, RANDOM_PREFIX, SHAPES, preset_names
+from emojax.models.presets import BUILTIN_NAMES, RANDOM_PREFIX, SHAPES, preset_names, resolve_builtin
 from emojax.models.sharding import batch_multiple, logical_to_spec, single_device_mesh
-from emojax.models.transformer import ForwardOutput, Patch, Steering, Transformer
+from emojax.models.identity import model_identity
+from emojax.models.interventions import Interventions
+from emojax.models.layers import attention_kernel
+from emojax.models.transformer import ForwardOutput, Transformer
 from emojax.tokenizer import Tokenizer
 
 
 class LanguageModel:
-    """A model ready to run: `lm(tokens, attention_mask=None, capture=(6, 9), steering=None)`.
+    """A model ready to run: `lm(tokens, attention_mask=None, capture=(6, 9), interventions=None)`.
 
-    Parameters live on `mesh` in their sharded layout. The forward is jitted once per (capture set, steering
-    structure, input shape); steering values, tokens and masks are arguments and never cause a recompile.
+    Parameters live on `mesh` in their sharded layout. The forward is jitted once per (capture set, intervention
+    structure, attention kernel, input shape); intervention values, tokens and masks are arguments and never
+    cause a recompile. `attention` is the attention setting (emojax.models.layers.attention_kernel), resolved
+    once here into the kernel every forward and decode of this model runs.
     """
 
     def __init__(self, config: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State, mesh: Mesh,
-                 tokenizer: Tokenizer | None = None, source: str = "", hf_config: dict | None = None):
+                 tokenizer: Tokenizer | None = None, source: str = "", hf_config: dict | None = None,
+                 attention: str = "xla"):
         self.config = config
         self.hf_config = hf_config  # the checkpoint's own config.json, written back unchanged by save()
         self.graphdef = graphdef
@@ -42,9 +48,19 @@ class LanguageModel:
         self.tokenizer = tokenizer
         self.source = source
         self.dtype = jnp.dtype(jax.tree.leaves(params)[0].dtype)
+        try:
+            self._kernel = attention_kernel(attention, self.dtype, config.head_dim, config.attn_softcap)
+        except ValueError as e:
+            raise InputError(str(e)) from None
         self.trace_count = 0  # number of times a forward was traced (= compiled); tests read it
         self._param_shardings = jax.tree.map(lambda a: a.sharding, params)
         self._compiled: dict = {}
+
+    @property
+    def kernel(self) -> str:
+        """The attention kernel every forward and decode of this model runs (fixed when it is loaded, so every
+        compiled program of this model is keyed by it)."""
+        return self._kernel
 
     @property
     def model(self) -> Transformer:
@@ -56,8 +72,6 @@ class LanguageModel:
         """The content identity of the checkpoint this model was loaded from (emojax.models.identity), computed
         on first use; None for a model built in memory (random_model with a seed, a training run) that has no
         folder to identify it by."""
-        from emojax.models.identity import model_identity
-
         source = str(self.source)
         if source.startswith(RANDOM_PREFIX) or (source and Path(source).is_dir()):
             return model_identity(source)
@@ -68,14 +82,14 @@ class LanguageModel:
         return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(self.params))
 
     def __call__(self, tokens, attention_mask=None, capture: Sequence[int] = (),
-                 steering: Steering | None = None, logits: bool = True,
-                 patch: Patch | None = None) -> ForwardOutput:
+                 interventions: Interventions | None = None, generated=None, logits: bool = True) -> ForwardOutput:
         """tokens int [B, T]; attention_mask [B, T] (1 = real token, 0 = left padding).
 
         Returns logits [B, T, V] (float32) and `hidden`, one [B, T, D] array per entry of `capture`, equal to
         transformers' output_hidden_states[i] for each index i. logits=False skips the unembedding and the
-        layers after the deepest capture (logits is then None). `patch` replaces the residual stream at one
-        index with given values [B, T, D] (e.g. an SAE reconstruction).
+        layers after the deepest capture (logits is then None). `interventions` (emojax.models.interventions:
+        add, ablate, patch, SAE clamp) act on the stream; `generated` [B, T] marks the columns where those with
+        positions="generated" act (default: none).
         """
         tokens = np.asarray(tokens, np.int32)
         if tokens.ndim != 2:
@@ -89,20 +103,13 @@ class LanguageModel:
         if self.config.learned_positions and T > self.config.learned_positions:
             raise InputError(f"sequence length {T} exceeds the model's {self.config.learned_positions} "
                              "learned positions")
-        steering = self._check_steering(steering, B, T)
-        if patch is not None:
-            want = (B, T, self.config.d_model)
-            if tuple(patch.values.shape) != want:
-                raise InputError(f"patch.values must be [batch, seq, d_model] = {want}, got {patch.values.shape}")
-            if not 0 <= patch.index <= self.config.n_layers:
-                raise InputError(f"patch index {patch.index} is outside 0..{self.config.n_layers}")
-        pad = -B % batch_multiple(self.mesh)  # shard the batch evenly; padded rows are dropped below
-        if pad:
-            tokens = np.pad(tokens, ((0, pad), (0, 0)))
-            mask = np.pad(mask, ((0, pad), (0, 0)))
-            steering = _pad_steering(steering, pad)
-            if patch is not None:
-                patch = Patch(values=jnp.pad(jnp.asarray(patch.values), ((0, pad), (0, 0), (0, 0))), index=patch.index)
+        gen = np.zeros((B, T), np.float32) if generated is None else np.asarray(generated, np.float32)
+        if gen.shape != (B, T):
+            raise InputError(f"generated must be [{B}, {T}] like the tokens, got {gen.shape}")
+        if interventions is not None:
+            interventions.check(self.config.n_layers, self.config.d_model, B)
+            if interventions.patch is not None and interventions.patch.values.shape[1] != T:
+                raise InputError(f"patch values cover {interventions.patch.values.shape[1]} positions, the tokens {T}")
         capture = tuple(int(i) for i in capture)
         bad = [i for i in capture if not 0 <= i <= self.config.n_layers]
         if bad:
@@ -110,27 +117,17 @@ class LanguageModel:
                              "(0 = embeddings, i = output of layer i - 1)")
         if not logits and not capture:
             raise InputError("logits=False needs at least one capture index")
-        fn = self._forward_fn(capture, steering, logits, None if patch is None else patch.index)
+        pad = -B % batch_multiple(self.mesh)  # shard the batch evenly; padded rows are dropped below
+        if pad:
+            tokens, mask, gen = (np.pad(a, ((0, pad), (0, 0))) for a in (tokens, mask, gen))
+            interventions = None if interventions is None else interventions.padded(pad)
+        iv = None if interventions is None else interventions.as_device()
+        fn = self._forward_fn(capture, iv, logits)
         with self._precision():
-            out = fn(self.params, tokens, mask, steering, patch)
+            out = fn(self.params, tokens, mask, gen, iv)
         if pad:
             out = jax.tree.map(lambda a: a[:B], out)
         return out
-
-    def _check_steering(self, steering: Steering | None, B: int, T: int) -> Steering | None:
-        if steering is None:
-            return None
-        want = (self.config.n_layers + 1, self.config.d_model)
-        vectors = jnp.asarray(steering.vectors)
-        if vectors.shape != want:
-            raise InputError(f"steering.vectors must be [n_layers + 1, d_model] = {want}, got {vectors.shape}")
-        scale = None if steering.scale is None else jnp.asarray(steering.scale, jnp.float32)
-        if scale is not None and scale.shape != (B,):
-            raise InputError(f"steering.scale must be [{B}], got {scale.shape}")
-        smask = None if steering.mask is None else jnp.asarray(steering.mask, jnp.float32)
-        if smask is not None and smask.shape != (B, T):
-            raise InputError(f"steering.mask must be [{B}, {T}], got {smask.shape}")
-        return Steering(vectors=vectors.astype(jnp.float32), scale=scale, mask=smask)
 
     def _precision(self):
         # float32 models are compared against float32 references: no reduced-precision matmul passes.
@@ -138,24 +135,16 @@ class LanguageModel:
             return jax.default_matmul_precision("highest")
         return contextlib.nullcontext()
 
-    def _forward_fn(self, capture: tuple[int, ...], steering: Steering | None, logits: bool = True,
-                    patch_index: int | None = None):
-        structure = None if steering is None else (steering.scale is not None, steering.mask is not None)
-        key = (capture, structure, logits, patch_index)
+    def _forward_fn(self, capture: tuple[int, ...], iv: Interventions | None, logits: bool = True):
+        key = (capture, jax.tree.structure(iv), logits)
         if key not in self._compiled:
-            self._compiled[key] = self._build_forward(capture, steering, logits, patch_index)
+            self._compiled[key] = self._build_forward(capture, iv, logits)
         return self._compiled[key]
 
-    def _build_forward(self, capture: tuple[int, ...], steering: Steering | None, logits: bool = True,
-                       patch_index: int | None = None):
-        mesh, graphdef = self.mesh, self.graphdef
+    def _build_forward(self, capture: tuple[int, ...], iv: Interventions | None, logits: bool = True):
+        mesh, graphdef, kernel = self.mesh, self.graphdef, self.kernel
         batch = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
         replicated = NamedSharding(mesh, PartitionSpec())
-        steer_shardings = None if steering is None else Steering(
-            vectors=replicated,
-            scale=None if steering.scale is None else batch,
-            mask=None if steering.mask is None else batch,
-        )
         V, D = self.config.vocab_size, self.config.d_model
 
         def activation(axes, shape):
@@ -167,19 +156,15 @@ class LanguageModel:
             hidden=tuple(activation(("batch", "seq", "act_embed"), (batch_multiple(mesh), 1, D)) for _ in capture),
         )
 
-        patch_shardings = None if patch_index is None else Patch(
-            values=activation(("batch", "seq", "act_embed"), (batch_multiple(mesh), 1, D)), index=patch_index)
-
-        def forward(params, tokens, mask, steer, patch):
+        def forward(params, tokens, mask, gen, iv):
             self.trace_count += 1  # runs only while tracing
             model = nnx.merge(graphdef, params)
-            return model(tokens, mask, capture=capture, steering=steer, mesh=mesh, logits=logits, patch=patch)
+            return model(tokens, mask, capture=capture, interventions=iv, generated_BT=gen, mesh=mesh, logits=logits,
+                         kernel=kernel)
 
-        return jax.jit(
-            forward,
-            in_shardings=(self._param_shardings, batch, batch, steer_shardings, patch_shardings),
-            out_shardings=out_shardings,
-        )
+        iv_shardings = jax.tree.map(lambda _: replicated, iv)  # intervention values are small: on every device
+        return jax.jit(forward, in_shardings=(self._param_shardings, batch, batch, batch, iv_shardings),
+                       out_shardings=out_shardings)
 
     def save(self, out_dir: str | Path) -> Path:
         """Writes a Hugging Face-format directory (config.json, model.safetensors, tokenizer.json)."""
@@ -195,16 +180,6 @@ class LanguageModel:
         return out_dir
 
 
-def _pad_steering(steering: Steering | None, pad: int) -> Steering | None:
-    if steering is None:
-        return None
-    return Steering(
-        vectors=steering.vectors,
-        scale=None if steering.scale is None else jnp.pad(steering.scale, (0, pad)),
-        mask=None if steering.mask is None else jnp.pad(steering.mask, ((0, pad), (0, 0))),
-    )
-
-
 def _resolve_dtype(dtype) -> np.dtype:
     name = jnp.dtype(dtype).name
     if name not in NUMPY_DTYPES:
@@ -218,7 +193,7 @@ def abstract_model(config: ModelConfig, dtype="float32") -> Transformer:
 
 
 def random_model(config: ModelConfig, dtype="float32", mesh: Mesh | None = None, seed: int = 0,
-                 tokenizer: Tokenizer | None = None) -> LanguageModel:
+                 tokenizer: Tokenizer | None = None, attention: str = "xla") -> LanguageModel:
     """A randomly initialised model, created directly in its sharded layout."""
     np_dtype = _resolve_dtype(dtype)
     mesh = mesh or single_device_mesh()
@@ -230,28 +205,29 @@ def random_model(config: ModelConfig, dtype="float32", mesh: Mesh | None = None,
 
     pure = jax.jit(init, out_shardings=shardings)()
     nnx.replace_by_pure_dict(abstract_state, pure)
-    return LanguageModel(config, graphdef, abstract_state, mesh, tokenizer, source=f"random (seed {seed})")
+    return LanguageModel(config, graphdef, abstract_state, mesh, tokenizer, source=f"random (seed {seed})",
+                         attention=attention)
 
 
-def load_model(path_or_preset: str | Path, dtype="float32", mesh: Mesh | None = None) -> LanguageModel:
+def load_model(path_or_preset: str | Path, dtype="float32", mesh: Mesh | None = None,
+               attention: str = "xla") -> LanguageModel:
     """Loads a Hugging Face-format checkpoint directory, or a preset: "random:NAME" (random weights) or
     "builtin" / "builtin:tiny" (the small model emojax trains on its built-in corpus on first use, cached).
 
     Reads config.json, model.safetensors (or a sharded index) and tokenizer.json when present. With a mesh,
-    every parameter is placed straight into its sharded layout.
+    every parameter is placed straight into its sharded layout. `attention`: the attention kernel setting
+    (xla, cudnn, auto, xla-fused; emojax.models.layers.attention_kernel).
     """
     mesh = mesh or single_device_mesh()
     name = str(path_or_preset)
     if name in BUILTIN_NAMES and not Path(name).exists():
-        from emojax.train import ensure_builtin_model  # trains it on first use (minutes), then reuses it
-
-        path_or_preset = ensure_builtin_model(name=BUILTIN_NAMES[name])
+        path_or_preset = resolve_builtin(name)  # trained on first use (minutes), then reused
         name = str(path_or_preset)
     if name.startswith(RANDOM_PREFIX) and not Path(name).exists():
         shape = name[len(RANDOM_PREFIX):]
         if shape not in SHAPES:
             raise CheckpointError(f"unknown preset {name!r}; presets: {', '.join(preset_names())}")
-        lm = random_model(SHAPES[shape], dtype=dtype, mesh=mesh)
+        lm = random_model(SHAPES[shape], dtype=dtype, mesh=mesh, attention=attention)
         lm.source = name  # the preset name is its identity (seed 0): see emojax.models.identity
         return lm
     path = Path(path_or_preset)
@@ -268,4 +244,5 @@ def load_model(path_or_preset: str | Path, dtype="float32", mesh: Mesh | None = 
     nnx.replace_by_pure_dict(abstract_state, pure)
     tokenizer_file = path / "tokenizer.json"
     tokenizer = Tokenizer.from_file(tokenizer_file) if tokenizer_file.is_file() else None
-    return LanguageModel(config, graphdef, abstract_state, mesh, tokenizer, source=str(path), hf_config=hf_config)
+    return LanguageModel(config, graphdef, abstract_state, mesh, tokenizer, source=str(path), hf_config=hf_config,
+                         attention=attention)

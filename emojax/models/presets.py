@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
+from emojax.errors import CheckpointError
 from emojax.models.config import ModelConfig, RopeConfig
 from emojax.models.hf_config import config_from_hf_dict
 
@@ -52,6 +56,20 @@ RANDOM_PREFIX = "random:"
 
 # Trained presets: name -> emojax.train preset (trained on the built-in corpus on first use, then cached).
 BUILTIN_NAMES = {"builtin": "default", "builtin:tiny": "tiny"}
+_BUILTIN_RESOLVERS: list[Callable[[str], Path]] = []  # emojax.train registers the one that trains and caches
+
+
+def register_builtin(resolve: Callable[[str], Path]) -> None:
+    """Sets how a built-in preset (its emojax.train preset name) becomes a checkpoint folder. emojax.train registers
+    itself on import (`import emojax` imports it), so models never imports train."""
+    _BUILTIN_RESOLVERS[:] = [resolve]
+
+
+def resolve_builtin(name: str) -> Path:
+    """The checkpoint folder of built-in preset `name` ("builtin", "builtin:tiny"): trained on first use."""
+    if not _BUILTIN_RESOLVERS:
+        raise CheckpointError(f"{name}: no trainer is registered for built-in models (import emojax)")
+    return _BUILTIN_RESOLVERS[0](BUILTIN_NAMES[name])
 
 
 def preset_names() -> list[str]:

@@ -1,18 +1,22 @@
-"""The decoder-only transformer: embeddings, a scanned stack of layers, final norm, unembedding.
+"""The decoder-only transformer: embeddings, the layer stack, final norm, unembedding; with an optional KV cache.
 
-Layers are stored stacked (every layer parameter has a leading `layers` axis) and run with `jax.lax.scan`,
-so compile time does not grow with depth. The graph of one layer is split off once; inside the scan body
-each layer's slice of the state is merged back into a module.
+One module serves the full forward (activations, the dump) and KV-cached decoding (emojax.steer.Decoder calls
+the same `__call__` with a cache, the way the reference Gemma sampler calls its model).
+
+Layers are stored stacked (every layer parameter has a leading `layers` axis) and run in segments: a segment
+is a `lax.scan` over a stacked slice of layers (compile time independent of depth: the forward's default) or
+one layer called directly with static weights (decoding's default: a one-token step reads each weight in place
+and nothing is copied). Segments end where a static intervention acts (an SAE clamp, a patch).
 
 Residual-stream indices follow Hugging Face `output_hidden_states`: index 0 is the embedding output, index
 i (1 <= i < L) the output of layer i - 1, and index L the output of the last layer after the final norm.
-Steering row i is added to the residual stream at index i before it is read (for i = L: to the last layer's
-output, before the final norm), so a direction read at index i is written back at the same place.
+Interventions at index i act on the stream before it is read there (for i = L: adds and ablations on the last
+layer's output before the final norm), so a direction read at index i is written back at the same place.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,50 +25,42 @@ from flax import nnx, struct
 from jax.sharding import Mesh
 
 from emojax.models.config import ModelConfig
-from emojax.models.layers import MLP, Attention, Norm, param, rope_inv_freq, rope_tables
+from emojax.models.interventions import Interventions
+from emojax.models.layers import MLP, Attention, LayerCache, Norm, param, rope_inv_freq, rope_tables
 from emojax.models.sharding import constrain
 
 
 @struct.dataclass
 class ForwardOutput:
-    logits: jax.Array | None  # [B, T, V] float32 (None when the forward was asked for hidden states only)
+    logits: jax.Array | None  # [B, T, V] float32 ([B, V] of the last column for logits="last"; None: not asked)
     hidden: tuple[jax.Array, ...]  # one [B, T, D] array per requested capture index, in request order
+    read: jax.Array | None = None  # [B, T, D] the stream at `read_index` (None when not asked)
+    cache: KVCache | None = None  # the cache with this pass's keys and values written
 
 
 @struct.dataclass
-class Steering:
-    """Additive steering, all arrays (changing values never recompiles).
+class KVCache:
+    """Keys [Ls, B, K, H, S] and values [Ls, B, K, S, H] of each layer segment (the layouts the attention
+    products read), S cache columns; `segments` are the layer ranges [a, b) the passes run."""
 
-    vectors: [L + 1, D]; row i is added at residual index i (rows of zeros leave a layer untouched).
-    scale:   [B] per-example multiplier (a strength sweep in one batch), or None for 1.
-    mask:    [B, T] per-position multiplier (e.g. only generated positions), or None for all positions.
-    """
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+    segments: tuple[tuple[int, int], ...] = struct.field(pytree_node=False)
 
-    vectors: jax.Array
-    scale: jax.Array | None = None
-    mask: jax.Array | None = None
-
-    def delta(self, index, dtype) -> jax.Array:
-        """What is added at residual index `index`: broadcastable to [B, T, D]."""
-        v = self.vectors[index].astype(jnp.float32)[None, None, :]
-        if self.scale is not None:
-            v = v * self.scale.astype(jnp.float32)[:, None, None]
-        if self.mask is not None:
-            v = v * self.mask.astype(jnp.float32)[:, :, None]
-        return v.astype(dtype)
+    @classmethod
+    def empty(cls, cfg: ModelConfig, segments, batch: int, length: int, dtype) -> KVCache:
+        K, H = cfg.n_kv_heads, cfg.head_dim
+        return cls(k=tuple(jnp.zeros((b - a, batch, K, H, length), dtype) for a, b in segments),
+                   v=tuple(jnp.zeros((b - a, batch, K, length, H), dtype) for a, b in segments),
+                   segments=tuple(segments))
 
 
-@struct.dataclass
-class Patch:
-    """Replaces the residual stream at one index (0 = embeddings, i = output of layer i - 1, L = the final
-    normed stream the unembedding reads).
-
-    values: [B, T, D]; what later layers read instead of the model's own stream there (e.g. an SAE
-    reconstruction, for the spliced-in loss). Captures at `index` return the patched values.
-    """
-
-    values: jax.Array
-    index: int = struct.field(pytree_node=False, default=1)
+def layer_segments(n_layers: int, breaks: Iterable[int] = (), unroll: bool = False) -> tuple[tuple[int, int], ...]:
+    """Layer ranges [a, b) covering 0..n_layers: one per layer (unroll), or scans broken at residual `breaks`."""
+    if unroll:
+        return tuple((i, i + 1) for i in range(n_layers))
+    cuts = sorted({0, n_layers, *(int(b) for b in breaks if 0 < int(b) < n_layers)})
+    return tuple(zip(cuts[:-1], cuts[1:]))
 
 
 def make_norm(cfg: ModelConfig, dtype) -> Norm:
@@ -94,17 +90,18 @@ class DecoderLayer(nnx.Module):
             self.post_attn_norm = make_norm(cfg, dtype)
             self.post_mlp_norm = make_norm(cfg, dtype)
 
-    def __call__(self, x_BTD, cos, sin, mask_BTS, mesh):
-        attn = self.attn(self.attn_norm(x_BTD), cos, sin, mask_BTS, mesh)
+    def __call__(self, x_BTD, cos, sin, mask_BTS, mesh, kernel: str = "blocked", cache: LayerCache | None = None):
+        """The block's output [B, T, D], and the cache with this layer's keys and values written (or None)."""
+        attn, cache = self.attn(self.attn_norm(x_BTD), cos, sin, mask_BTS, mesh, kernel, cache)
         if self.post_norms:
             attn = self.post_attn_norm(attn)
         if self.parallel_residual:
-            return x_BTD + attn + self.mlp(self.mlp_norm(x_BTD), mesh)
+            return x_BTD + attn + self.mlp(self.mlp_norm(x_BTD), mesh), cache
         x_BTD = x_BTD + attn
         mlp = self.mlp(self.mlp_norm(x_BTD), mesh)
         if self.post_norms:
             mlp = self.post_mlp_norm(mlp)
-        return x_BTD + mlp
+        return x_BTD + mlp, cache
 
 
 def stack_modules(make: Callable[[jax.Array], nnx.Module], n: int, key: jax.Array) -> nnx.Module:
@@ -128,15 +125,25 @@ class Transformer(nnx.Module):
             rngs, (cfg.d_model, cfg.vocab_size), dtype, ("embed", "vocab")
         )
 
-    def __call__(self, tokens_BT: jax.Array, attention_mask_BT: jax.Array | None = None, *,
-                 capture: Sequence[int] = (), steering: Steering | None = None,
-                 mesh: Mesh | None = None, logits: bool = True, patch: Patch | None = None) -> ForwardOutput:
-        """Logits [B, T, V] (float32) and the residual stream at the `capture` indices.
+    def __call__(self, tokens_BT: jax.Array, attention_mask: jax.Array | None = None, *,
+                 capture: Sequence[int] = (), interventions: Interventions | None = None,
+                 generated_BT: jax.Array | None = None, mesh: Mesh | None = None, logits: bool | str = True,
+                 kernel: str = "blocked", cache: KVCache | None = None, start: jax.Array | int = 0,
+                 positions_BT: jax.Array | None = None, layer_states: tuple | None = None,
+                 read_index: jax.Array | None = None) -> ForwardOutput:
+        """Logits and the residual stream at the `capture` indices (and at the traced `read_index`).
 
-        attention_mask_BT: 1 for real tokens, 0 for (left) padding; positions count real tokens only, so a
-        left-padded row gives the same values on its real tokens as the unpadded sequence.
+        Without a cache: attention_mask [B, T] is 1 for real tokens, 0 for (left) padding; positions count real
+        tokens only, so a left-padded row gives the same values on its real tokens as the unpadded sequence.
         logits=False returns hidden states only: the unembedding is skipped, and so are the layers after the
-        deepest captured index (an activation dump of layer 4 of 8 runs 4 layers).
+        deepest captured index (an activation dump of layer 4 of 8 runs 4 layers); logits="last": the last
+        column's logits [B, V] only.
+        With a cache (decoding): the T tokens sit at cache columns [start, start + T); attention_mask [B, S] says
+        which of the S cache columns the queries may see (real tokens, the new ones included; causality by
+        column is applied here); positions_BT is required; layer_states: the cache's segments of the layer
+        state, split once outside a decode loop (`split_layers`), else split here.
+        generated_BT: 1.0 on generated columns (where interventions with positions="generated" act).
+        kernel: the attention kernel (emojax.models.layers.attention_kernel).
         """
         cfg = self.config
         L = cfg.n_layers
@@ -144,103 +151,128 @@ class Transformer(nnx.Module):
         for i in capture:
             if not 0 <= i <= L:
                 raise ValueError(f"capture index {i} is outside 0..{L} (embeddings, then one per layer)")
-        if patch is not None and not 0 <= patch.index <= L:
-            raise ValueError(f"patch index {patch.index} is outside 0..{L}")
         B, T = tokens_BT.shape
-        if attention_mask_BT is None:
-            valid_BT = jnp.ones((B, T), bool)
-            positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        iv = interventions
+        if cache is None:
+            valid_BS = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
+            positions_BT = jnp.maximum(jnp.cumsum(valid_BS.astype(jnp.int32), axis=1) - 1, 0)
+            depth = L if logits is not False or not capture else max(capture)
+            segments = layer_segments(depth, () if iv is None else iv.static_indices)
         else:
-            valid_BT = attention_mask_BT.astype(bool)
-            positions_BT = jnp.maximum(jnp.cumsum(valid_BT.astype(jnp.int32), axis=1) - 1, 0)
+            valid_BS, depth, segments = attention_mask.astype(bool), L, cache.segments
+        q_cols_T = start + jnp.arange(T, dtype=jnp.int32)
+        k_cols_S = jnp.arange(valid_BS.shape[1], dtype=jnp.int32)
+        base_mask_BTS = (k_cols_S[None, :] <= q_cols_T[:, None])[None] & valid_BS[:, None, :]
+        gen_BT = jnp.zeros((B, T), jnp.float32) if generated_BT is None else generated_BT.astype(jnp.float32)
 
-        cos_RBTH, sin_RBTH, rope_of_layer = self._rope(positions_BT)
-        q_idx = jnp.arange(T)[:, None]
-        kv_idx = jnp.arange(T)[None, :]
-        causal_TS = kv_idx <= q_idx
-        base_mask_BTS = causal_TS[None] & valid_BT[:, None, :]
+        def edit(i, x):
+            return x if iv is None else iv.apply(i, x, gen_BT)
+
+        def edit_static(i, x):
+            return x if iv is None else iv.apply_static(i, x, gen_BT)
 
         x = jnp.take(self.embed[...], tokens_BT, axis=0)
         if cfg.embed_scale:
             x = x * jnp.asarray(cfg.d_model ** 0.5, x.dtype)  # rounded to the activation dtype, as in Gemma
         if cfg.learned_positions:
             x = x + jnp.take(self.pos_embed[...], positions_BT, axis=0)
-        if steering is not None:
-            x = x + steering.delta(0, x.dtype)
-        if patch is not None and patch.index == 0:
-            x = patch.values.astype(x.dtype)
-        x = constrain(x, ("batch", "seq", "act_embed"), mesh)
+        x = constrain(edit_static(0, edit(0, x)), ("batch", "seq", "act_embed"), mesh)
         embeddings = x
 
-        # Residual indices 1..L-1 are read inside the scan into a buffer; layers whose output is not
-        # captured write to one extra scratch slot, so the body has no branch on the layer index.
-        in_scan = sorted({i for i in capture if 0 < i < L})
-        slot_of = np.full((L,), len(in_scan), np.int32)
-        for slot, i in enumerate(in_scan):
-            slot_of[i - 1] = slot
-        buffer = jnp.zeros((len(in_scan) + 1, B, T, cfg.d_model), x.dtype) if in_scan else None
+        # Residual indices 1..L-1 are read into a buffer; every other index writes to one extra scratch slot,
+        # so a scanned layer has no branch on its index. A traced read_index is a traced slot table.
+        if read_index is not None:
+            slot_of = jnp.where(jnp.arange(L + 1) == read_index, 0, 1).astype(jnp.int32)
+            n_slots = 1
+        else:
+            in_buffer = sorted({i for i in capture if 0 < i < L})
+            table = np.full((L + 1,), len(in_buffer), np.int32)
+            for slot, i in enumerate(in_buffer):
+                table[i] = slot
+            slot_of, n_slots = jnp.asarray(table), len(in_buffer)
+        buffer = jnp.zeros((n_slots + 1, B, T, cfg.d_model), x.dtype) if n_slots else None
 
-        layer_graph, layer_state = nnx.split(self.layers)
-        windows_L = jnp.asarray(cfg.layer_windows, jnp.int32)
-        steer_rows = jnp.arange(1, L + 1)
-        patched_L = jnp.arange(1, L) == (-1 if patch is None else patch.index)
-        patched_L = jnp.concatenate([patched_L, jnp.zeros((1,), bool)])  # index L is patched after the final norm
-        depth = L if logits or not capture else max(max(capture), 0)
-        scanned = jax.tree.map(lambda a: a[:depth],
-                               (layer_state, windows_L, jnp.asarray(slot_of), steer_rows, patched_L))
+        graph, states = layer_states or self.split_layers(segments)
+        cos_tables, sin_tables, rope_of_layer = self._rope(positions_BT)
+        windows = np.asarray(cfg.layer_windows, np.int32)
+        ks, vs = (None, None) if cache is None else (list(cache.k), list(cache.v))
 
-        def body(carry, xs):
-            x, buffer = carry
-            state, window, rope_index, slot, steer_row, patched = xs
-            in_window = (window == 0) | (q_idx - kv_idx < window)
-            mask = base_mask_BTS & in_window[None]
-            cos = None if cos_RBTH is None else cos_RBTH[rope_index]
-            sin = None if sin_RBTH is None else sin_RBTH[rope_index]
-            x = nnx.merge(layer_graph, state)(x, cos, sin, mask, mesh)
-            if steering is not None:
-                x = x + steering.delta(steer_row, x.dtype)
-            if patch is not None:
-                x = jnp.where(patched, patch.values.astype(x.dtype), x)
+        def layer(x, state, i, window, rope_index, kv):
+            """Layer i (static or traced) of a segment: its mask, rotary table and cache slot."""
+            in_window = (window == 0) | (q_cols_T[:, None] - k_cols_S[None, :] < window)
+            cos = None if cos_tables is None else cos_tables[rope_index]
+            sin = None if sin_tables is None else sin_tables[rope_index]
+            return nnx.merge(graph, state)(x, cos, sin, base_mask_BTS & in_window[None], mesh, kernel, kv)
+
+        def keep(buffer, i, x):
+            return buffer if buffer is None else jax.lax.dynamic_update_index_in_dim(buffer, x, slot_of[i], 0)
+
+        for s, ((a, b), state) in enumerate(zip(segments, states)):
+            if b - a == 1:  # one layer, static weights
+                kv = None if cache is None else LayerCache(ks[s], vs[s], 0, start)
+                x, kv = layer(x, jax.tree.map(lambda t: t[0], state), 0, int(windows[a]), int(rope_of_layer[a]), kv)
+                x = edit(b, x)
+            else:
+                def body(carry, xs, a=a):
+                    x, buffer, k_all, v_all = carry
+                    state_l, j, window, rope_index = xs
+                    kv = None if k_all is None else LayerCache(k_all, v_all, j, start)
+                    x, kv = layer(x, state_l, j, window, rope_index, kv)
+                    x = constrain(edit(a + 1 + j, x), ("batch", "seq", "act_embed"), mesh)
+                    k_all, v_all = (None, None) if kv is None else (kv.keys, kv.values)
+                    return (x, keep(buffer, a + 1 + j, x), k_all, v_all), None
+
+                carry = (x, buffer, None if cache is None else ks[s], None if cache is None else vs[s])
+                xs = (state, jnp.arange(b - a), jnp.asarray(windows[a:b]), jnp.asarray(rope_of_layer[a:b]))
+                (x, buffer, k_all, v_all), _ = jax.lax.scan(body, carry, xs)
+                kv = None if cache is None else LayerCache(k_all, v_all, 0, start)
+            if kv is not None:
+                ks[s], vs[s] = kv.keys, kv.values
             x = constrain(x, ("batch", "seq", "act_embed"), mesh)
-            if buffer is not None:
-                buffer = jax.lax.dynamic_update_index_in_dim(buffer, x, slot, axis=0)
-            return (x, buffer), None
-
-        if depth:
-            state_L, window_L, slot_L, steer_L, patched_L = scanned
-            (x, buffer), _ = jax.lax.scan(
-                body, (x, buffer), (state_L, window_L, rope_of_layer[:depth], slot_L, steer_L, patched_L)
-            )
+            if b < L:
+                x = edit_static(b, x)
+                buffer = keep(buffer, b, x)
 
         if depth == L:
-            x = self.final_norm(x)
-            if patch is not None and patch.index == L:
-                x = patch.values.astype(x.dtype)
-        logits_BTV = None
-        if logits:
-            head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-            logits_BTV = jnp.einsum("BTD,DV->BTV", x, head, preferred_element_type=jnp.float32)
-            if cfg.final_softcap is not None:
-                logits_BTV = jnp.tanh(logits_BTV / cfg.final_softcap) * cfg.final_softcap
-            logits_BTV = constrain(logits_BTV, ("batch", "seq", "act_vocab"), mesh)
+            x = edit_static(L, self.final_norm(x))
+        logits_out = None
+        if logits is not False:
+            logits_out = self.unembed(x[:, -1] if logits == "last" else x)
+            if logits is True:
+                logits_out = constrain(logits_out, ("batch", "seq", "act_vocab"), mesh)
 
         def residual(i):
             if i == 0:
                 return embeddings
-            if i == L:
-                return x
-            return buffer[in_scan.index(i)]
+            return x if i == L else buffer[slot_of[i]]
 
         hidden = tuple(constrain(residual(i), ("batch", "seq", "act_embed"), mesh) for i in capture)
-        return ForwardOutput(logits=logits_BTV, hidden=hidden)
+        read = None
+        if read_index is not None:
+            read = jnp.where(read_index == 0, embeddings, jnp.where(read_index == L, x, buffer[0]))
+        new_cache = None if cache is None else cache.replace(k=tuple(ks), v=tuple(vs))
+        return ForwardOutput(logits=logits_out, hidden=hidden, read=read, cache=new_cache)
+
+    def unembed(self, x_D: jax.Array) -> jax.Array:
+        """float32 logits [..., V] of the final-normed stream [..., D] (soft-capped where the model caps)."""
+        head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+        logits = jnp.einsum("...D,DV->...V", x_D, head, preferred_element_type=jnp.float32)
+        if self.config.final_softcap is not None:
+            logits = jnp.tanh(logits / self.config.final_softcap) * self.config.final_softcap
+        return logits
+
+    def split_layers(self, segments) -> tuple[nnx.GraphDef, list]:
+        """The layer graph and each segment's slice of the stacked layer state."""
+        graph, state = nnx.split(self.layers)
+        return graph, [jax.tree.map(lambda t, a=a, b=b: t[a:b], state) for a, b in segments]
 
     def _rope(self, positions_BT):
-        """cos/sin tables stacked over the distinct rotary settings [R, B, T, rot], and each layer's index."""
+        """cos/sin tables stacked over the distinct rotary settings [settings, B, T, R], and each layer's index."""
         cfg = self.config
         if cfg.rope is None:
-            return None, None, jnp.zeros((cfg.n_layers,), jnp.int32)
+            return None, None, np.zeros((cfg.n_layers,), np.int32)
         ropes = [cfg.rope] if cfg.rope_local is None else [cfg.rope, cfg.rope_local]
         tables = [rope_tables(positions_BT, rope_inv_freq(r, int(cfg.head_dim * r.fraction))) for r in ropes]
         use_local = cfg.rope_local is not None
-        rope_of_layer = jnp.asarray([int(use_local and w > 0) for w in cfg.layer_windows], jnp.int32)
+        rope_of_layer = np.asarray([int(use_local and w > 0) for w in cfg.layer_windows], np.int32)
         return jnp.stack([c for c, _ in tables]), jnp.stack([s for _, s in tables]), rope_of_layer

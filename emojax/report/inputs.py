@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from emojax.concepts.layer import choose_layer
 from emojax.errors import EmojaxError
 
 SAE_REQUIRED = ("name", "l0", "fvu", "dead_fraction")
@@ -71,11 +72,10 @@ def concept_bank(run_dir: Path):
 
 
 def best_layer(evaluation: dict | None, bank) -> int | None:
-    """eval.json's best layer; else the bank's layer about two-thirds of the way up (the study's choice)."""
-    if evaluation and evaluation.get("best_layer") is not None:
-        return int(evaluation["best_layer"])
+    """The layer the report shows (emojax.concepts.layer.choose_layer over the bank's layers, else eval.json's);
+    None when there are none."""
     layers = list(bank.layers) if bank is not None else [int(k) for k in (evaluation or {}).get("per_layer", {})]
-    return sorted(layers)[(2 * len(layers)) // 3 if len(layers) > 1 else 0] if layers else None
+    return choose_layer(layers, evaluation=evaluation) if layers else None
 
 
 def sae_metrics(run_dir: Path) -> list[dict]:

@@ -216,7 +216,8 @@ def monitor(run_dir: Path) -> str:
     top = np.argsort(-np.abs(readings).max(0), kind="stable")[:MONITOR_TOP]
     names = [sample["concepts"][i] for i in top]
     uri = figures.monitor_heatmap(list(sample["tokens"]), names, readings[:, top])
-    return (f"<p>Layer {_fmt(sample.get('layer', '-'))}; the {len(names)} concepts with the largest |reading| of "
+    return (f"<p>Layer {_fmt(sample.get('layer', '-'))}; readings are the fit's readout cos(x - center, v); the "
+            f"{len(names)} concepts with the largest |reading| of "
             f"{len(sample['concepts'])}.</p><blockquote>{escape(sample.get('text', ''))}</blockquote>"
             + img(uri, "monitored generation heatmap"))
 

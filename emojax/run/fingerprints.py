@@ -23,7 +23,7 @@ OUTPUT_SETTINGS: dict[str, tuple[str, ...]] = {
     "corpus": ("inputs", "reader", "labels_file", "extra_labels", "generator", "tokenizer", "max_chars",
                "max_tokens", "n_shards", "pack_length", "val_fraction", "test_fraction"),
     "dump": ("layers", "dtype", "model_dtype", "pool_start", "buckets", "tokens_per_batch", "token_chunk_rows",
-             "token_read_rows", "doc_chunk_rows", "doc_read_rows", "tokenizer",
+             "token_read_rows", "doc_chunk_rows", "doc_read_rows", "tokenizer", "attention",
              "mesh"),  # batch rows are rounded to the mesh's data axis: another mesh batches (and sums) otherwise
     "fit": ("layers", "labels", "method", "fit_split", "eval_splits", "denoise", "denoise_variance",
             "neutral_split", "unit_norm", "negative", "pca_iters", "probe", "probe_l2", "probe_lr", "probe_epochs",
@@ -49,6 +49,8 @@ OTHER_SETTINGS: dict[str, dict[str, str]] = {
             "mesh": "how the statistics are laid out over devices (sums regroup only within float rounding)"},
     "sae": {"store": "set from run.dir; the store is covered by the dump's fingerprint",
             "out": "set from run.dir",
+            "model": "set from run.model; covered by the train stage's fingerprint",
+            "bank": "set from run.dir; the bank is covered by the fit's fingerprint",
             "mesh": "how the sweep is laid out over devices",
             "decoder": "dense or gathered decoding compute the same function (the SAE's own resume check still "
                        "refuses to mix them within one training run)",

@@ -14,16 +14,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from rich.console import Console
-
 from emojax.errors import ConfigError
 from emojax.fileio import move_aside
 from emojax.locks import LockedError, WriterLock, holder
+from emojax.progress import fmt, log
 from emojax.run import stages
 from emojax.run.config import RunFile
 from emojax.run.records import StageRecords, fingerprint
-
-console = Console(stderr=True)
 
 
 def run(run_file: RunFile, show_progress: bool = True) -> dict:
@@ -51,8 +48,8 @@ def _read_upstream(name: str, records: StageRecords, context: stages.Context) ->
     except Exception:  # noqa: BLE001 - only a warning: the record on disk is what the next stages use
         wanted = None
     if wanted != record["fingerprint"]:
-        console.print(f"[yellow]{name}[/]: not in run.stages; its settings in the config differ from the run "
-                      f"recorded in {records.folder}/{name}.json, which is what later stages use")
+        log(f"{name}: not in run.stages; its settings in the config differ from the run recorded in "
+            f"{records.folder}/{name}.json, which is what later stages use", style="yellow")
 
 
 def _refuse_if_written(path: Path) -> None:
@@ -92,29 +89,28 @@ def _run(run_file: RunFile, run_dir: Path, show_progress: bool) -> dict:
             status = "resume"  # finished once with these inputs, then partly removed: the stage redoes what is gone
         if status == "complete":
             if stage.wants_check(context):
-                console.print(f"[bold]{name}[/]: complete; checking its outputs")
-                console.print(f"[bold]{name}[/]: {stage.check(context)}")
+                log(f"{name}: complete; checking its outputs")
+                log(f"{name}: {stage.check(context)}")
             else:
-                console.print(f"[bold]{name}[/]: skipped (complete, inputs unchanged)")
+                log(f"{name}: skipped (complete, inputs unchanged)")
             done[name] = {**record, "skipped": True}
         else:
             if status == "resume":
-                console.print(f"[bold]{name}[/]: resuming an unfinished run")
+                log(f"{name}: resuming an unfinished run")
             else:
-                console.print(f"[bold]{name}[/]: " + ("settings or inputs changed; recomputing"
-                                                      if status == "changed" else "running"))
+                log(f"{name}: " + ("settings or inputs changed; recomputing" if status == "changed" else "running"))
                 for path in stage.outputs(context):
                     _refuse_if_written(path)
                     moved = move_aside(path)
                     if moved is not None:
-                        console.print(f"[bold]{name}[/]: the previous output {path} was moved to {moved} "
-                                      "(delete it when you no longer need it)")
+                        log(f"{name}: the previous output {path} was moved to {moved} (delete it when you no "
+                            "longer need it)")
             records.write(name, {"stage": name, "fingerprint": fp, "complete": False})
             started = time.perf_counter()
             try:
                 summary = stage.run(context)
             except KeyboardInterrupt:
-                console.print(f"[bold]{name}[/]: interrupted; run the same command again to resume")
+                log(f"{name}: interrupted; run the same command again to resume")
                 raise
             seconds = time.perf_counter() - started
             record = {"stage": name, "fingerprint": fp, "complete": True, "skipped": False,
@@ -122,6 +118,6 @@ def _run(run_file: RunFile, run_dir: Path, show_progress: bool) -> dict:
             records.write(name, record)
             context.results[name] = summary
             done[name] = record
-            console.print(f"[bold]{name}[/]: done in {seconds:.1f} s")
+            log(f"{name}: done in {fmt(seconds)} s")
         context.fingerprints[name] = fp
     return done

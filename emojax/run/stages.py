@@ -7,15 +7,13 @@ to tell they are complete.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from emojax.config_loader import positive, unbounded
+from emojax.config_loader import SECTIONS
 from emojax.fileio import write_json, write_text
-from emojax.locks import WriterLock
-from emojax.run.config import RunFile, typed_section
+from emojax.run.config import RunFile
 from emojax.run.fingerprints import output_settings
 
 
@@ -72,13 +70,13 @@ class Train(Stage):
 
     def _config(self, ctx: Context):
         from emojax.models.presets import BUILTIN_NAMES
-        from emojax.train.config import train_config_from_section
 
         model = ctx.run_file.run.model
         if model not in BUILTIN_NAMES:
             return None
-        return train_config_from_section(ctx.run_file.section("train"), ctx.run_file.source,
-                                         default_preset=BUILTIN_NAMES[model])
+        # run.model names the preset the train section starts from (builtin:tiny: tiny)
+        return SECTIONS["train"].build({"preset": BUILTIN_NAMES[model], **ctx.run_file.section("train")},
+                                       ctx.run_file.source)
 
     def settings(self, ctx):
         from emojax.models.identity import model_identity
@@ -114,12 +112,9 @@ class Corpus(Stage):
     depends = ("train",)
 
     def _config(self, ctx: Context):
-        from emojax.corpus.config import CorpusConfig
-
         model = Path(ctx.model)
         tokenizer = str(model) if (model / "tokenizer.json").is_file() else "byte"
-        return typed_section(CorpusConfig, ctx.run_file, "corpus",
-                             {"out": str(ctx.path("corpus")), "tokenizer": tokenizer})
+        return ctx.run_file.config("corpus", {"out": str(ctx.path("corpus")), "tokenizer": tokenizer})
 
     def settings(self, ctx):
         from emojax.corpus.build import input_versions
@@ -132,7 +127,7 @@ class Corpus(Stage):
         return settings
 
     def run(self, ctx):
-        from emojax.corpus.build import build_corpus
+        from emojax.pipelines.corpus import build_corpus
 
         manifest = build_corpus(self._config(ctx))
         return {k: manifest[k] for k in ("documents_in", "documents_written", "rejected", "deduplicated",
@@ -147,11 +142,8 @@ class Dump(Stage):
     depends = ("train", "corpus")
 
     def _config(self, ctx: Context):
-        from emojax.store import DumpConfig
-
-        return typed_section(DumpConfig, ctx.run_file, "dump",
-                             {"corpus": str(ctx.path("corpus")), "out": str(ctx.path("activations")),
-                              "model": ctx.model})
+        return ctx.run_file.config("dump", {"corpus": str(ctx.path("corpus")), "out": str(ctx.path("activations")),
+                                            "model": ctx.model, "attention": ctx.run_file.run.attention})
 
     def settings(self, ctx):
         return output_settings("dump", self._config(ctx))
@@ -188,11 +180,8 @@ class Fit(Stage):
     depends = ("dump",)
 
     def _config(self, ctx: Context):
-        from emojax.concepts import FitConfig
-
-        return typed_section(FitConfig, ctx.run_file, "fit",
-                             {"store": str(ctx.path("activations")), "out": str(ctx.path("concepts")),
-                              "model": ctx.model})
+        return ctx.run_file.config("fit", {"store": str(ctx.path("activations")), "out": str(ctx.path("concepts")),
+                                           "model": ctx.model})
 
     def settings(self, ctx):
         return output_settings("fit", self._config(ctx))
@@ -212,69 +201,25 @@ class Fit(Stage):
 
 
 class SaeStage(Stage):
-    """Trains the configured SAE(s) on the store, exports each, and writes metrics.json (held-out
-    reconstruction, dead fraction, spliced-in LM loss, and the concept bank's best-matching latents)."""
+    """Trains the configured SAE(s) on the store, exports and evaluates them (emojax.sae.evaluate)."""
 
     name = "sae"
     depends = ("dump", "fit")
 
     def _config(self, ctx: Context):
-        from emojax.sae import SaeConfig
-
-        return typed_section(SaeConfig, ctx.run_file, "sae",
-                             {"store": str(ctx.path("activations")), "out": str(ctx.path("sae", "main"))})
+        return ctx.run_file.config("sae", {"store": str(ctx.path("activations")), "out": str(ctx.path("sae", "main")),
+                                           "model": ctx.model, "bank": str(ctx.path("concepts"))})
 
     def settings(self, ctx):
         return output_settings("sae", self._config(ctx))
 
     def run(self, ctx):
-        config = self._config(ctx)
-        with WriterLock(config.out, what="SAE output"):  # held through training, export and metrics
-            return self._train_and_export(ctx, config)
+        from emojax.sae.evaluate import train_and_evaluate
 
-    def _train_and_export(self, ctx, config):
-        import numpy as np
-
-        from emojax.models import load_model
-        from emojax.sae import (bank_max_cosine, dead_fraction, evaluate_batches, export_sae, heldout_tokens,
-                                spliced_metrics, train_sae)
-        from emojax.store import ActivationStore
-
-        result = train_sae(config, log=print if ctx.show_progress else None)
-        store = ActivationStore(config.store)
-        test = store.select("test")
-        held = [store.document_tokens(config.layer, int(i)).astype(np.float32) for i in test[:256]]
-        tokens, mask = heldout_tokens(store, "test", max_docs=16)
-        lm = load_model(ctx.model)
-        bank = None
-        if ctx.path("concepts", "bank.json").is_file():
-            from emojax.concepts import load_bank
-
-            bank = load_bank(ctx.path("concepts"))
-            if config.layer not in bank.layers:
-                bank = None
-        entries = []
-        for i in range(config.n_sae):
-            sae = result.sae(i)
-            value = config.values(config.sweep)[i] if config.sweep else None
-            name = f"{config.variant}" + (f" {config.sweep}={value:g}" if config.sweep else f" k={config.k}")
-            folder = export_sae(sae, ctx.path("sae", "main", f"sae_{i}"), hook_layer=config.layer,
-                                extra={"sweep": config.sweep, "value": value,
-                                       "model_identity": store.state.get("model_identity")})
-            entry = {"name": name, "folder": str(folder), "layer": config.layer,
-                     **evaluate_batches(sae, held),
-                     "dead_fraction": dead_fraction(np.asarray(result.state["stats"]["since_fired"][i]),
-                                                    config.dead_after_tokens),
-                     **spliced_metrics(lm, sae, config.layer, tokens, mask)}
-            if bank is not None:
-                matches = bank_max_cosine(bank, config.layer, sae)
-                entry["bank_max_cosine"] = {k: round(v[0], 4) for k, v in matches.items()}
-                entry["bank_mean_max_cosine"] = float(np.mean([v[0] for v in matches.values()]))
-            entries.append(entry)
-        write_json(ctx.path("sae", "main", "metrics.json"), entries)
-        return {"saes": len(entries), "tokens": result.tokens, "seconds": round(result.seconds, 2),
-                "tokens_per_s": result.tokens / max(result.seconds, 1e-9),
-                **{k: entries[0][k] for k in ("l0", "fvu", "dead_fraction", "ce_loss_recovered")}}
+        summary, metrics = train_and_evaluate(self._config(ctx), log=print if ctx.show_progress else None)
+        return {"saes": len(metrics), "tokens": summary["tokens"], "seconds": round(summary["seconds"], 2),
+                "tokens_per_s": summary["tokens"] / max(summary["seconds"], 1e-9),
+                **{k: metrics[0][k] for k in ("l0", "fvu", "dead_fraction", "ce_loss_recovered")}}
 
     def outputs(self, ctx):
         return [ctx.path("sae")]
@@ -283,73 +228,42 @@ class SaeStage(Stage):
         return ctx.path("sae", "main", "metrics.json").is_file()
 
 
-@dataclasses.dataclass(frozen=True)
-class SteerSettings:
-    """The run's steering evaluation and monitored sample (the `steer:` section)."""
-
-    concepts: tuple[str, ...] = ("desperate", "calm", "afraid", "joyful")  # those in the bank are used
-    strengths: tuple[float, ...] = unbounded((-0.2, -0.1, 0.0, 0.1, 0.2))  # fractions of the layer's mean norm
-    prompts: tuple[str, ...] = ("I opened the letter and", "The meeting started late, and she",
-                                "When the phone rang at midnight, he")
-    max_new_tokens: int = positive(24)
-    monitor_prompt: str = "The deadline was in an hour and nothing worked. She"
-    monitor_new_tokens: int = positive(40)
-
-
 class Steer(Stage):
     """Steering curves (evaluate_steering) and one monitored generation, for the report."""
 
     name = "steer"
     depends = ("fit",)
 
-    def _config(self, ctx: Context) -> SteerSettings:
-        return typed_section(SteerSettings, ctx.run_file, "steer", {})
+    def _config(self, ctx: Context):
+        return ctx.run_file.config("steer")
 
     def settings(self, ctx):
-        return {**output_settings("steer", self._config(ctx)), "layer": ctx.run_file.run.layer}
+        return {**output_settings("steer", self._config(ctx)), "layer": ctx.run_file.run.layer,
+                "attention": ctx.run_file.run.attention}
 
     def run(self, ctx):
-        import numpy as np
-
         from emojax.concepts import load_bank
+        from emojax.concepts.layer import bank_layer
         from emojax.models import load_model
-        from emojax.steer import Decoder, Readout
-        from emojax.steer.commands import check_bank_model
-        from emojax.steer.evaluate import SteeringEval, evaluate_steering
-        from emojax.steer.text import encode_prompts, token_texts, tokenizer_for
+        from emojax.steer import Decoder
+        from emojax.steer.evaluate import SteeringEval, evaluate_steering, steering_curves
+        from emojax.steer.generate import monitored_generation
 
         config = self._config(ctx)
         bank = load_bank(ctx.path("concepts"))
-        lm = load_model(ctx.model)
-        check_bank_model(lm, bank, warn=print)  # a bank of another model is refused, as by `emojax steer`
-        report = json.loads(ctx.path("concepts", "eval.json").read_text())
-        layer = ctx.run_file.run.layer or int(report.get("best_layer") or bank.layers[-1])
-        concepts = [c for c in config.concepts if c in bank.names] or list(bank.names[:4])
+        lm = load_model(ctx.model, attention=ctx.run_file.run.attention)
+        layer = bank_layer(bank, lm.config.n_layers, ctx.run_file.run.layer or None)
         decoder = Decoder(lm)
+        # First: like `emojax monitor`, it refuses a bank of another model before any other work.
+        monitor = monitored_generation(lm, bank, config.monitor_prompt, layer, config.monitor_new_tokens, decoder,
+                                       warn=print)
+        concepts = [c for c in config.concepts if c in bank.names] or list(bank.names[:4])
         rows = evaluate_steering(lm, bank, concepts, list(config.prompts),
                                  SteeringEval(strengths=config.strengths, layer=layer,
                                               max_new_tokens=config.max_new_tokens), decoder=decoder)
         out = ctx.path("steer")
         write_text(out / "evaluation.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
-        curves = {"layer": layer, "read_layer": rows[0]["readout_layer"] if rows else layer, "concepts": {}}
-        for c in concepts:
-            mine = [r for r in rows if r["concept"] == c]
-            curves["concepts"][c] = {"strengths": [r["strength"] for r in mine],
-                                     "readout": [r["readout"] for r in mine],
-                                     "fluency_ppl": [r["perplexity"] for r in mine],
-                                     "logprob_shift": [r["logprob_shift"] for r in mine]}
-        write_json(out / "curves.json", curves)
-
-        tokenizer = tokenizer_for(lm)
-        tokens, mask = encode_prompts(tokenizer, [config.monitor_prompt])
-        gen = decoder.generate(tokens, mask, max_new_tokens=config.monitor_new_tokens,
-                               readout=Readout(concepts=bank.at_layer(layer).astype(np.float32), index=layer))
-        valid = np.asarray(gen.valid)[0]
-        ids = np.asarray(gen.tokens)[0][valid]
-        readings = np.asarray(gen.readings)[0][valid]
-        monitor = {"text": tokenizer.decode(ids.tolist()), "tokens": token_texts(tokenizer, ids.tolist()),
-                   "concepts": list(bank.names), "readings": np.round(readings, 5).tolist(), "layer": layer,
-                   "prompt_tokens": int(np.asarray(mask).sum())}
+        write_json(out / "curves.json", steering_curves(rows, layer))
         write_json(out / "monitor.json", monitor, indent=None)
         write_text(out / "generations.jsonl", json.dumps({"prompt": config.monitor_prompt, **monitor}) + "\n")
         strongest = max(rows, key=lambda r: abs(r["logprob_shift"])) if rows else {}
@@ -379,26 +293,15 @@ class Report(Stage):
 STAGES: dict[str, Stage] = {s.name: s for s in (Train(), Corpus(), Dump(), Fit(), SaeStage(), Steer(),
                                                   Report())}
 
-# Sections typed by a stage config, and the keys `emojax run` sets itself (placeholders for the early check).
-SECTION_CLASSES = {
-    "corpus": ("emojax.corpus.config:CorpusConfig", {"out": "-", "tokenizer": "byte"}),
-    "dump": ("emojax.store:DumpConfig", {"corpus": "-", "out": "-", "model": "-"}),
-    "fit": ("emojax.concepts:FitConfig", {"store": "-", "out": "-", "model": "-"}),
-    "sae": ("emojax.sae:SaeConfig", {"store": "-", "out": "-"}),
-    "steer": ("emojax.run.stages:SteerSettings", {}),
-}
-
 
 def check_run_file(run_file: RunFile) -> None:
     """Types every section before anything runs, so a bad key fails in a second, not after the corpus stage."""
-    import importlib
-
     from emojax.errors import CheckpointError
     from emojax.models.presets import BUILTIN_NAMES, RANDOM_PREFIX
 
-    for name, (target, forced) in SECTION_CLASSES.items():
-        module, cls = target.split(":")
-        typed_section(getattr(importlib.import_module(module), cls), run_file, name, forced)
+    for name in SECTIONS:
+        if name not in ("run", "train"):  # run is typed on reading; train only for a built-in model, below
+            run_file.config(name)
     if "train" in run_file.sections:
         Train()._config(Context(run_file=run_file, run_dir=Path(".")))
     model = run_file.run.model

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
-from emojax.config_loader import fraction, load_section, non_negative, positive, ranged
+from emojax.config_loader import config_section, fraction, non_negative, positive, ranged
 from emojax.errors import ConfigError
 
 VARIANTS = ("relu_l1", "topk", "batchtopk", "jumprelu")
@@ -13,6 +12,7 @@ SWEEPABLE = ("k", "sparsity_coeff")
 DECODERS = ("auto", "dense", "gather")
 
 
+@config_section("sae", derived={"store": "input", "out": "output", "model": "model", "bank": "bank"})
 @dataclass(frozen=True)
 class SaeConfig:
     variant: str = "topk"
@@ -48,6 +48,8 @@ class SaeConfig:
     layer: int = non_negative(1)  # residual index in the store
     store: str = ""
     out: str = ""
+    model: str = ""  # checkpoint or preset the store was dumped with, for the spliced-in LM loss; empty: none
+    bank: str = ""  # concept bank folder whose vectors the latents are matched to; empty or no bank there: none
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -81,7 +83,3 @@ class SaeConfig:
     @property
     def k_max(self) -> int:
         return int(max(self.values("k")))
-
-
-def load_sae_config(config_file: str | Path | None = None, overrides=()) -> SaeConfig:
-    return load_section(SaeConfig, "sae", config_file, overrides)

@@ -35,7 +35,7 @@ def source_identity(source: BatchSource) -> str:
 
 @dataclass
 class ArraySource:
-    """Batches of rows of an in-memory array [N, D], in a seeded permutation per epoch."""
+    """Batches of rows of an in-memory array [rows, D], in a seeded permutation per epoch."""
 
     acts: np.ndarray
     batch_size: int

@@ -30,6 +30,8 @@ NOT_MATH = {
     "log_every": "what is printed and kept in the history",
     "store": "a path: the store's content identity (`data`) is compared instead",
     "out": "a path: where checkpoints and exports go",
+    "model": "the model of the spliced-in loss, measured after training",
+    "bank": "the concept bank matched to the latents after training",
 }
 
 

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from emojax.models.interventions import Interventions
 from emojax.sae.model import Sae
 
 
@@ -50,8 +51,6 @@ def spliced_metrics(lm, sae: Sae, layer: int, tokens_BT, mask_BT=None) -> dict:
     with that stream zeroed; CE loss recovered = (zero - spliced) / (zero - clean); delta loss = spliced -
     clean; KL(clean || spliced) per token. Positions with a padded target are excluded.
     """
-    from emojax.models import Patch
-
     tokens = np.asarray(tokens_BT, np.int32)
     mask = np.ones_like(tokens) if mask_BT is None else np.asarray(mask_BT)
     clean = lm(tokens, mask, capture=(layer,))
@@ -59,8 +58,9 @@ def spliced_metrics(lm, sae: Sae, layer: int, tokens_BT, mask_BT=None) -> dict:
     B, T, D = h_BTD.shape
     recon = np.asarray(sae.reconstruct(h_BTD.reshape(B * T, D))).reshape(B, T, D)
     recon = np.where(mask[..., None] > 0, recon, h_BTD)  # padding keeps its own values
-    spliced = lm(tokens, mask, patch=Patch(values=jnp.asarray(recon), index=layer))
-    zero = lm(tokens, mask, patch=Patch(values=jnp.zeros_like(recon), index=layer))
+    none = Interventions.empty(B, lm.config.n_layers, D)
+    spliced = lm(tokens, mask, interventions=none.patch_at(recon, layer))
+    zero = lm(tokens, mask, interventions=none.patch_at(np.zeros_like(recon), layer))
     target, valid = tokens[:, 1:], (mask[:, 1:] * mask[:, :-1]).astype(np.float64)
     lp = {name: _log_probs(out.logits)[:, :-1] for name, out in
           (("clean", clean), ("spliced", spliced), ("zero", zero))}

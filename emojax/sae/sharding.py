@@ -1,6 +1,6 @@
 """Where SAE arrays live on the ("data", "fsdp", "tensor") mesh: one table, used by the trainer and checkpoints.
 
-The leading axis S of every train-state array is the sweep axis (several SAEs trained together): replicated.
+The leading axis W of every train-state array is the sweep axis (several SAEs trained together): replicated.
 Latents F are split over "tensor" (encoder columns, decoder rows), the token batch B over "data".
 """
 

@@ -24,6 +24,7 @@ import optax
 
 from emojax.errors import CheckpointError, EmojaxError
 from emojax.locks import WriterLock
+from emojax.progress import fmt, log
 from emojax.sae.checkpoint import SaeCheckpoints, abstract_like
 from emojax.sae.config import SaeConfig
 from emojax.sae.data import BatchSource, StoreSource, sample_rows, source_identity
@@ -67,18 +68,18 @@ def lr_schedule(config: SaeConfig) -> optax.Schedule:
     ], [warm, decay_start])
 
 
-def geometric_median(x_ND: np.ndarray, iters: int = 30) -> np.ndarray:
+def geometric_median(x_XD: np.ndarray, iters: int = 30) -> np.ndarray:
     """Weiszfeld's iteration, from the mean."""
-    m = x_ND.mean(0)
+    m = x_XD.mean(0)
     for _ in range(iters):
-        w = 1.0 / np.maximum(np.linalg.norm(x_ND - m, axis=1), 1e-8)
-        m = (w[:, None] * x_ND).sum(0) / w.sum()
+        w = 1.0 / np.maximum(np.linalg.norm(x_XD - m, axis=1), 1e-8)
+        m = (w[:, None] * x_XD).sum(0) / w.sum()
     return m
 
 
-def input_statistics(sample_ND: np.ndarray) -> tuple[float, np.ndarray]:
+def input_statistics(sample_XD: np.ndarray) -> tuple[float, np.ndarray]:
     """(scale making the mean squared norm 1, geometric median of the scaled sample [D])."""
-    x = sample_ND.astype(np.float64)
+    x = sample_XD.astype(np.float64)
     scale = float(1.0 / np.sqrt(np.mean(np.sum(x ** 2, axis=1))))
     return scale, geometric_median(x * scale).astype(np.float32)
 
@@ -176,7 +177,7 @@ class SaeTrainer:
         any_dead = jnp.any(state["stats"]["since_fired"] >= self.config.dead_after_tokens)
         branch = jnp.where(finite, 1 + any_dead.astype(jnp.int32), 0)
         new, metrics = jax.lax.switch(branch, [keep, partial(update, False), partial(update, True)])
-        # Per SAE [S]: are its parameters finite after this step? The host stops before saving or exporting a
+        # Per SAE [n_sae]: are its parameters finite after this step? The host stops before saving or exporting a
         # state that fails it (a pass over the parameters: small next to the step's matmuls).
         params_finite = jnp.stack([jnp.all(jnp.isfinite(v.reshape(v.shape[0], -1)), axis=1)
                                    for v in jax.tree.leaves(new["params"])]).all(0)
@@ -191,7 +192,7 @@ class SaeTrainer:
 class TrainResult:
     config: SaeConfig
     variant: Variant
-    state: dict  # host numpy train state; every array has the sweep axis S first
+    state: dict  # host numpy train state; every array has the sweep axis (one row per SAE) first
     input_scale: float
     history: list[dict]  # logged metrics per SAE, one entry every log_every steps
     seconds: float = 0.0
@@ -204,7 +205,7 @@ class TrainResult:
                    int(self.config.values("k")[i]))
 
 
-def train_sae(config: SaeConfig, source: BatchSource | None = None, log: Callable[[str], None] | None = print,
+def train_sae(config: SaeConfig, source: BatchSource | None = None, log: Callable[[str], None] | None = log,
               on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
     """Trains config.n_sae SAEs for config.steps steps; resumes from config.out's checkpoints if present.
 
@@ -241,7 +242,7 @@ def _train(config: SaeConfig, source: BatchSource | None, log, on_step) -> Train
     if restored is not None:
         state, meta = restored
         scale, position = float(meta["input_scale"]), int(meta["data_position"])
-        log(f"sae: resuming at step {int(state['step'])} (data position {position})")
+        log(f"sae: resuming at step {fmt(int(state['step']))} (data position {fmt(position)})")
     else:
         scale, b_dec = input_statistics(sample_rows(source, config.init_sample_tokens))
         state, position = trainer.init(jnp.asarray(b_dec)), 0
@@ -264,9 +265,8 @@ def _train(config: SaeConfig, source: BatchSource | None, log, on_step) -> Train
         if config.log_every and (s % config.log_every == 0 or s == config.steps):
             history.append({"step": s, **{k: np.asarray(v).tolist() for k, v in host.items()
                                           if k not in ("finite", "params_finite")}})
-            log(f"sae step {s}: " + " ".join(
-                f"{k}=[{', '.join(f'{x:.4g}' for x in np.ravel(v))}]"  # 4 significant digits, not float32 noise
-                for k, v in host.items() if k in ("mse", "fvu", "l0", "dead_frac")))
+            log(f"sae step {fmt(s)}: " + " ".join(f"{k}={fmt(np.ravel(v))}" for k, v in host.items()
+                                                  if k in ("mse", "fvu", "l0", "dead_frac")))
 
     try:
         batches = source.batches(position)

@@ -1,10 +1,10 @@
-"""The `emojax steer` and `emojax monitor` subcommands, and the library functions they are thin shells over.
+"""The `emojax steer` and `emojax monitor` subcommands: argument parsing and printing over emojax.steer.generate.
 
     emojax steer --bank BANK --concept desperate --strength 0.05 --prompt TEXT [--model PATH_OR_PRESET]
     emojax steer --bank BANK --concept calm --sweep -0.1:0.1:5 --prompt TEXT      # 5 strengths, one batch
     emojax monitor --bank BANK --prompt TEXT [--rule 'desperate>0.3:3'] [--out monitor.jsonl]
 
-`register(subparsers)` adds both to the `emojax` parser. The model defaults to the built-in default model.
+`register(subparsers)` adds both to the `emojax` parser. The model defaults to the built-in model.
 A bank fitted on another model (other weights, even of the same shape) is refused unless --force.
 """
 
@@ -13,23 +13,17 @@ from __future__ import annotations
 import json
 import re
 import sys
-import warnings
-from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import numpy as np
 
-from emojax.concepts.bank import ConceptBank, check_model, load_bank
+from emojax.concepts.bank import load_bank
 from emojax.errors import InputError
 from emojax.fileio import write_text
-from emojax.models.lm import LanguageModel
+from emojax.models import load_model
+from emojax.models.layers import ATTENTION_CHOICES
 from emojax.steer.decode import DecodeConfig, Decoder
-from emojax.steer.interventions import default_layer, from_bank
-from emojax.steer.monitor import AlertTracker, Rule, readout_from_bank
-from emojax.steer.sampling import Sampling
-from emojax.steer.text import encode_prompts, token_texts, tokenizer_for
-
-DEFAULT_MODEL = "default"
+from emojax.steer.generate import monitor, steer
+from emojax.steer.monitor import Rule
 
 
 def parse_sweep(text: str) -> list[float]:
@@ -42,115 +36,6 @@ def parse_sweep(text: str) -> list[float]:
     except (ValueError, IndexError):
         raise InputError(f"--sweep takes START:STOP:COUNT like -0.1:0.1:5, got {text!r}") from None
     return [float(x) for x in np.linspace(lo, hi, n)]
-
-
-def _warn(message: str) -> None:
-    warnings.warn(message, stacklevel=3)
-
-
-def check_bank_model(lm: LanguageModel, bank: ConceptBank, force: bool = False,
-                     warn: Callable[[str], None] | None = None) -> None:
-    """Raises BankModelError when `bank` was fitted on a model other than `lm` (compared by content, see
-    emojax.concepts.bank.check_model), unless force; what cannot be checked (or is forced) goes to `warn`
-    (default: warnings.warn)."""
-    message = check_model(bank, lm.identity, lm.source or "this model", force=force)
-    if message:
-        (warn or _warn)(message)
-
-
-def steer(lm: LanguageModel, bank: ConceptBank, prompts: Sequence[str], concepts: Sequence[str],
-          strengths: Sequence[Sequence[float]], *, layers: Sequence[int] | None = None, positions: str = "all",
-          unit: str = "norm", max_new_tokens: int = 48, temperature: float = 0.0, top_k: int = 0,
-          top_p: float = 1.0, seed: int = 0, decoder: Decoder | None = None, force: bool = False,
-          warn: Callable[[str], None] | None = None) -> list[dict]:
-    """Generates every prompt under every strength setting, as one batch.
-
-    strengths: one row per setting, one value per concept (a sweep is several rows). Returns one record per
-    (setting, prompt) with the prompt, the strengths and the generated text. A bank fitted on another model is
-    refused (BankModelError) unless force=True (see check_bank_model).
-    """
-    import jax
-
-    check_bank_model(lm, bank, force, warn)
-    settings = np.asarray(strengths, np.float32)
-    if settings.ndim != 2 or settings.shape[1] != len(concepts):
-        raise InputError(f"need one strength per concept ({len(concepts)}), got {settings.shape[-1]}")
-    for name in concepts:
-        bank.concept_index(name)
-    layers = tuple(layers) if layers else (default_layer(bank, lm.config.n_layers),)
-    tokenizer = tokenizer_for(lm)
-    tokens, mask = encode_prompts(tokenizer, prompts)
-    n_p = len(prompts)
-    per_row = np.repeat(settings, n_p, axis=0)  # row = setting * n_p + prompt
-    iv = from_bank(bank, lm.config.n_layers, concepts, per_row, layers=layers, positions=positions, unit=unit)
-    decoder = decoder or Decoder(lm)
-    B = len(per_row)
-    gen = decoder.generate(np.tile(tokens, (len(settings), 1)), np.tile(mask, (len(settings), 1)),
-                           max_new_tokens=max_new_tokens, interventions=iv,
-                           sampling=Sampling.make(B, temperature, top_k, top_p) if temperature > 0 else None,
-                           key=jax.random.key(seed))
-    records = []
-    for b in range(B):
-        records.append({"prompt": prompts[b % n_p], "concepts": list(concepts),
-                        "strengths": [float(s) for s in per_row[b]], "layers": list(layers), "unit": unit,
-                        "positions": positions, "tokens": gen.generated(b),
-                        "text": tokenizer.decode(gen.generated(b))})
-    return records
-
-
-def monitor(lm: LanguageModel, bank: ConceptBank, prompts: Sequence[str], *, layer: int | None = None,
-            metric: str = "cosine", max_new_tokens: int = 32, rules: Sequence[Rule] = (), top: int = 3,
-            on_alert=None, decoder: Decoder | None = None, force: bool = False,
-            warn: Callable[[str], None] | None = None) -> list[dict]:
-    """Generates from each prompt and reads every token's projections onto the bank's concepts.
-
-    Returns one record per prompt: tokens with their text, source (prompt/generated), readings [C] and top
-    concepts, plus the alerts of `rules`. Alerts are evaluated while the readings stream in (on_alert(alert)).
-    A bank fitted on another model is refused (BankModelError) unless force=True (see check_bank_model).
-    """
-    check_bank_model(lm, bank, force, warn)
-    layer = layer if layer is not None else default_layer(bank, lm.config.n_layers)
-    bank.layer_index(layer)
-    readout, names = readout_from_bank(bank, layer, metric)
-    tracker = AlertTracker(rules, names)
-    tokenizer = tokenizer_for(lm)
-    tokens, mask = encode_prompts(tokenizer, prompts)
-    decoder = decoder or Decoder(lm)
-
-    def on_readings(positions, readings):
-        for alert in tracker.feed(positions, readings):
-            if on_alert is not None:
-                on_alert(alert)
-
-    gen = decoder.generate(tokens, mask, max_new_tokens=max_new_tokens, readout=readout,
-                           on_readings=on_readings if rules else None)
-    readings, valid = np.asarray(gen.readings), np.asarray(gen.valid)
-    records = []
-    for b, prompt in enumerate(prompts):
-        cols = np.nonzero(valid[b])[0]
-        ids = [int(t) for t in np.asarray(gen.tokens)[b, cols]]
-        rows = []
-        for pos, (col, text) in enumerate(zip(cols, token_texts(tokenizer, ids))):
-            r = readings[b, col]
-            best = np.argsort(-r, kind="stable")[:top]
-            rows.append({"position": pos, "token": ids[pos], "text": text,
-                         "source": "prompt" if col < gen.prompt_columns else "generated",
-                         "readings": {n: float(v) for n, v in zip(names, r)},
-                         "top": [[names[i], float(r[i])] for i in best]})
-        records.append({"prompt": prompt, "layer": int(layer), "metric": metric,
-                        "generated": tokenizer.decode(gen.generated(b)), "tokens": rows,
-                        "alerts": [a.to_dict() for a in tracker.alerts() if a.row == b]})
-    return records
-
-
-def _load_model(spec: str, dtype: str) -> LanguageModel:
-    import emojax
-
-    if spec == DEFAULT_MODEL and not Path(spec).exists():
-        from emojax.train.builtin import ensure_builtin_model
-
-        spec = str(ensure_builtin_model())
-    return emojax.load_model(spec, dtype=dtype)
 
 
 def _decode_config(args) -> DecodeConfig:
@@ -184,7 +69,7 @@ def cmd_steer(args) -> int:
             raise InputError(f"give one --strength per --concept ({len(concepts)} concepts, {len(strengths)} "
                              "strengths), or --sweep START:STOP:COUNT")
         settings = [strengths]
-    lm = _load_model(args.model, args.dtype)
+    lm = load_model(args.model, dtype=args.dtype, attention=args.attention)
     records = steer(lm, bank, args.prompt, concepts, settings, layers=args.layer, positions=args.positions,
                     unit=args.unit, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     top_k=args.top_k, top_p=args.top_p, seed=args.seed, decoder=Decoder(lm, _decode_config(args)),
@@ -219,7 +104,7 @@ def cmd_monitor(args) -> int:
 
     bank = load_bank(args.bank)
     rules = [Rule.parse(r) for r in args.rule or ()]
-    lm = _load_model(args.model, args.dtype)
+    lm = load_model(args.model, dtype=args.dtype, attention=args.attention)
     console = Console(highlight=False)
     records = monitor(lm, bank, args.prompt, layer=args.layer, metric=args.metric, max_new_tokens=args.max_new_tokens,
                       rules=rules, top=args.top, decoder=Decoder(lm, _decode_config(args)), force=args.force,
@@ -252,9 +137,11 @@ def register(subparsers) -> None:
     """Adds `steer` and `monitor` to an argparse subparsers object (of the `emojax` parser)."""
 
     def common(p):
-        p.add_argument("--model", default=DEFAULT_MODEL,
+        p.add_argument("--model", default="builtin",
                        help="Hugging Face-format directory or preset such as random:tiny (default: the built-in model)")
         p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+        p.add_argument("--attention", default="xla", choices=list(ATTENTION_CHOICES),
+                       help="attention kernel (default: %(default)s; cudnn/auto: cuDNN's fused kernel on a GPU)")
         p.add_argument("--bank", required=True, help="concept bank folder (written by `emojax fit`)")
         p.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable: one batch)")
         p.add_argument("--max-new-tokens", type=int, default=48)
@@ -274,7 +161,8 @@ def register(subparsers) -> None:
     # `--sweep -0.1:0.1:5` as documented: argparse takes only plain negative numbers for values otherwise.
     p._negative_number_matcher = re.compile(r"^-\d+$|^-\d*\.\d+$|^-[0-9.]+:[-0-9.]+:[0-9]+$")
     p.add_argument("--layer", type=int, action="append",
-                   help="residual index to steer at (repeatable; default: the bank layer nearest 2/3 depth)")
+                   help="residual index to steer at (repeatable; default: the fit's best layer, from the bank's "
+                        "eval.json, else the bank layer nearest 2/3 depth)")
     p.add_argument("--positions", choices=["prompt", "generated", "all"], default="all")
     p.add_argument("--unit", choices=["norm", "absolute"], default="norm",
                    help="norm: strength x unit vector x mean residual norm (the study's unit); absolute: x vector")
@@ -288,7 +176,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("monitor", help="print per-token concept readings of a generation; write JSONL")
     common(p)
     p.set_defaults(max_new_tokens=32)
-    p.add_argument("--layer", type=int, help="residual index to read (default: the bank layer nearest 2/3 depth)")
+    p.add_argument("--layer", type=int, help="residual index to read (default: the fit's best layer, from the "
+                                             "bank's eval.json, else the bank layer nearest 2/3 depth)")
     p.add_argument("--metric", choices=["cosine", "dot"], default="cosine")
     p.add_argument("--top", type=int, default=3, help="concepts shown per token")
     p.add_argument("--rule", action="append", help="alert rule such as 'desperate>0.3:3' (repeatable)")

@@ -4,8 +4,8 @@
     gen = decoder.generate(tokens_BT, mask_BT, max_new_tokens=64, interventions=iv, readout=readout)
     gen.tokens [B, S]  gen.readings [B, S, C]
 
-Shapes are static: the prompt is left-padded to a prompt bucket P and the cache holds P + N columns, N the
-new-token bucket; the loop compiles once per (batch, P, N, intervention structure, readout structure) and
+Shapes are static: the prompt is left-padded to a prompt bucket P and the cache holds P + n_new columns, n_new
+the new-token bucket; the loop compiles once per (batch, P, n_new, intervention structure, readout structure) and
 never for new prompts, strengths, vectors, temperatures, stop tokens or max_new_tokens (all arrays).
 
 Columns: [0, P) the prompt (left padding first), P + j the j-th generated token. Positions count real tokens,
@@ -25,10 +25,10 @@ from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec
 
 from emojax.errors import InputError
-from emojax.models.cache import KVCache, embed, init_cache, layer_segments, run_layers, split_layers, unembed
+from emojax.models.interventions import Interventions
 from emojax.models.lm import LanguageModel
 from emojax.models.sharding import batch_multiple
-from emojax.steer.interventions import Interventions
+from emojax.models.transformer import KVCache, layer_segments
 from emojax.steer.monitor import Readout
 from emojax.steer.sampling import Sampling, choose
 
@@ -95,7 +95,7 @@ class Generation:
     valid [B, S] bool     real tokens
     n_generated [B]       generated tokens per row (a stop token counts)
     readings [B, S, C]    concept projections of every real token (None without a readout)
-    logits [B, N, V]      the logits each generated token was chosen from (None unless asked for)
+    logits [B, n_new, V]  the logits each generated token was chosen from (None unless asked for)
     """
 
     tokens: jax.Array
@@ -130,7 +130,7 @@ class _State:
     cache: KVCache
     key: jax.Array
     readings: jax.Array | None  # [B, S, C]
-    logits: jax.Array | None  # [B, N, V]
+    logits: jax.Array | None  # [B, n_new, V]
     chunk: jax.Array | None  # [B, n, C] readings not yet streamed
     chunk_pos: jax.Array | None  # [B, n] their positions (-1: none)
     chunk_fill: jax.Array | None  # scalar
@@ -178,7 +178,7 @@ class Decoder:
         lengths = mask.sum(axis=1)
         check_positions(cfg, lengths, max_new_tokens, self.config.beyond_max_positions)
         P = bucket(int(lengths.max()), self.config.prompt_buckets, "a prompt")
-        N = bucket(max_new_tokens, self.config.new_token_buckets, "max_new_tokens")
+        n_new = bucket(max_new_tokens, self.config.new_token_buckets, "max_new_tokens")
         # Right-align the real tokens into P columns (left padding), whatever padding the input had.
         toks = np.full((B, P), pad_id, np.int32)
         pmask = np.zeros((B, P), np.int32)
@@ -188,7 +188,8 @@ class Decoder:
         if sampling is not None and sampling.temperature.shape != (B,):
             raise InputError(f"sampling is for batch {sampling.temperature.shape[0]}, tokens for {B}")
         if interventions is not None:
-            self._check_interventions(interventions, B)
+            interventions.check(cfg.n_layers, cfg.d_model, B)
+            interventions = _align_patch(interventions, mask, P)
         if readout is not None:
             self._check_readout(readout)
             readout = readout.replace(concepts=np.asarray(readout.concepts, np.float32),
@@ -204,7 +205,7 @@ class Decoder:
             if sampling is not None:
                 sampling = jax.tree.map(lambda a: np.pad(np.asarray(a), (0, pad)), sampling)
             if interventions is not None:
-                interventions = _pad_batch(interventions, pad)
+                interventions = interventions.padded(pad)
         batch = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
         toks, pmask = jax.device_put(toks, batch), jax.device_put(pmask, batch)
 
@@ -212,7 +213,7 @@ class Decoder:
         with self.lm._precision():
             out = self._jitted(self.lm.params, toks, pmask, np.int32(max_new_tokens), stops, sampling, key,
                                None if interventions is None else interventions.as_device(), readout,
-                               n_new=N, return_logits=return_logits, stream=on_readings is not None)
+                               n_new=n_new, return_logits=return_logits, stream=on_readings is not None)
             if on_readings is not None:  # the loop runs asynchronously: wait for its last callbacks
                 jax.block_until_ready(out)
                 jax.effects_barrier()
@@ -220,14 +221,6 @@ class Decoder:
         if pad:
             out = jax.tree.map(lambda a: a[:B], out)
         return out
-
-    def _check_interventions(self, iv: Interventions, B: int) -> None:
-        cfg = self.lm.config
-        if iv.batch != B:
-            raise InputError(f"interventions were built for batch {iv.batch}, the prompts are a batch of {B}")
-        if (iv.n_layers, iv.d_model) != (cfg.n_layers, cfg.d_model):
-            raise InputError(f"interventions are for {iv.n_layers} layers x d_model {iv.d_model}; the model has "
-                             f"{cfg.n_layers} x {cfg.d_model}")
 
     def _check_readout(self, readout: Readout) -> None:
         cfg = self.lm.config
@@ -247,48 +240,27 @@ class Decoder:
         self.trace_count += 1  # runs only while tracing
         lm, cfg, mesh = self.lm, self.lm.config, self.lm.mesh
         model = nnx.merge(lm.graphdef, params)
-        L, N = cfg.n_layers, n_new
+        L = cfg.n_layers
         B, P = prompt_BP.shape
-        S = P + N
-        sae = None if iv is None else iv.sae
-        segments = layer_segments(L, () if sae is None else (sae.spec.index,), self.config.unroll_layers)
-        graph, states = split_layers(model, segments)
-        dtype = lm.dtype
-        k_cols = jnp.arange(S, dtype=jnp.int32)
+        S = P + n_new
+        segments = layer_segments(L, () if iv is None else iv.static_indices, self.config.unroll_layers)
+        layer_states = model.split_layers(segments)  # sliced once, outside the loop
+        step_iv = None if iv is None else iv.replace(patch=None)  # a patch covers the prompt's columns only
+        read_index = None if readout is None else readout.index
 
-        def forward(tokens_BT, positions_BT, gen, mask_BTS, q_cols, cache, start, key_len):
-            """One cached pass: logits of its last column [B, V] and readings [B, T, C] (or None)."""
-            T = tokens_BT.shape[1]
-            gen_BT = jnp.full((B, T), gen, jnp.float32)
-
-            def at_index(i, x):
-                if sae is not None and i == sae.spec.index:
-                    x = sae.apply(x, gen_BT)
-                return x
-
-            edit = None if iv is None else (lambda i, x: iv.apply(i, x, gen_BT))
-            x = embed(model, tokens_BT, positions_BT)
-            if iv is not None:
-                x = iv.apply(0, x, gen_BT)
-            x = at_index(0, x)
-            read_index = None if readout is None else readout.index
-            x, cache, read = run_layers(cfg, graph, states, segments, x, positions_BT, model._rope, mask_BTS, q_cols,
-                                        k_cols, cache, start, key_len, edit=edit, at_boundary=at_index,
-                                        read_index=read_index, read_BTD=None if readout is None else x, mesh=mesh)
-            x = model.final_norm(x)
-            logits = unembed(model, x[:, -1:])[:, 0]
-            if readout is None:
-                return logits, None, cache
-            return logits, readout(jnp.where(read_index == L, x, read)), cache
+        def forward(tokens_BT, positions_BT, gen, key_valid_BS, cache, start, iv):
+            """One cached pass: logits of its last column [B, V], readings [B, T, C] (or None), the cache."""
+            out = model(tokens_BT, key_valid_BS, interventions=iv, generated_BT=jnp.full(tokens_BT.shape, gen),
+                        mesh=mesh, logits="last", kernel=lm.kernel, cache=cache, start=start,
+                        positions_BT=positions_BT, layer_states=layer_states, read_index=read_index)
+            return out.logits, None if readout is None else readout(out.read), out.cache
 
         # Prefill: the prompt's P columns, attending among themselves.
         prompt_len_B = jnp.sum(mask_BP, axis=1).astype(jnp.int32)
         valid_BP = mask_BP.astype(bool)
         positions_BP = jnp.maximum(jnp.cumsum(mask_BP, axis=1) - 1, 0).astype(jnp.int32)
-        causal = jnp.arange(P)[None, :] <= jnp.arange(P)[:, None]
-        cache = init_cache(cfg, segments, B, S, dtype)
-        logits_BV, reads_BPC, cache = forward(prompt_BP, positions_BP, 0.0, causal[None] & valid_BP[:, None, :],
-                                              jnp.arange(P, dtype=jnp.int32), cache, 0, P)
+        cache = KVCache.empty(cfg, segments, B, S, lm.dtype)
+        logits_BV, reads_BPC, cache = forward(prompt_BP, positions_BP, 0.0, valid_BP, cache, 0, iv)
         tokens = jnp.zeros((B, S), jnp.int32).at[:, :P].set(prompt_BP)
         valid = jnp.zeros((B, S), bool).at[:, :P].set(valid_BP)
 
@@ -300,13 +272,13 @@ class Decoder:
                 jax.debug.callback(self._emit, jnp.where(valid_BP, positions_BP, -1), readings[:, :P], ordered=True)
                 n = self.config.stream_chunk
                 chunk, chunk_pos, chunk_fill = jnp.zeros((B, n, C), jnp.float32), jnp.full((B, n), -1), jnp.int32(0)
-        logits = jnp.zeros((B, N, logits_BV.shape[-1]), jnp.float32) if return_logits else None
+        logits = jnp.zeros((B, n_new, logits_BV.shape[-1]), jnp.float32) if return_logits else None
         state = _State(step=jnp.int32(0), tokens=tokens, valid=valid, go=(prompt_len_B > 0) & (max_new >= 1),
                        n_generated=jnp.zeros((B,), jnp.int32), next_logits=logits_BV, cache=cache, key=key,
                        readings=readings, logits=logits, chunk=chunk, chunk_pos=chunk_pos, chunk_fill=chunk_fill)
 
         def cond(s: _State):
-            return (s.step < N) & jnp.any(s.go)
+            return (s.step < n_new) & jnp.any(s.go)
 
         def body(s: _State) -> _State:
             # Choose token j from the logits of the previous pass, then feed it (its readings, the next logits).
@@ -324,9 +296,8 @@ class Decoder:
             n_generated = s.n_generated + real_B
             stopped_B = jnp.any(token_B[:, None] == stops_Z[None, :], axis=1)
             pos_B = prompt_len_B + s.step
-            mask_B1S = (valid & (k_cols[None, :] <= col))[:, None, :]
-            logits_BV, reads_B1C, cache = forward(token_B[:, None], pos_B[:, None], 1.0, mask_B1S, col[None],
-                                                  s.cache, col, S)
+            logits_BV, reads_B1C, cache = forward(token_B[:, None], pos_B[:, None], 1.0, valid, s.cache, col,
+                                                  step_iv)
             out = dict(step=s.step + 1, tokens=tokens, valid=valid, go=real_B & ~stopped_B & (n_generated < max_new),
                        n_generated=n_generated, next_logits=logits_BV, cache=cache, key=key)
             if return_logits:
@@ -358,8 +329,16 @@ class Decoder:
         return jnp.full_like(positions, -1)
 
 
-def _pad_batch(iv: Interventions, pad: int) -> Interventions:
-    iv = iv.replace(strengths=np.pad(np.asarray(iv.strengths), ((0, pad), (0, 0))))
-    if iv.sae is not None:
-        iv = iv.replace(sae=iv.sae.replace(values=np.pad(np.asarray(iv.sae.values), ((0, pad), (0, 0)))))
-    return iv
+def _align_patch(iv: Interventions, mask_BT: np.ndarray, P: int) -> Interventions:
+    """A patch given for the prompt tokens as passed, moved to the decode loop's P left-padded prompt columns."""
+    if iv.patch is None:
+        return iv
+    B, T = mask_BT.shape
+    values = np.broadcast_to(np.asarray(iv.patch.values, np.float32), (B, T, iv.d_model))
+    weights = np.broadcast_to(np.asarray(iv.patch.mask, np.float32), (B, T))
+    vals_BPD, mask_BP = np.zeros((B, P, iv.d_model), np.float32), np.zeros((B, P), np.float32)
+    for b in range(B):
+        real = mask_BT[b].astype(bool)
+        n = int(real.sum())
+        vals_BPD[b, P - n:], mask_BP[b, P - n:] = values[b][real], weights[b][real]
+    return iv.replace(patch=iv.patch.replace(values=vals_BPD, mask=mask_BP))

@@ -19,13 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from emojax.concepts.bank import ConceptBank
+from emojax.concepts.layer import bank_layer
 from emojax.errors import InputError
-from emojax.models.cache import unembed
 from emojax.models.lm import LanguageModel
-from emojax.models.transformer import Steering
+from emojax.models.interventions import Interventions
 from emojax.steer.decode import Decoder, Generation
-from emojax.steer.interventions import Positions, bank_direction, default_layer, from_bank
-from emojax.steer.monitor import Readout
+from emojax.steer.interventions import Positions, bank_direction, from_bank
+from emojax.steer.monitor import Readout, readout_from_bank
 from emojax.steer.text import encode_prompts, tokenizer_for
 
 
@@ -39,7 +39,7 @@ def congruent_tokens(lm: LanguageModel, direction, n: int) -> np.ndarray:
     """The `n` token ids whose logits the direction [D] raises most: its logit lens (final norm, unembedding)."""
     model = lm.model
     v = jnp.asarray(direction, lm.dtype)[None, None, :]
-    lens = np.asarray(unembed(model, model.final_norm(v)))[0, 0]
+    lens = np.asarray(model.unembed(model.final_norm(v)))[0, 0]
     return np.argsort(-lens, kind="stable")[:n]
 
 
@@ -58,9 +58,9 @@ def sequence_perplexity(lm: LanguageModel, gen: Generation) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class SteeringEval:
-    """Settings of `evaluate_steering`. layer: residual index steered (default: the bank layer nearest 2/3
-    depth); readout_layer: where the concept is read back (default: the next bank layer after it, else the
-    last residual index)."""
+    """Settings of `evaluate_steering`. layer: residual index steered (default: emojax.concepts.layer's choice,
+    the fit's best layer); readout_layer: where the concept is read back (default: the next bank layer after
+    it, else the last residual index)."""
 
     strengths: tuple[float, ...] = (-0.1, -0.05, 0.0, 0.05, 0.1)
     layer: int | None = None
@@ -78,7 +78,7 @@ def evaluate_steering(lm: LanguageModel, bank: ConceptBank, concepts: Sequence[s
     tokens, mask = encode_prompts(tokenizer, prompts)
     decoder = decoder or Decoder(lm)
     L = lm.config.n_layers
-    layer = settings.layer if settings.layer is not None else default_layer(bank, L)
+    layer = bank_layer(bank, L, settings.layer)
     later = [i for i in bank.layers if i > layer]
     readout_layer = settings.readout_layer if settings.readout_layer is not None else (later[0] if later else L)
     strengths = np.asarray(settings.strengths, np.float32)
@@ -89,14 +89,16 @@ def evaluate_steering(lm: LanguageModel, bank: ConceptBank, concepts: Sequence[s
     for concept in concepts:
         direction = bank_direction(bank, concept, layer, "absolute")
         words = congruent_tokens(lm, direction, settings.n_congruent)
-        read_dir = bank.vector(concept, readout_layer) if readout_layer in bank.layers else direction
+        if readout_layer in bank.layers:  # the one readout: the centred cosine with the bank's vector there
+            readout, _ = readout_from_bank(bank, readout_layer, concepts=[concept])
+        else:
+            readout = Readout(concepts=np.asarray(direction, np.float32)[None], index=readout_layer)
         s_B = np.repeat(strengths, n_p)  # strength-major: row = s * n_p + p
         iv = from_bank(bank, L, [concept], s_B[:, None], layers=(layer,), positions=settings.positions,
                        unit=settings.unit)
         gen = decoder.generate(np.tile(tokens, (n_s, 1)), np.tile(mask, (n_s, 1)),
                                max_new_tokens=settings.max_new_tokens, interventions=iv, return_logits=True,
-                               readout=Readout(concepts=np.asarray(read_dir, np.float32)[None], index=readout_layer,
-                                               metric="cosine"))
+                               readout=readout)
         logp = _log_softmax(np.asarray(gen.logits)[:, 0])  # the first generated token: the steered prompt
         congruent = logp[:, words].mean(axis=1).reshape(n_s, n_p)
         baseline = congruent[int(np.nonzero(strengths == 0)[0][0])]
@@ -116,6 +118,16 @@ def evaluate_steering(lm: LanguageModel, bank: ConceptBank, concepts: Sequence[s
                 "sample": tokenizer.decode(sample),
             })
     return rows
+
+
+def steering_curves(rows: Sequence[dict], layer: int) -> dict:
+    """evaluate_steering's rows as one curve per concept (strength -> readout, fluency perplexity, logprob
+    shift), steered at `layer`, as the report plots them."""
+    keys = {"strengths": "strength", "readout": "readout", "fluency_ppl": "perplexity",
+            "logprob_shift": "logprob_shift"}  # curve key -> row key
+    return {"layer": layer, "read_layer": rows[0]["readout_layer"] if rows else layer,
+            "concepts": {c: {k: [r[v] for r in rows if r["concept"] == c] for k, v in keys.items()}
+                         for c in dict.fromkeys(r["concept"] for r in rows)}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,10 +162,10 @@ SYCOPHANCY = ABTask(
 
 
 def answer_logprobs(lm: LanguageModel, prompts: Sequence[str], answers: Sequence[str],
-                    steering: Steering | None = None) -> np.ndarray:
+                    interventions: Interventions | None = None) -> np.ndarray:
     """[n] sum of log P(answer tokens | prompt) for each (prompt, answer) pair, in one forward pass.
 
-    steering (optional): applied to every position of prompt and answer (vectors [L + 1, D], scale [n]).
+    interventions (optional): built for batch n, acting on every position of prompt and answer.
     """
     tokenizer = tokenizer_for(lm)
     if len(prompts) != len(answers):
@@ -167,9 +179,7 @@ def answer_logprobs(lm: LanguageModel, prompts: Sequence[str], answers: Sequence
     for r, (p, a) in enumerate(pairs):
         ids = p + a
         tokens[r, T - len(ids):], mask[r, T - len(ids):] = ids, 1
-    if steering is not None and steering.mask is None:
-        steering = steering.replace(mask=mask.astype(np.float32))
-    logp = _log_softmax(np.asarray(lm(tokens, mask, steering=steering).logits))
+    logp = _log_softmax(np.asarray(lm(tokens, mask, interventions=interventions).logits))
     out = np.zeros(len(pairs))
     for r, (_, a) in enumerate(pairs):
         cols = np.arange(T - len(a), T)
@@ -185,16 +195,14 @@ def evaluate_ab(lm: LanguageModel, task: ABTask, bank: ConceptBank | None = None
     strengths = list(strengths)
     prompts = [it.prompt for _ in strengths for it in task.items for _ in (0, 1)]
     answers = [ans for _ in strengths for it in task.items for ans in (it.a, it.b)]
-    steering = None
+    iv = None
     if bank is not None and concept is not None:
-        layer = layer if layer is not None else default_layer(bank, L)
-        rows = np.zeros((L + 1, D), np.float32)
-        rows[layer] = bank_direction(bank, concept, layer, unit)
-        scale = np.repeat(np.asarray(strengths, np.float32), 2 * n)
-        steering = Steering(vectors=jnp.asarray(rows), scale=scale)
+        layer = bank_layer(bank, L, layer)
+        iv = Interventions.empty(len(prompts), L, D).add(bank_direction(bank, concept, layer, unit), layers=(layer,),
+                                                        strengths=np.repeat(np.asarray(strengths, np.float32), 2 * n))
     elif any(s != 0 for s in strengths):
         raise InputError("nonzero strengths need a bank and a concept")
-    scores = answer_logprobs(lm, prompts, answers, steering).reshape(len(strengths), n, 2)
+    scores = answer_logprobs(lm, prompts, answers, iv).reshape(len(strengths), n, 2)
     margins = scores[..., 0] - scores[..., 1]
     return [{"task": task.name, "behaviour": task.behaviour, "concept": concept, "strength": float(s),
              "rate_a": float((margins[i] > 0).mean()), "mean_margin": float(margins[i].mean()),

@@ -1,4 +1,4 @@
-"""Concept monitoring: projections of every token's residual onto a bank's concepts, and threshold alerts.
+"""Concept monitoring: every token's reading of a bank's concepts (the fit's centred cosine), and threshold alerts.
 
 `Readout` is the device side (computed inside the decode loop at one residual index, [B, T, C] per pass);
 `Rule`, `find_alerts` and `AlertTracker` are the host side: "desperate > 0.3 for 3 tokens" raises an alert
@@ -11,60 +11,42 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Sequence
-from typing import Literal
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
 from emojax.concepts.bank import ConceptBank
+from emojax.concepts.evaluate import Metric, concept_readout
 from emojax.errors import InputError
-
-Metric = Literal["cosine", "dot"]
-_EPS = 1e-12
 
 
 @struct.dataclass
 class Readout:
-    """Projections onto `concepts` [C, D] of the residual at `index` (after any intervention there).
-
-    metric "dot": x . v; "cosine": x . v / (|x| |v|). Index L reads after the final norm, like capture=(L,).
-    The concepts and the index are arrays: monitoring other concepts or another layer does not recompile.
+    """Readings [B, T, C] of `concepts` [C, D] in the residual at `index` (after any intervention there),
+    measured from `center` [D] (None: the origin): the fit evaluation's readout (concept_readout), cos(x - c, v)
+    for metric "cosine", (x - c) . v for "dot". Index L reads after the final norm, like capture=(L,).
+    Concepts, center and index are arrays: monitoring other concepts or another layer does not recompile.
     """
 
     concepts: jax.Array
     index: jax.Array | int = 0
+    center: jax.Array | None = None
     metric: Metric = struct.field(pytree_node=False, default="cosine")
 
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
-        return project(x_BTD, self.concepts, self.metric)
-
-
-def project(x_BTD, concepts_CD, metric: Metric = "cosine"):
-    """[B, T, C] float32 projections (works on jax and numpy arrays alike)."""
-    xp = jnp if isinstance(x_BTD, jax.Array) or isinstance(concepts_CD, jax.Array) else np
-    x = x_BTD.astype(xp.float32)
-    v = concepts_CD.astype(xp.float32)
-    dots = xp.einsum("btd,cd->btc", x, v)
-    if metric == "dot":
-        return dots
-    if metric != "cosine":
-        raise InputError(f"metric must be 'cosine' or 'dot', got {metric!r}")
-    x_norm = xp.sqrt(xp.sum(x * x, axis=-1))[..., None]
-    v_norm = xp.sqrt(xp.sum(v * v, axis=-1))[None, None, :]
-    return dots / xp.maximum(x_norm * v_norm, _EPS)
+        return concept_readout(x_BTD, self.concepts, self.center, self.metric)
 
 
 def readout_from_bank(bank: ConceptBank, layer: int, metric: Metric = "cosine",
                       concepts: Sequence[str] | None = None) -> tuple[Readout, tuple[str, ...]]:
-    """A Readout of the bank's concepts (all, or `concepts`) at residual index `layer`, and their names."""
+    """A Readout of the bank's concepts (all, or `concepts`) at residual index `layer`, measured from the bank's
+    center there (the origin for a bank without one), and their names."""
     names = tuple(concepts) if concepts else bank.names
     at = bank.at_layer(layer)
     rows = np.stack([at[bank.concept_index(n)] for n in names]).astype(np.float32)
-    if metric not in ("cosine", "dot"):
-        raise InputError(f"metric must be 'cosine' or 'dot', got {metric!r}")
-    return Readout(concepts=rows, index=np.int32(layer), metric=metric), names
+    center = np.zeros(bank.d_model, np.float32) if bank.center is None else bank.center[bank.layer_index(layer)]
+    return Readout(concepts=rows, index=np.int32(layer), center=center.astype(np.float32), metric=metric), names
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from emojax.config_loader import non_negative, positive
+from emojax.config_loader import config_section, non_negative, positive
+from emojax.models.layers import ATTENTION_CHOICES
 
 STORE_DTYPES = ("bfloat16", "float32")
 
 
+@config_section("dump", derived={"model": "model", "corpus": "input", "out": "output", "attention": "model"})
 @dataclasses.dataclass(frozen=True)
 class DumpConfig:
     corpus: str = "runs/default/corpus"  # the corpus stage's output folder (manifest.json + shards/)
@@ -18,6 +20,7 @@ class DumpConfig:
     layers: tuple[int, ...] = non_negative(())
     dtype: str = "bfloat16"  # token-level activations; pooled means are always float32
     model_dtype: str = "float32"
+    attention: str = "xla"  # the attention kernel: xla, cudnn, auto or xla-fused (emojax.models.layers)
     pool_start: int = non_negative(50)  # pooled means average positions >= pool_start (the study's choice)
     # padded sequence lengths; empty: steps of ~1.33x up to the corpus max_tokens
     buckets: tuple[int, ...] = positive(())
@@ -34,6 +37,8 @@ class DumpConfig:
     def __post_init__(self):
         if self.dtype not in STORE_DTYPES:
             raise ValueError(f"dtype must be one of {STORE_DTYPES}, got {self.dtype!r}")
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"attention must be one of {list(ATTENTION_CHOICES)}, got {self.attention!r}")
         if self.pool_start < 0:
             raise ValueError(f"pool_start must be >= 0, got {self.pool_start}")
         for name in ("tokens_per_batch", "token_chunk_rows", "token_read_rows", "doc_chunk_rows",

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import jax
@@ -32,13 +33,13 @@ from emojax.locks import writer_lock
 from emojax.models import load_model, make_mesh
 from emojax.models.identity import describe_difference, model_identity, same_model
 from emojax.models.sharding import batch_multiple
+from emojax.progress import fmt, log, progress_bar
 from emojax.store import corpus_shards
 from emojax.store.batches import batch_arrays, plan_batches, rows_per_bucket
 from emojax.store.checks import DumpError, check_positions, check_tokenizer, refuse_non_finite, refuse_too_long
 from emojax.store.completeness import damaged_shards
 from emojax.store.config import DumpConfig, default_buckets, default_layers
 from emojax.store.layout import ShardRange, StoreLayout, plan_layout
-from emojax.store.progress import DumpProgress
 from emojax.store.state import (
     SPLIT_CODES,
     STORE_FORMAT,
@@ -60,15 +61,18 @@ from emojax.store.writer import (
 )
 
 
-def dump(config: DumpConfig, show_progress: bool = True, log=print, lm=None) -> dict:
+def dump(config: DumpConfig, show_progress: bool = True, log=log, lm=None, interventions=None) -> dict:
     """Runs (or resumes) the dump stage; returns store.json's content.
+
+    `interventions`: an emojax.models.Interventions built for batch 1 (adds, ablations, an SAE clamp; no patch),
+    applied to every document: a store of the steered model's activations (recorded in its fingerprint).
 
     `lm`: an already loaded model to use instead of loading config.model (its compiled forwards are reused,
     e.g. by a benchmark that warms up first); config.model still names it in store.json when `lm` has no
     checkpoint folder to identify it by.
     """
     with _writer_lock(config.out):  # before the model loads: a second writer fails at once
-        return _dump(config, show_progress, log, lm)
+        return _dump(config, show_progress, log, lm, interventions)
 
 
 def _writer_lock(out: str):
@@ -84,11 +88,17 @@ def _writer_lock(out: str):
     return writer_lock(out, what="activation store")
 
 
-def _dump(config: DumpConfig, show_progress: bool, log, lm) -> dict:
+def _dump(config: DumpConfig, show_progress: bool, log, lm, interventions) -> dict:
     manifest = corpus_shards.read_manifest(config.corpus)
     if lm is None:
-        lm = load_model(config.model, dtype=config.model_dtype, mesh=_local_mesh(config.mesh))
+        lm = load_model(config.model, dtype=config.model_dtype, mesh=_local_mesh(config.mesh),
+                        attention=config.attention)
     mesh = lm.mesh
+    if interventions is not None:
+        if interventions.batch != 1 or interventions.patch is not None:
+            raise DumpError("a dump's interventions are built for batch 1 (they apply to every document) and "
+                            "cannot patch (a patch holds values for given tokens)")
+        interventions.check(lm.config.n_layers, lm.config.d_model, 1)
     tokenizer_sha = check_tokenizer(config, lm, manifest)
     check_positions(config, lm, manifest)
     L = lm.config.n_layers
@@ -114,6 +124,8 @@ def _dump(config: DumpConfig, show_progress: bool, log, lm) -> dict:
                     "token_chunk_rows": config.token_chunk_rows, "token_read_rows": config.token_read_rows,
                     "doc_chunk_rows": config.doc_chunk_rows, "doc_read_rows": config.doc_read_rows},
     }
+    if interventions is not None:
+        fingerprints["interventions"] = interventions.fingerprint()
     folder = KeyValueFolder(config.out)
     state = _open_or_create(folder, config, fingerprints, identity, layout, layers, lm, manifest, specs)
     arrays = open_arrays(config.out, specs)
@@ -133,36 +145,44 @@ def _dump(config: DumpConfig, show_progress: bool, log, lm) -> dict:
     if skipped:
         log(f"dump: {len(skipped)} shard(s) already complete, skipped: {', '.join(skipped)}")
 
-    step = Step(lm, layers, config.pool_start, config.dtype)
-    progress = DumpProgress(sum(s.n_tokens for s in mine), len(mine), enabled=show_progress)
+    step = Step(lm, layers, config.pool_start, config.dtype, interventions)
     writes = Writes(config.writes_in_flight, config.out)
+    counted = {"tokens": 0, "documents": 0}
     started = time.perf_counter()
-    with progress, ThreadPoolExecutor(max_workers=1) as reader:
+    with progress_bar("dump", sum(s.n_tokens for s in mine), enabled=show_progress) as update, \
+            ThreadPoolExecutor(max_workers=1) as reader:
+
+        def advance(tokens: int, documents: int) -> None:  # one collected batch: the counts and rates so far
+            counted["tokens"] += tokens
+            counted["documents"] += documents
+            seconds = max(time.perf_counter() - started, 1e-9)
+            update(advance=tokens, status=f"{fmt(round(counted['tokens'] / seconds))} tok/s  "
+                                          f"{fmt(writes.bytes_written / 1e6 / seconds)} MB/s")
+
         infos = {s["name"]: s for s in manifest["shards"]}
         upcoming = deque(reader.submit(corpus_shards.read_shard, config.corpus, infos[s.name]) for s in mine[:1])
         for k, shard_range in enumerate(mine):
+            update(description=f"dump shard {k + 1}/{len(mine)}")
             shard = upcoming.popleft().result()
             if k + 1 < len(mine):  # read the next shard while this one runs
                 upcoming.append(reader.submit(corpus_shards.read_shard, config.corpus, infos[mine[k + 1].name]))
-            record = _dump_shard(shard, shard_range, arrays, layers, buckets, rows, step, writes, progress,
+            record = _dump_shard(shard, shard_range, arrays, layers, buckets, rows, step, writes, advance,
                                  lm.config)
             writes.wait_all()  # every array write of the shard has committed: only now is it complete
             folder.write_json(f"shards/{shard.name}.json", record)
             if world == 1:
                 state["complete_shards"] = sorted([*state["complete_shards"], shard.name])
                 folder.write_json("store.json", state)
-            progress.shard_done()
     seconds = time.perf_counter() - started
-    summary = {"tokens": progress.tokens, "documents": progress.documents, "seconds": round(seconds, 3),
-               "tokens_per_s": progress.tokens / max(seconds, 1e-9),
+    summary = {**counted, "seconds": round(seconds, 3), "tokens_per_s": counted["tokens"] / max(seconds, 1e-9),
                "mb_written": writes.bytes_written / 1e6, "mb_per_s": writes.bytes_written / 1e6 / max(seconds, 1e-9),
                "shards_written": len(mine), "shards_skipped": len(skipped), "process": rank}
     summary_key = f"summary/process-{rank:03d}.json"
     if mine or folder.read_json(summary_key) is None:  # a run that wrote nothing leaves the last one's summary
         folder.write_json(summary_key, summary)
     state = _finish(folder, state, layout, world)
-    log(f"dump: {summary['tokens']:,} tokens, {summary['documents']:,} documents from {len(mine)} shard(s) in "
-        f"{seconds:.1f} s: {summary['tokens_per_s']:,.0f} tokens/s, {summary['mb_per_s']:,.1f} MB/s written"
+    log(f"dump: {fmt(summary['tokens'])} tokens, {fmt(summary['documents'])} documents from {len(mine)} shard(s) in "
+        f"{fmt(seconds)} s: {fmt(round(summary['tokens_per_s']))} tokens/s, {fmt(summary['mb_per_s'])} MB/s written"
         f"{'' if state['complete'] else ' (other processes still writing)'}")
     return state
 
@@ -241,9 +261,10 @@ def _barrier(name: str) -> None:
 
 
 def _dump_shard(shard: corpus_shards.CorpusShard, where: ShardRange, arrays: dict, layers: tuple[int, ...],
-                buckets: tuple[int, ...], rows: dict[int, int], step: Step, writes: Writes, progress,
-                model_config) -> dict:
-    """Writes one corpus shard's rows; returns its completion record (written by the caller after commit)."""
+                buckets: tuple[int, ...], rows: dict[int, int], step: Step, writes: Writes,
+                advance: Callable[[int, int], None], model_config) -> dict:
+    """Writes one corpus shard's rows, calling advance(tokens, documents) per batch collected; returns its
+    completion record (written by the caller after commit)."""
     vocab_size = model_config.vocab_size
     refuse_too_long(shard.name, shard.doc_ids, shard.lengths, model_config)
     if shard.tokens.size and (shard.tokens.min() < 0 or shard.tokens.max() >= vocab_size):
@@ -278,7 +299,7 @@ def _dump_shard(shard: corpus_shards.CorpusShard, where: ShardRange, arrays: dic
             pooled[layer][position:position + n] = np.asarray(p)[:n]
         n_pooled[position:position + n] = np.asarray(count)[:n]
         position += n
-        progress.advance(int(real.sum()), n, writes.bytes_written)
+        advance(int(real.sum()), n)
 
     for batch in batches:
         tokens, mask = batch_arrays(batch, shard.tokens, shard.offsets)

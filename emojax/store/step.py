@@ -13,18 +13,20 @@ import numpy as np
 class Step:
     """The jitted forward (hidden states only, layers past the deepest capture skipped) and the on-device
     reduction to what is stored: activations cast to the store dtype, pooled means in float32, and whether each
-    document's activations are all finite (checked on device, so the host reads back B booleans per layer)."""
+    document's activations are all finite (checked on device, so the host reads back B booleans per layer).
+    `interventions` (built for batch 1, emojax.models.interventions) act on every batch: a steered dump."""
 
-    def __init__(self, lm, layers: tuple[int, ...], pool_start: int, dtype: str):
+    def __init__(self, lm, layers: tuple[int, ...], pool_start: int, dtype: str, interventions=None):
         self.lm, self.pool_start = lm, pool_start
-        self.forward = lm._forward_fn(layers, None, logits=False)
+        self.interventions = None if interventions is None else interventions.as_device()
+        self.forward = lm._forward_fn(layers, self.interventions, logits=False)
         self.reduce = _reduce_fn(pool_start, dtype)
 
     def __call__(self, tokens: np.ndarray, mask: np.ndarray):
         """tokens, mask [B, T] -> (hidden [B, T, D] per layer, pooled [B, D] per layer, count [B],
         finite [L, B] bool)."""
         with self.lm._precision():
-            out = self.forward(self.lm.params, tokens, mask, None, None)
+            out = self.forward(self.lm.params, tokens, mask, np.zeros(mask.shape, np.float32), self.interventions)
         return self.reduce(out.hidden, jnp.asarray(mask))
 
 

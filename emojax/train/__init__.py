@@ -6,14 +6,16 @@ held-out perplexity against a unigram baseline (`evaluate`); an HF-format output
 model cached on first use (`builtin`); the `emojax train-lm` subcommand (`commands`).
 """
 
+from emojax.models.presets import register_builtin
 from emojax.train.bpe import BOS_ID, EOS_ID, PAD_ID, train_bpe
 from emojax.train.builtin import default_cache_dir, ensure_builtin_model, is_complete, read_train_json, train_lm
-from emojax.train.commands import register
-from emojax.train.config import PRESETS, TrainConfig, load_train_config, preset_config
+from emojax.train.config import PRESETS, TrainConfig, preset_config
 from emojax.train.trainer import Trainer, TrainState
+
+register_builtin(lambda preset: ensure_builtin_model(name=preset))
 
 __all__ = [
     "BOS_ID", "EOS_ID", "PAD_ID", "PRESETS", "TrainConfig", "TrainState", "Trainer", "default_cache_dir",
     "ensure_builtin_model",
-    "is_complete", "load_train_config", "preset_config", "read_train_json", "register", "train_bpe", "train_lm",
+    "is_complete", "preset_config", "read_train_json", "train_bpe", "train_lm",
 ]

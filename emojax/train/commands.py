@@ -29,14 +29,15 @@ def cmd_train_lm(args) -> int:
     from rich.table import Table
 
     from emojax.train.builtin import read_train_json, train_lm
-    from emojax.train.config import load_train_config
+    from emojax.config_loader import load_section
+    from emojax.train.config import TrainConfig
 
     overrides = list(args.overrides)
     if args.preset:
         overrides.insert(0, f"preset={args.preset}")
     if args.out:
         overrides.append(f"out={args.out}")
-    config = load_train_config(args.config, overrides)
+    config = load_section(TrainConfig, args.config, overrides)
     out = train_lm(config, progress=not args.quiet)
     info = read_train_json(out)
     table = Table(title=f"train-lm -> {out}", show_header=False)

@@ -8,11 +8,9 @@ CPU cores). The `tiny` preset is the suite's model (seconds). A YAML `train:` se
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-from pathlib import Path
 
-from emojax.config_loader import (build, file_section, fraction, merge, non_negative, parse_overrides, positive,
-                                  range_violations, ranged, read_yaml)
+from emojax.config_loader import (config_section, fraction, merge, non_negative, positive, range_violations, ranged,
+                                  section_of)
 from emojax.digest import digest
 from emojax.errors import ConfigError
 from emojax.models.config import ModelConfig, RopeConfig
@@ -22,6 +20,16 @@ from emojax.models.config import ModelConfig, RopeConfig
 FORMAT_VERSION = 1
 
 
+def _preset_values(values: dict, source: str) -> dict:
+    """A `train:` mapping on top of the preset it names (`preset: NAME`; none: default)."""
+    values = dict(values)
+    preset = values.pop("preset", "default")
+    if not isinstance(preset, str) or preset not in PRESETS:
+        raise ConfigError(f"{source}: train.preset={preset!r} is not a preset; presets: {', '.join(PRESETS)}")
+    return merge(PRESETS[preset], values, source)
+
+
+@config_section("train", base=_preset_values)
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     out: str = "runs/default/lm"  # where train-lm writes the HF-format folder (not part of the fingerprint)
@@ -98,33 +106,4 @@ PRESETS: dict[str, dict] = {
 
 def preset_config(name: str = "default", **changes) -> TrainConfig:
     """A preset's TrainConfig, optionally with some fields changed."""
-    if name not in PRESETS:
-        raise ConfigError(f"unknown train preset {name!r}; presets: {', '.join(PRESETS)}")
-    return build(TrainConfig, merge(PRESETS[name], changes), f"preset {name}", prefix="train.")
-
-
-def load_train_config(config_file: str | Path | None = None, overrides: Sequence[str] = (),
-                      section: str = "train") -> TrainConfig:
-    """The `train:` section of a YAML file (or defaults) with key=value overrides; `preset: NAME` picks the base.
-
-    Unknown keys, wrong types and out-of-range values raise ConfigError naming the key and the file.
-    """
-    values: dict = {}
-    source = "defaults"
-    if config_file is not None:
-        source = str(config_file)
-        values = file_section(read_yaml(config_file), section, source)
-    if overrides:
-        source += " + overrides"
-        values = merge(values, parse_overrides(overrides), source)
-    return train_config_from_section(values, source, section)
-
-
-def train_config_from_section(values: dict, source: str, section: str = "train",
-                              default_preset: str = "default") -> TrainConfig:
-    """A parsed `train:` mapping (`preset: NAME` plus fields) as a TrainConfig, without turning it back into text."""
-    values = dict(values)
-    preset = values.pop("preset", default_preset)
-    if not isinstance(preset, str) or preset not in PRESETS:
-        raise ConfigError(f"{source}: {section}.preset={preset!r} is not a preset; presets: {', '.join(PRESETS)}")
-    return build(TrainConfig, merge(PRESETS[preset], values, source), source, prefix=f"{section}.")
+    return section_of(TrainConfig).build({"preset": name, **changes}, f"preset {name}")

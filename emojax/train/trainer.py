@@ -23,6 +23,7 @@ from flax import nnx, struct
 from emojax.errors import CheckpointError, EmojaxError
 from emojax.models.config import ModelConfig
 from emojax.models.transformer import Transformer
+from emojax.progress import fmt, progress_bar
 from emojax.train.config import TrainConfig
 from emojax.train.data import TokenData
 from emojax.train.evaluate import token_nll
@@ -154,8 +155,6 @@ class Trainer:
         start = int(state.step)
         lrs = np.asarray(learning_rate(config)(np.arange(config.steps)), np.float32)  # host-side, per step
         tokens_per_step = config.batch_size * config.seq_len
-        bar = _progress_bar(progress)
-        task = bar.add_task("train-lm", total=config.steps, completed=start, loss="-", tps="-")
         pending: tuple[int, dict] | None = None
         t_start = time.perf_counter()
         t_first = None  # time when the first (compiling) step finished
@@ -174,10 +173,11 @@ class Trainer:
                 t_first = now
                 tps = "-"
             else:
-                tps = f"{(step - start) * tokens_per_step / (now - t_first):,.0f}"
-            bar.update(task, completed=step + 1, loss=f"{values['loss']:.3f}", tps=tps)
+                tps = fmt(round((step - start) * tokens_per_step / (now - t_first)))
+            update(completed=step + 1, status=f"step {fmt(step + 1)}/{fmt(config.steps)}  loss {fmt(values['loss'])}  "
+                                              f"{tps} tok/s")
 
-        with bar:
+        with progress_bar("train-lm", config.steps, enabled=progress, completed=start) as update:
             for step in range(start, end):
                 rows = self.data.batch(step, config.batch_size, config.seed)
                 state, metrics = self._step(state, rows, lrs[step])
@@ -199,17 +199,6 @@ class Trainer:
     def close(self) -> None:
         if self.manager is not None:
             self.manager.close()
-
-
-def _progress_bar(enabled: bool):
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
-
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
-        TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False,
-    )
 
 
 def count_params(params) -> int:

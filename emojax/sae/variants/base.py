@@ -1,6 +1,6 @@
 """The interface every SAE variant implements, and the pieces they share.
 
-Shapes: B batch (tokens), D d_model, F latents, K selected latents. Parameters of one SAE:
+Shapes: B batch (tokens), D d_model, F latents, J selected latent slots. Parameters of one SAE:
     W_enc [D, F], b_enc [F], W_dec [F, D] (unit-norm rows), b_dec [D]  (+ variant extras, e.g. log_threshold [F])
 Inputs are already scaled to unit mean squared norm. `hyper` holds the per-SAE values of a sweep as arrays
 (k int32, coeff float32), so one compiled step serves every SAE of the sweep axis.
@@ -67,14 +67,14 @@ def decode(params: dict, acts_BF: jax.Array) -> jax.Array:
 def top_k(pre_BF: jax.Array, k: int, groups: int = 1) -> tuple[jax.Array, jax.Array]:
     """Top-k values and indices [B, k] along F: a local top-k in each of `groups` latent shards, then a merge.
 
-    With groups = the "tensor" mesh size each device ranks only its own latents, and only K values per shard
+    With groups = the "tensor" mesh size each device ranks only its own latents, and only k values per shard
     cross devices (the merge), instead of the whole [B, F] row.
     """
     B, F = pre_BF.shape
     if groups <= 1 or F % groups or k > F // groups:
         return jax.lax.top_k(pre_BF, k)
     local = pre_BF.reshape(B, groups, F // groups)
-    vals, idx = jax.lax.top_k(local, k)  # [B, G, K]
+    vals, idx = jax.lax.top_k(local, k)  # [B, groups, k]
     idx = idx + (jnp.arange(groups) * (F // groups))[None, :, None]
     vals, pick = jax.lax.top_k(vals.reshape(B, groups * k), k)
     return vals, jnp.take_along_axis(idx.reshape(B, groups * k), pick, axis=-1)
@@ -107,43 +107,43 @@ def select_top_k(pre_BF: jax.Array, k: jax.Array, k_max: int) -> tuple[jax.Array
     return jnp.where(mask, pre_BF, 0.0), jnp.where(live, vals, 0.0), idx
 
 
-def decode_selected(params: dict, acts_BF: jax.Array, vals_BK: jax.Array, idx_BK: jax.Array) -> jax.Array:
-    """decode(params, acts) computed from the selection (vals, idx) that acts holds: a gather of K decoder rows
-    per token instead of a [B, F] x [F, D] matmul (on CPU 2.4 vs 36 ms at B 1024, F 4096, D 512, K 32).
+def decode_selected(params: dict, acts_BF: jax.Array, vals_BJ: jax.Array, idx_BJ: jax.Array) -> jax.Array:
+    """decode(params, acts) computed from the selection (vals, idx) that acts holds: a gather of J decoder rows
+    per token instead of a [B, F] x [F, D] matmul (on CPU 2.4 vs 36 ms at B 1024, F 4096, D 512, J 32).
 
     The backward stays dense (the gradients w.r.t. acts and W_dec are the matmuls of `decode`): on CPU a gather-
-    dot for the K selected gradients and a scatter-add for W_dec both measured slower than those matmuls.
+    dot for the J selected gradients and a scatter-add for W_dec both measured slower than those matmuls.
     """
-    return _gather_decode(acts_BF, vals_BK, idx_BK, params["W_dec"]) + params["b_dec"]
+    return _gather_decode(acts_BF, vals_BJ, idx_BJ, params["W_dec"]) + params["b_dec"]
 
 
 @jax.custom_vjp
-def _gather_decode(acts_BF, vals_BK, idx_BK, W_FD):
-    out = jnp.zeros((vals_BK.shape[0], W_FD.shape[1]), W_FD.dtype)
-    for j in range(vals_BK.shape[1]):  # one [B]-row gather per slot: XLA's CPU gather is fast in this form,
-        out = out + vals_BK[:, j:j + 1] * W_FD[idx_BK[:, j]]  # and 20x slower as one gather of [B, K] rows
+def _gather_decode(acts_BF, vals_BJ, idx_BJ, W_FD):
+    out = jnp.zeros((vals_BJ.shape[0], W_FD.shape[1]), W_FD.dtype)
+    for j in range(vals_BJ.shape[1]):  # one [B]-row gather per slot: XLA's CPU gather is fast in this form,
+        out = out + vals_BJ[:, j:j + 1] * W_FD[idx_BJ[:, j]]  # and 20x slower as one gather of [B, J] rows
     return out
 
 
-def _gather_decode_fwd(acts_BF, vals_BK, idx_BK, W_FD):
-    return _gather_decode(acts_BF, vals_BK, idx_BK, W_FD), (acts_BF, W_FD)
+def _gather_decode_fwd(acts_BF, vals_BJ, idx_BJ, W_FD):
+    return _gather_decode(acts_BF, vals_BJ, idx_BJ, W_FD), (acts_BF, W_FD)
 
 
 def _gather_decode_bwd(res, g_BD):
     acts_BF, W_FD = res
     # W^T materialised first: XLA's CPU backend runs the [B, D] x [F, D]^T form of this matmul ~1.5x slower.
-    d_acts = g_BD @ jax.lax.optimization_barrier(W_FD.T)
-    d_W = jax.lax.dot_general(acts_BF, g_BD, (((0,), (0,)), ((), ())))
-    return d_acts, None, None, d_W
+    d_acts_BF = g_BD @ jax.lax.optimization_barrier(W_FD.T)
+    d_W_FD = jax.lax.dot_general(acts_BF, g_BD, (((0,), (0,)), ((), ())))
+    return d_acts_BF, None, None, d_W_FD
 
 
 _gather_decode.defvjp(_gather_decode_fwd, _gather_decode_bwd)
 
 
-def scatter(vals_BK: jax.Array, idx_BK: jax.Array, F: int) -> jax.Array:
+def scatter(vals_BJ: jax.Array, idx_BJ: jax.Array, F: int) -> jax.Array:
     """Dense [B, F] activations holding vals at idx."""
-    B = vals_BK.shape[0]
-    return jnp.zeros((B, F), vals_BK.dtype).at[jnp.arange(B)[:, None], idx_BK].set(vals_BK)
+    B = vals_BJ.shape[0]
+    return jnp.zeros((B, F), vals_BJ.dtype).at[jnp.arange(B)[:, None], idx_BJ].set(vals_BJ)
 
 
 def aux_k_loss(params: dict, pre_BF, x_BD, recon_BD, dead_F, with_aux: bool, aux_k: int, groups: int) -> jax.Array:

@@ -16,7 +16,7 @@ class TopK(Variant):
     aux_k: int = 256
     aux_coeff: float = 1 / 32
     groups: int = 1  # latent shards ("tensor" size): local top-k then merge
-    gather_decode: bool = False  # training decodes by gathering the K selected rows (make_variant: groups == 1)
+    gather_decode: bool = False  # training decodes by gathering the k selected rows (make_variant: groups == 1)
     name: str = "topk"
 
     def encode(self, params, stats, x_BD, hyper):
