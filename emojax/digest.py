@@ -1,10 +1,13 @@
-"""The one fingerprint function: sha256 of a value's canonical JSON (sorted keys; non-JSON values such as paths
-or numpy scalars written with str()). Equal settings give equal digests in any process, on any machine."""
+"""The fingerprint functions: sha256 of a value's canonical JSON (sorted keys; non-JSON values such as paths
+or numpy scalars written with str()), and of named arrays (names, dtypes, shapes and bytes). Equal settings or
+arrays give equal digests in any process, on any machine."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+
+import numpy as np
 
 
 def digest(value) -> str:
@@ -12,4 +15,14 @@ def digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
-__all__ = ["digest"]
+def arrays_digest(arrays: dict[str, np.ndarray]) -> str:
+    """Hex sha256 of named arrays: each name, dtype, shape and its bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}:{a.dtype}:{a.shape}".encode())
+        h.update(a.reshape(-1).view(np.uint8))
+    return h.hexdigest()
+
+
+__all__ = ["arrays_digest", "digest"]

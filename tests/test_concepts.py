@@ -293,18 +293,16 @@ def test_cli_fit_and_show(tmp_path, capsys):
 
 
 def test_logit_lens_matches_numpy():
-    from types import SimpleNamespace
-
     from emojax import load_model
     from emojax.concepts.evaluate import logit_lens
     from emojax.tokenizer import ByteTokenizer
 
     lm = load_model("random:tiny")
-    stub = SimpleNamespace(model=lm.model, tokenizer=ByteTokenizer())
+    lm.tokenizer = ByteTokenizer()
     rng = np.random.default_rng(7)
     vectors = rng.normal(size=(3, lm.config.d_model)).astype(np.float32)
     names = ("calm", "fear", "joy")
-    got = logit_lens(stub, vectors, names, top_k=4)
+    got = logit_lens(lm, vectors, names, top_k=4)
     norm = lm.model.final_norm
     assert norm.kind == "rms" and not norm.offset
     v = vectors.astype(np.float64)

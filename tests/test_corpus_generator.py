@@ -6,7 +6,22 @@ import itertools
 import pytest
 
 from emojax.corpus.catalogue import load_catalogue
-from emojax.corpus.generator import GeneratorConfig, generate, sentences, story, validate_story
+from emojax.corpus.generator import GeneratorConfig, generate, story, validate_story
+
+
+def sentences(text: str) -> list[str]:
+    """Sentences of a story; a quotation (with its attribution) stays inside its sentence."""
+    out, start, in_quote = [], 0, False
+    for i, ch in enumerate(text):
+        if ch == '"':
+            in_quote = not in_quote
+        elif ch in ".!?" and not in_quote and (i + 1 == len(text) or text[i + 1] == " "):
+            out.append(text[start:i + 1].strip())
+            start = i + 1
+    tail = text[start:].strip()
+    if tail:
+        out.append(tail)
+    return [s for s in out if s]
 
 
 @pytest.fixture(scope="module")

@@ -242,7 +242,7 @@ def test_killed_during_dump_then_resumed_equals_an_uninterrupted_run(tiny_run, c
     captured = capsys.readouterr()
     assert "corpus: skipped (complete, inputs unchanged)" in captured.err
     assert "dump: resuming an unfinished run" in captured.err
-    assert "1 shard(s) already complete, skipped" in captured.out
+    assert "1 shard(s) already complete, skipped" in captured.err
     assert_same_store(run_dir / "activations", tiny_run[0] / "activations")
     a, b = load_bank(run_dir / "concepts"), load_bank(tiny_run[0] / "concepts")
     np.testing.assert_array_equal(a.vectors, b.vectors)

@@ -30,10 +30,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_fit(args) -> int:
     from emojax.concepts.fit import fit
+    from emojax.progress import log
     from emojax.run.resolve import stage_config
 
     config = stage_config("fit", args.config, args.overrides, flags={"out": args.out})
-    fit(config, log=None if args.quiet else print)
+    fit(config, log=None if args.quiet else log)
     print(summary(config.out, max_concepts=8))
     return 0
 

@@ -98,10 +98,8 @@ def readout_metrics(scores_XC: np.ndarray, labels_X: np.ndarray) -> dict:
 
 def logit_lens(lm, vectors_CD: np.ndarray, names: tuple[str, ...], top_k: int) -> dict:
     """Each vector through the model's final norm and unembedding: top/bottom tokens and the rank (0 = top) of
-    the concept's own word (the first non-blank token of " " + name). `lm` needs .model and .tokenizer."""
-    model = lm.model
-    x = jnp.asarray(vectors_CD, jnp.float32)[None]  # [1, C, D]
-    logits = np.asarray(model.unembed(model.final_norm(x))[0], np.float64)  # [C, V]
+    the concept's own word (the first non-blank token of " " + name); `lm`'s tokenizer names the tokens."""
+    logits = lm.logit_lens(vectors_CD)
     tok = lm.tokenizer
     out = {}
     for c, name in enumerate(names):

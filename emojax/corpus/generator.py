@@ -203,18 +203,3 @@ def generate(config: GeneratorConfig = GeneratorConfig(), catalogue: Catalogue |
     if config.implicit:
         for concept in concepts:
             yield from implicit_scenarios(concept)
-
-
-def sentences(text: str) -> list[str]:
-    """Sentences of a story; a quotation (with its attribution) stays inside its sentence."""
-    out, start, in_quote = [], 0, False
-    for i, ch in enumerate(text):
-        if ch == '"':
-            in_quote = not in_quote
-        elif ch in ".!?" and not in_quote and (i + 1 == len(text) or text[i + 1] == " "):
-            out.append(text[start:i + 1].strip())
-            start = i + 1
-    tail = text[start:].strip()
-    if tail:
-        out.append(tail)
-    return [s for s in out if s]

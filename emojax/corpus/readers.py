@@ -17,7 +17,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import PurePath
 
 from emojax.errors import EmojaxError
@@ -209,14 +209,3 @@ def read_label_names(path: str) -> tuple[str, ...]:
     if not names:
         raise CorpusError(f"{path}: no label names")
     return names
-
-
-def records_from_paths(paths: Sequence[str], spec: ReaderSpec) -> Iterator[RawRecord]:
-    """Local convenience (tests, small corpora): every record of every file."""
-    for path in paths:
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise CorpusError(f"{path}: cannot open ({e.strerror})") from None
-        yield from read_records(path, data, spec)

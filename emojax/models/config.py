@@ -98,22 +98,8 @@ class ModelConfig:
     def query_scale(self) -> float:
         return self.attn_scale if self.attn_scale is not None else self.head_dim ** -0.5
 
-    @property
-    def n_hidden_states(self) -> int:
-        """Number of capturable residual-stream positions: the embeddings plus one per layer."""
-        return self.n_layers + 1
-
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ModelConfig:
-        d = dict(d)
-        for key in ("rope", "rope_local"):
-            if d.get(key) is not None:
-                d[key] = RopeConfig(**d[key])
-        d["layer_windows"] = tuple(d.get("layer_windows", ()))
-        return cls(**d)

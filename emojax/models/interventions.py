@@ -3,7 +3,7 @@
     iv = (Interventions.empty(batch=B, n_layers=L, d_model=D)
           .add(v_D, layers=(6,), strengths=s_B, positions="generated")  # x += s_b * v at index 6
           .ablate(u_D, layers=(6, 7))                                    # x -= (x . u - mean) u  (mean 0: project out)
-          .patch(values_BTD, index=4)                                    # x := values at index 4
+          .patch_at(values_BTD, index=4)                                 # x := values at index 4
           .clamp_sae(sae, index=6, latents=[123], values=[[4.0]] * B))   # SAE latent 123 := 4, error term kept
 
     lm(tokens, mask, capture=(6,), interventions=iv)          # forward (and the dump's batches)
@@ -23,7 +23,6 @@ prompt's columns), "generated" (decode's generated columns; in a forward pass, t
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -32,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from emojax.digest import arrays_digest
 from emojax.errors import InputError
 
 Positions = Literal["prompt", "generated", "all"]
@@ -77,8 +77,7 @@ class SaeClamp:
         hyper = {"k": self.k, "coeff": jnp.zeros((), jnp.float32)}
         f_BTF = self.variant.encode(self.params, self.stats, flat_BD, hyper).reshape(B, T, -1)
         current_BTM = jnp.take(f_BTF, self.latents, axis=-1)
-        weight_BT = self.where[0] * (1.0 - gen_BT) + self.where[1] * gen_BT
-        change_BTM = (self.values.astype(jnp.float32)[:, None, :] - current_BTM) * weight_BT[..., None]
+        change_BTM = (self.values.astype(jnp.float32)[:, None, :] - current_BTM) * _on(self.where[None], gen_BT)
         rows_MD = jnp.take(self.params["W_dec"].astype(jnp.float32), self.latents, axis=0) / self.input_scale
         return (x_BTD.astype(jnp.float32) + jnp.einsum("BTM,MD->BTD", change_BTM, rows_MD)).astype(x_BTD.dtype)
 
@@ -163,8 +162,7 @@ class Interventions:
     def _per_row(self, values, name: str, tail: tuple[int, ...] = ()) -> np.ndarray:
         """values broadcast to [B, *tail] (a scalar or [*tail] is the same for every row)."""
         v = np.asarray(values, np.float32)
-        if v.shape in ((), tail, (self.batch, *tail)) or (v.ndim == len(tail) + 1 and v.shape[1:] == tail
-                                                          and v.shape[0] == 1):
+        if v.shape in ((), tail, (self.batch, *tail), (1, *tail)):
             return np.array(np.broadcast_to(v, (self.batch, *tail)))
         raise InputError(f"{name} must be a scalar, {list(tail) or ''} or [batch={self.batch}"
                          f"{''.join(f', {n}' for n in tail)}], got shape {v.shape}")
@@ -288,12 +286,9 @@ class Interventions:
 
     def fingerprint(self) -> str:
         """sha256 of the structure and every value: what a store written under these interventions records."""
-        h = hashlib.sha256(str(jax.tree.structure(self)).encode())
-        for leaf in jax.tree.leaves(self):
-            a = np.ascontiguousarray(np.asarray(leaf))
-            h.update(f"{a.dtype}{a.shape}".encode())
-            h.update(a.tobytes())
-        return h.hexdigest()
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(self)
+        return arrays_digest({"structure": np.frombuffer(str(treedef).encode(), np.uint8),
+                              **{jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}})
 
     def as_device(self) -> Interventions:
         return jax.tree.map(jnp.asarray, self)

@@ -91,15 +91,8 @@ class LanguageModel:
         add, ablate, patch, SAE clamp) act on the stream; `generated` [B, T] marks the columns where those with
         positions="generated" act (default: none).
         """
-        tokens = np.asarray(tokens, np.int32)
-        if tokens.ndim != 2:
-            raise InputError(f"tokens must be [batch, seq], got shape {tokens.shape}")
+        tokens, mask = self.check_tokens(tokens, attention_mask)
         B, T = tokens.shape
-        mask = np.ones((B, T), np.int32) if attention_mask is None else np.asarray(attention_mask, np.int32)
-        if mask.shape != (B, T):
-            raise InputError(f"attention_mask shape {mask.shape} does not match tokens {tokens.shape}")
-        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
-            raise InputError(f"token ids must be in [0, {self.config.vocab_size}); got {tokens.min()}..{tokens.max()}")
         if self.config.learned_positions and T > self.config.learned_positions:
             raise InputError(f"sequence length {T} exceeds the model's {self.config.learned_positions} "
                              "learned positions")
@@ -128,6 +121,25 @@ class LanguageModel:
         if pad:
             out = jax.tree.map(lambda a: a[:B], out)
         return out
+
+    def logit_lens(self, vectors_CD) -> np.ndarray:
+        """[C, V] float64 logits of directions [C, D] read through the final norm and the unembedding (float32)."""
+        model = self.model
+        x = jnp.asarray(vectors_CD, jnp.float32)[None]
+        return np.asarray(model.unembed(model.final_norm(x))[0], np.float64)
+
+    def check_tokens(self, tokens, attention_mask=None) -> tuple[np.ndarray, np.ndarray]:
+        """tokens [B, T] (T >= 1) and their mask (default all ones) as int32, refused with a clear error when the
+        shapes disagree or an id is outside the vocabulary."""
+        tokens = np.asarray(tokens, np.int32)
+        if tokens.ndim != 2 or tokens.shape[1] == 0:
+            raise InputError(f"tokens must be [batch, seq] with seq >= 1, got shape {tokens.shape}")
+        mask = np.ones(tokens.shape, np.int32) if attention_mask is None else np.asarray(attention_mask, np.int32)
+        if mask.shape != tokens.shape:
+            raise InputError(f"attention_mask shape {mask.shape} does not match tokens {tokens.shape}")
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
+            raise InputError(f"token ids must be in [0, {self.config.vocab_size}); got {tokens.min()}..{tokens.max()}")
+        return tokens, mask
 
     def _precision(self):
         # float32 models are compared against float32 references: no reduced-precision matmul passes.

@@ -14,6 +14,7 @@ from pathlib import Path
 from emojax.config_loader import SECTIONS
 from emojax.fileio import write_json, write_text
 from emojax.run.config import RunFile
+from emojax.progress import log
 from emojax.run.fingerprints import output_settings
 
 
@@ -152,7 +153,7 @@ class Dump(Stage):
         from emojax.store import dump
 
         config = self._config(ctx)
-        state = dump(config, show_progress=ctx.show_progress, log=lambda m: print(m))
+        state = dump(config, show_progress=ctx.show_progress, log=log)
         summary = json.loads(ctx.path("activations", "summary", "process-000.json").read_text())
         return {"layers": state["layers"], "n_docs": state["n_docs"], "n_tokens": state["n_tokens"],
                 "short_docs": state.get("short_docs"), **summary}
@@ -167,7 +168,7 @@ class Dump(Stage):
         """dump.verify=true on a complete store: reread every shard, rewrite only corrupted ones (same bits)."""
         from emojax.store import dump
 
-        state = dump(self._config(ctx), show_progress=ctx.show_progress, log=lambda m: print(m))
+        state = dump(self._config(ctx), show_progress=ctx.show_progress, log=log)
         return f"verified {len(state.get('complete_shards', []))} shard(s)"
 
     def outputs_exist(self, ctx):
@@ -189,7 +190,7 @@ class Fit(Stage):
     def run(self, ctx):
         from emojax.concepts import fit
 
-        bank = fit(self._config(ctx), log=print)
+        bank = fit(self._config(ctx), log=log)
         report = json.loads(ctx.path("concepts", "eval.json").read_text())
         return {"concepts": len(bank.names), "layers": list(bank.layers), "best_layer": report.get("best_layer")}
 
@@ -216,7 +217,7 @@ class SaeStage(Stage):
     def run(self, ctx):
         from emojax.sae.evaluate import train_and_evaluate
 
-        summary, metrics = train_and_evaluate(self._config(ctx), log=print if ctx.show_progress else None)
+        summary, metrics = train_and_evaluate(self._config(ctx), log=log if ctx.show_progress else None)
         return {"saes": len(metrics), "tokens": summary["tokens"], "seconds": round(summary["seconds"], 2),
                 "tokens_per_s": summary["tokens"] / max(summary["seconds"], 1e-9),
                 **{k: metrics[0][k] for k in ("l0", "fvu", "dead_fraction", "ce_loss_recovered")}}
@@ -256,7 +257,7 @@ class Steer(Stage):
         decoder = Decoder(lm)
         # First: like `emojax monitor`, it refuses a bank of another model before any other work.
         monitor = monitored_generation(lm, bank, config.monitor_prompt, layer, config.monitor_new_tokens, decoder,
-                                       warn=print)
+                                       warn=log)
         concepts = [c for c in config.concepts if c in bank.names] or list(bank.names[:4])
         rows = evaluate_steering(lm, bank, concepts, list(config.prompts),
                                  SteeringEval(strengths=config.strengths, layer=layer,

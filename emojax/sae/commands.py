@@ -26,11 +26,12 @@ def cmd_sae(args) -> int:
     from pathlib import Path
 
     from emojax.fileio import write_json
+    from emojax.progress import log
     from emojax.run.resolve import stage_config
     from emojax.sae.evaluate import train_and_evaluate
 
     config = stage_config("sae", args.config, args.overrides)
-    summary, _ = train_and_evaluate(config, log=None if args.quiet else print)
+    summary, _ = train_and_evaluate(config, log=None if args.quiet else log)
     write_json(Path(config.out) / "sae.json", summary, indent=2)
     print(json.dumps(summary, indent=2))
     return 0

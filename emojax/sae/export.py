@@ -13,7 +13,6 @@ by name, never one that loads silently mixed. Non-finite weights are never expor
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from emojax.digest import arrays_digest
 from emojax.errors import CheckpointError
 from emojax.fileio import atomic_path, write_json
 from emojax.sae.model import Sae
@@ -47,7 +47,7 @@ def export_sae(sae: Sae, out_dir: str | Path, hook_layer: int = 0, model_name: s
     if bad:
         raise CheckpointError(f"{out}: refusing to export an SAE with NaN/inf in {', '.join(bad)} (input scale "
                               f"{c}); the training run diverged: retrain it")
-    digest = _weights_sha(weights)
+    digest = arrays_digest(weights)
     with atomic_path(out / WEIGHTS) as tmp:
         save_file(weights, str(tmp), metadata={"emojax_weights_sha256": digest})
     cfg = {"architecture": ARCHITECTURE[name], "d_in": sae.d_model, "d_sae": sae.n_latents, "dtype": "float32",
@@ -62,14 +62,6 @@ def export_sae(sae: Sae, out_dir: str | Path, hook_layer: int = 0, model_name: s
         cfg["k"] = int(sae.k)
     write_json(out / CONFIG, cfg, indent=2)
     return out
-
-
-def _weights_sha(weights: dict[str, np.ndarray]) -> str:
-    h = hashlib.sha256()
-    for k in sorted(weights):
-        h.update(f"{k}:{weights[k].dtype}:{weights[k].shape}".encode())
-        h.update(weights[k].reshape(-1).view(np.uint8))
-    return h.hexdigest()
 
 
 def load_sae(path: str | Path) -> Sae:

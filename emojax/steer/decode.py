@@ -164,15 +164,8 @@ class Decoder:
         (the prompt's first, then every `stream_chunk` generated tokens; positions -1 = nothing there).
         """
         cfg, mesh = self.lm.config, self.lm.mesh
-        tokens = np.asarray(tokens, np.int32)
-        if tokens.ndim != 2 or tokens.shape[1] == 0:
-            raise InputError(f"tokens must be [batch, seq] with seq >= 1, got shape {tokens.shape}")
+        tokens, mask = self.lm.check_tokens(tokens, attention_mask)
         B, T = tokens.shape
-        mask = np.ones((B, T), np.int32) if attention_mask is None else np.asarray(attention_mask, np.int32)
-        if mask.shape != (B, T):
-            raise InputError(f"attention_mask shape {mask.shape} does not match tokens {tokens.shape}")
-        if tokens.min() < 0 or tokens.max() >= cfg.vocab_size:
-            raise InputError(f"token ids must be in [0, {cfg.vocab_size}); got {tokens.min()}..{tokens.max()}")
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         lengths = mask.sum(axis=1)

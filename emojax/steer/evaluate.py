@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-import jax.numpy as jnp
 import numpy as np
 
 from emojax.concepts.bank import ConceptBank
@@ -37,10 +36,7 @@ def _log_softmax(logits):
 
 def congruent_tokens(lm: LanguageModel, direction, n: int) -> np.ndarray:
     """The `n` token ids whose logits the direction [D] raises most: its logit lens (final norm, unembedding)."""
-    model = lm.model
-    v = jnp.asarray(direction, lm.dtype)[None, None, :]
-    lens = np.asarray(model.unembed(model.final_norm(v)))[0, 0]
-    return np.argsort(-lens, kind="stable")[:n]
+    return np.argsort(-lm.logit_lens(np.asarray(direction)[None])[0], kind="stable")[:n]
 
 
 def sequence_perplexity(lm: LanguageModel, gen: Generation) -> np.ndarray:

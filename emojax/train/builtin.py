@@ -21,6 +21,7 @@ from pathlib import Path
 
 from emojax.errors import EmojaxError
 from emojax.fileio import atomic_path, move_aside, write_json, write_text
+from emojax.progress import log
 from emojax.tokenizer import Tokenizer
 from emojax.train.bpe import BOS_ID, EOS_ID, PAD_ID, tokenizer_config, train_bpe
 from emojax.train.config import FORMAT_VERSION, TrainConfig, preset_config
@@ -193,7 +194,7 @@ def _reset_if_stale(work: Path, fingerprint: str) -> None:
     marker = work / "fingerprint"
     if work.exists() and (not marker.is_file() or marker.read_text().strip() != fingerprint):
         moved = move_aside(work)
-        print(f"train-lm: {work} held another configuration's unfinished training; moved to {moved}")
+        log(f"train-lm: {work} held another configuration's unfinished training; moved to {moved}")
     work.mkdir(parents=True, exist_ok=True)
     if not marker.is_file():
         write_text(marker, fingerprint + "\n")
