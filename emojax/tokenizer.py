@@ -44,6 +44,12 @@ class Tokenizer:
         """sha256 of the serialized tokenizer: equal fingerprints tokenize identically."""
         return hashlib.sha256(self.backend.to_str().encode()).hexdigest()
 
+    @property
+    def bos_id(self) -> int | None:
+        """The token `encode` puts before every text (a BOS), or None when it adds none."""
+        plain, special = self.encode("a", add_special_tokens=False), self.encode("a")
+        return special[0] if len(special) > len(plain) and special[1:len(plain) + 1] == plain else None
+
     def batch(self, texts: Sequence[str], length: int | None = None, pad_id: int = 0,
               add_special_tokens: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Left-padded int32 tokens [B, T] and attention mask [B, T] (T = longest text, or `length`).
@@ -74,6 +80,8 @@ class ByteTokenizer(Tokenizer):
     @property
     def vocab_size(self) -> int:
         return 258
+
+    bos_id = BOS
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = list(text.encode("utf-8"))

@@ -5,9 +5,14 @@
       -> unique ids (a doc id seen twice: the first by source and location is kept, the rest rejected)
       -> normalise  (NFC, whitespace)
       -> dedupe     (exact, on sha256 of the normalised text; the smallest doc_id is kept)
-      -> split      (train/val/test by sha256 of the doc id; implicit scenarios are their own split)
+      -> split      (train/val/test; implicit scenarios are their own split)
       -> tokenize   (the model's tokenizer, created once per worker; rows cut to max_tokens, counted)
       -> shards     (fixed count, rows sorted by doc_id) + rejected.jsonl + manifest.json
+
+Splits (`split_by`): the built-in generator's corpus is split by topic (the default, "auto"): its topics, ordered
+by sha256, give the first test_fraction of them to test and the next val_fraction to val (at least one topic each
+when there are 3 or more), and every document of a topic goes where its topic does, so val and test topics are
+never seen in train. User corpora (and split_by=document) split each document by sha256 of its doc id.
 
 Runs on any Beam runner. Every output is a pure function of the input and the config (hashes, sorted rows,
 no timestamps), so shards and manifest are byte-identical across runners and worker counts.
@@ -93,7 +98,8 @@ def generate_item(item: tuple, seed: int) -> Iterator[RawRecord]:
     else:
         docs = implicit_scenarios(catalogue.concept(item[1]))
     for d in docs:
-        yield RawRecord(source=d.source, location=d.doc_id, doc_id=d.doc_id, text=d.text, labels=(d.label,))
+        yield RawRecord(source=d.source, location=d.doc_id, doc_id=d.doc_id, text=d.text, labels=(d.label,),
+                        topic=d.topic)
 
 
 class ReadFiles(beam.DoFn):
@@ -193,9 +199,29 @@ def keep_first(item: tuple[str, Iterable[RawRecord]]):
         yield beam.pvalue.TaggedOutput(REJECTED, rejection(r, f"duplicate of {first.doc_id}", kind="duplicate"))
 
 
-def assign_split(record: RawRecord, val_fraction: float, test_fraction: float) -> str:
+def topic_splits(topics: Sequence[str], val_fraction: float, test_fraction: float) -> dict[str, str]:
+    """Topic -> split of the held-out-topic split. Topics are ranked by sha256 rather than each hashed on its own,
+    so a corpus of a few topics still gets val and test topics (one each at least, from 3 topics) and train
+    keeps at least one."""
+    ranked = sorted(topics, key=lambda t: sha256_hex("split:" + t))
+    n = len(ranked)
+
+    def count(fraction: float) -> int:
+        return max(round(fraction * n), 1 if fraction > 0 and n >= 3 else 0)
+
+    n_test = max(0, min(count(test_fraction), n - 1))
+    n_val = max(0, min(count(val_fraction), n - 1 - n_test))
+    return {t: "test" if i < n_test else "val" if i < n_test + n_val else "train" for i, t in enumerate(ranked)}
+
+
+def assign_split(record: RawRecord, val_fraction: float, test_fraction: float,
+                 by_topic: dict[str, str] | None = None) -> str:
+    """The record's split: its topic's under `by_topic` (from `topic_splits`); a record without a topic, or any
+    record when `by_topic` is None, by sha256 of its doc id."""
     if record.source == "generated/implicit":
         return "implicit"
+    if by_topic is not None and record.topic:
+        return by_topic[record.topic]
     u = _unit_interval("split:" + record.doc_id)
     if u < test_fraction:
         return "test"
@@ -208,6 +234,10 @@ class Tokenize(beam.DoFn):
     def __init__(self, config: CorpusConfig, label_ids: dict[str, int]):
         self.config = config
         self.label_ids = label_ids
+        self.by_topic = None
+        if config.by_topic:
+            topics = [t.topic for t in load_catalogue().topics[: config.generator.n_topics]]
+            self.by_topic = topic_splits(topics, config.val_fraction, config.test_fraction)
 
     def setup(self):
         from emojax.tokenizer import load_tokenizer
@@ -223,7 +253,7 @@ class Tokenize(beam.DoFn):
         yield {
             "doc_id": record.doc_id, "text_sha256": sha256_hex(record.text), "label": ",".join(record.labels),
             "label_id": ids[0], "label_ids": ids,
-            "split": assign_split(record, self.config.val_fraction, self.config.test_fraction),
+            "split": assign_split(record, self.config.val_fraction, self.config.test_fraction, self.by_topic),
             "tokens": tokens, "n_tokens": len(tokens), "source": record.source, "text": record.text,
         }
 

@@ -79,8 +79,7 @@ def test_recipe_recovers_planted_directions_and_denoising_matters(planted_store,
 
 def test_contrastive_and_pca_pairs_alternatives(planted_store, tmp_path):
     path, x, labels, split, info = planted_store
-    # contrastive (vs neutral) includes the concept's offset from the neutral mean: compare after removing the
-    # component shared by every concept, which is what a one-vs-mean readout sees.
+    # Compare after removing the component shared by every concept, which is what a one-vs-mean readout sees.
     for method in ("contrastive", "pca_pairs"):
         bank = fit(FitConfig(store=path, out=str(tmp_path / method), method=method, denoise_variance=0.9,
                              probe=False, chunk_docs=256, mesh=(1, 1, 1), pca_iters=15, eval_splits=("test",)))
@@ -88,6 +87,48 @@ def test_contrastive_and_pca_pairs_alternatives(planted_store, tmp_path):
         centred = v - v.mean(0)
         cos = _cos(centred, info["truth"])
         assert cos.min() >= 0.95, (method, cos)
+
+
+def _offset_store(tmp_path, C=4, D=24, seed=3):
+    """Concept documents around orthogonal means; neutral documents around a shared offset orthogonal to them
+    (the story-vs-dialogue offset); concept counts unequal so that the rest set's weighting matters."""
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(D, D)))
+    offset = 6.0 * q[:, C]
+    acts, labels = [], []
+    for c in range(C):
+        n = 60 + 40 * c
+        acts.append(2.0 * q[:, c] + 0.3 * rng.normal(size=(n, D)))
+        labels += [c] * n
+    acts.append(offset + 0.3 * rng.normal(size=(200, D)))
+    labels += [-1] * 200
+    split = ["train" if rng.random() < 0.8 else "test" for _ in labels]
+    return _store(tmp_path, np.concatenate(acts).astype(np.float32), labels, split, C), offset
+
+
+@pytest.mark.parametrize("method", ["contrastive", "pca_pairs"])
+def test_rest_negatives_leave_out_the_neutral_offset(tmp_path, method):
+    path, offset = _offset_store(tmp_path)
+    cos = {}
+    for negative in ("rest", "neutral"):
+        bank = fit(FitConfig(store=path, out=str(tmp_path / negative), method=method, negative=negative,
+                             denoise=False, probe=False, chunk_docs=128, mesh=(1, 1, 1), pca_iters=10,
+                             eval_splits=("test",), norm_tokens=0))
+        cos[negative] = np.abs(_cos(bank.raw[:, 0], offset[None]))
+    assert FitConfig().negative == "rest"
+    assert cos["rest"].max() < 0.05 and cos["neutral"].min() > 0.8, cos
+
+
+def test_rest_negative_weights_every_other_concept_equally():
+    from emojax.concepts.alternatives import contrastive
+    from emojax.concepts.stats import LabelStats
+
+    rng = np.random.default_rng(4)
+    means, counts = rng.normal(size=(3, 5)), np.array([1.0, 10.0, 100.0])
+    stats = LabelStats(means * counts[:, None], counts, 0, np.zeros(5), np.zeros((5, 5)), 0.0)
+    got = contrastive(stats, "rest", ("a", "b", "c"))
+    want = np.stack([means[c] - np.delete(means, c, 0).mean(0) for c in range(3)])
+    np.testing.assert_allclose(got, want, atol=1e-12)
 
 
 def _bayes_accuracy(x, labels, info, C):
@@ -336,8 +377,42 @@ def test_geometry_pca_kmeans_and_annotation_correlations():
     geo = layer_geometry(names, vectors, k=3, seed=0)
     ann = geo["annotations"]
     assert ann["n_annotated"] == len(names)
-    assert abs(ann["pc1_valence_r"]) > 0.95 and abs(ann["pc2_arousal_r"]) > 0.9
+    assert ann["pc1_valence_abs_r"] > 0.95 and ann["pc2_arousal_abs_r"] > 0.9 and ann["arousal_pc"] == "pc2"
     assert sum(geo["explained_variance"][:2]) > 0.99
     blobs = np.concatenate([rng.normal(size=(10, 2)) * 0.1 + m for m in ([0, 0], [5, 0], [0, 5])])
     assign = kmeans(blobs, 3, seed=1)
     assert len(set(assign)) == 3 and all(len(set(assign[i * 10:(i + 1) * 10])) == 1 for i in range(3))
+
+
+@pytest.mark.parametrize("extreme", [-1.0, 1.0])
+def test_geometry_orients_pc1_by_valence_and_finds_arousal_on_pc3(extreme):
+    """Planted scores: PC1 tracks valence, PC2 is a nuisance, PC3 tracks arousal. One concept of valence
+    sign `extreme` sits far out on PC1, so PCA's own sign convention (its largest score positive) makes PC1 track
+    valence negatively when that concept is negative: the output must flip PC1 exactly then."""
+    from emojax.concepts.geometry import layer_geometry, pca, pearson
+    from emojax.corpus.catalogue import load_catalogue
+
+    concepts = [c for c in load_catalogue().concepts if c.arousal in ("high", "low") and c.valence != 0][:30]
+    names = tuple(c.name for c in concepts)
+    valence = np.array([c.valence for c in concepts], float)
+    arousal = np.array([1.0 if c.arousal == "high" else -1.0 for c in concepts])
+    rng = np.random.default_rng(9)
+    z = np.stack([2 * valence + 0.8 * rng.normal(size=30), rng.normal(size=30), arousal + 0.8 * rng.normal(size=30)],
+                 1)
+    z[np.flatnonzero(valence == extreme)[0], 0] = 9 * extreme
+    z -= z.mean(0)
+    z[:, 1:] -= np.outer(z[:, 0], z[:, 0] @ z[:, 1:]) / (z[:, 0] @ z[:, 0])  # orthogonal columns: exact PCs
+    z[:, 2] -= z[:, 1] * (z[:, 1] @ z[:, 2]) / (z[:, 1] @ z[:, 1])
+    z *= np.array([5.0, 2.0, 1.0]) / np.linalg.norm(z, axis=0)  # PC1 > PC2 (nuisance) > PC3 (arousal)
+    axes, _ = np.linalg.qr(rng.normal(size=(19, 3)))
+    vectors = z @ axes.T
+    raw = pca(vectors)[1]
+    assert (pearson(raw[:, 0], valence) < 0) == (extreme < 0)  # the planted premise
+    geo = layer_geometry(names, vectors, k=3, seed=0)
+    ann, scores = geo["annotations"], np.array([geo["pc_scores"][n] for n in names])
+    assert ann["pc1_flipped"] == (extreme < 0)
+    assert pearson(scores[:, 0], valence) > 0
+    np.testing.assert_allclose(scores[:, 0], raw[:, 0] * (-1 if extreme < 0 else 1))
+    assert ann["pc1_valence_abs_r"] == pytest.approx(abs(pearson(z[:, 0], valence)), abs=1e-9)
+    assert ann["pc3_arousal_abs_r"] == pytest.approx(abs(pearson(z[:, 2], arousal)), abs=1e-9)
+    assert ann["arousal_pc"] == "pc3" and ann["pc3_arousal_abs_r"] > 0.5 > ann["pc2_arousal_abs_r"]

@@ -119,6 +119,45 @@ def test_end_to_end_builtin_corpus(tmp_path):
     assert sorted(p.name for p in (out / "shards").iterdir()) == [f"part-0000{i}-of-00002.parquet" for i in (0, 1)]
 
 
+def test_builtin_corpus_holds_out_whole_topics_and_document_split_stays_available(tmp_path):
+    from emojax.corpus.generator import generate
+
+    topic_of = {d.doc_id: d.topic for d in generate(SMALL)}
+    build_corpus(CorpusConfig(out=str(tmp_path / "t"), generator=SMALL, n_shards=2))  # split_by=auto
+    rows = [r for shard in _read_shards(tmp_path / "t") for r in shard]
+    splits_of_topic = {}
+    for r in rows:
+        if r["source"] != "generated/implicit":
+            splits_of_topic.setdefault(topic_of[r["doc_id"]], set()).add(r["split"])
+    assert all(len(s) == 1 for s in splits_of_topic.values())  # no topic in two splits
+    assert sorted(s for (s,) in splits_of_topic.values()) == ["test", "train", "train", "train", "train", "val"]
+    assert {r["split"] for r in rows if r["source"] == "generated/implicit"} == {"implicit"}
+
+    build_corpus(CorpusConfig(out=str(tmp_path / "d"), generator=SMALL, n_shards=2, split_by="document"))
+    for r in (r for shard in _read_shards(tmp_path / "d") for r in shard):
+        assert r["split"] == pipeline.assign_split(rec(r["doc_id"], "x", source=r["source"]), 0.1, 0.1)
+
+    topics = [f"topic {i}" for i in range(100)]
+    for n, expected in ((100, (80, 10, 10)), (20, (16, 2, 2)), (3, (1, 1, 1)), (2, (2, 0, 0))):
+        got = list(pipeline.topic_splits(topics[:n], 0.1, 0.1).values())
+        assert tuple(got.count(s) for s in ("train", "val", "test")) == expected
+
+
+def test_user_corpus_keeps_the_document_hash_split(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": f"Story number {i}.", "label": "calm", "topic": "work"}) + "\n"
+                            for i in range(60)))
+    build_corpus(CorpusConfig(out=str(tmp_path / "o"), inputs=(str(path),), n_shards=1))  # split_by=auto
+    rows = _read_shards(tmp_path / "o")[0]
+    assert len(rows) == 60 and {r["split"] for r in rows} == {"train", "val", "test"}
+    for r in rows:
+        assert r["split"] == pipeline.assign_split(rec(r["doc_id"], "x"), 0.1, 0.1)
+    with pytest.raises(ValueError, match="split_by=topic needs the built-in generator"):
+        CorpusConfig(inputs=(str(path),), split_by="topic")
+    with pytest.raises(ValueError, match="split_by must be one of"):
+        CorpusConfig(split_by="topics")
+
+
 def test_bad_input_rows_are_rejected_with_location_and_counts_add_up(tmp_path):
     good = [{"text": f"A perfectly fine story number {i}.", "label": "calm"} for i in range(4)]
     lines = [json.dumps(r).encode() for r in good]

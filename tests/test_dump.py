@@ -19,6 +19,7 @@ from emojax.store import ActivationStore, DumpError, StoreError, dump
 from emojax.store.batches import batch_arrays, plan_batches
 from emojax.store.corpus_shards import CorpusReadError, read_manifest, read_shard
 from emojax.store.state import SPLIT_CODES
+from emojax.tokenizer import ByteTokenizer
 
 LAYERS = (1, 2)
 
@@ -125,8 +126,11 @@ def test_pooled_means_equal_a_numpy_recomputation(reference):
         pooled = store.pooled(layer, docs.rows)
         for i in range(len(docs.rows)):
             acts = store.document_tokens(layer, i).astype(np.float64)
-            used = acts[pool_start:] if len(acts) > pool_start else acts
-            short += layer == LAYERS[0] and len(acts) <= pool_start
+            start = int(docs.token_start[i])
+            assert store.token_ids(start, start + 1)[0] == ByteTokenizer.BOS  # the byte tokenizer's BOS
+            text = acts[1:]  # the BOS never enters a pooled mean
+            used = text[pool_start:] if len(text) > pool_start else text
+            short += layer == LAYERS[0] and len(text) <= pool_start
             assert docs.n_pooled[i] == len(used)
             np.testing.assert_allclose(pooled[i], used.mean(axis=0), rtol=1e-5, atol=1e-6)
     assert 0 < short < len(docs.rows), "the corpus should hold documents on both sides of pool_start"

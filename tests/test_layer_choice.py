@@ -27,8 +27,8 @@ def test_requested_then_evaluation_then_two_thirds_of_the_depth():
         choose_layer((1, 3, 5), 6, requested=2)
 
 
-def test_the_fit_picks_the_most_accurate_layer_and_the_others_read_it_from_eval_json(tmp_path):
-    per_layer = {1: {"test": {"nearest": {"top1": 0.4}}}, 3: {"test": {"nearest": {"top1": 0.9}}}, 5: {}}
+def test_the_fit_picks_the_most_accurate_layer_on_val_and_the_others_read_it_from_eval_json(tmp_path):
+    per_layer = {1: {"val": {"nearest": {"top1": 0.4}}}, 3: {"val": {"nearest": {"top1": 0.9}}}, 5: {}}
     assert best_layer(per_layer) == 3 and best_layer({5: {}}) is None
     _bank().save(tmp_path)
     bank = load_bank(tmp_path)

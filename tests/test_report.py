@@ -60,7 +60,7 @@ def _store_and_fit(run, rng):
            {"tokens": 81234, "documents": 652, "seconds": 12.5, "tokens_per_s": 6498.7, "mb_per_s": 3.2,
             "shards_written": 1, "shards_skipped": 0, "process": 0})
     fit(FitConfig(store=store, out=str(run / "concepts"), mesh=(1, 1, 1), probe_epochs=15, kmeans_k=4,
-                  eval_splits=("test",), norm_tokens=0))
+                  eval_splits=("val", "test"), norm_tokens=0))
     # The logit lens needs a model; add one in the structure evaluate.logit_lens writes.
     evaluation = json.loads((run / "concepts" / "eval.json").read_text())
     best = str(evaluation["best_layer"])
@@ -193,3 +193,18 @@ def test_a_missing_system_program_skips_locally_and_fails_under_ci(require_syste
     with pytest.raises(pytest.fail.Exception, match="CI=true: none of emojax-no-such-program, emojax-nor-this-one"):
         require_system(*missing, package="emojax-pkg")
     assert require_system("emojax-no-such-program", "sh", package="dash").endswith("/sh")
+
+
+def test_emotion_map_reports_abs_r_with_pc1_oriented_by_valence(full_report):
+    run = full_report.parent.parent
+    evaluation = json.loads((run / "concepts" / "eval.json").read_text())
+    geometry = evaluation["per_layer"][str(evaluation["best_layer"])]["geometry"]
+    ann, known = geometry["annotations"], load_catalogue().by_name
+    pc1 = [geometry["pc_scores"][n][0] for n in CONCEPTS]
+    assert np.corrcoef(pc1, [known[n].valence for n in CONCEPTS])[0, 1] > 0.8  # the planted plane, oriented
+    assert ann["pc1_valence_abs_r"] > 0.8 and ann["arousal_pc"] == "pc2" and ann["pc2_arousal_abs_r"] > 0.8
+    section = re.search(r'<section id="emotion-map".*?</section>', full_report.read_text(), re.S).group(0)
+    assert "abs(Pearson r)" in section and "so that positive valence scores positive" in section
+    for key, label in (("pc1_valence_abs_r", "PC1 ~ valence"), ("pc2_arousal_abs_r", "PC2 ~ arousal"),
+                       ("pc3_arousal_abs_r", "PC3 ~ arousal")):
+        assert f"<td>{label}</td><td>{ann[key]:.4g}</td>" in section, label

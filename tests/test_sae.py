@@ -78,8 +78,11 @@ def test_each_variant_reaches_low_fvu(data, trained, name):
     m = reconstruction_metrics(x[:4096], sae.reconstruct(x[:4096]), sae.encode(x[:4096]))
     assert m["fvu"] < 0.1, m
     assert m["cosine"] > 0.9, m
-    W = result.state["params"]["W_dec"]
-    np.testing.assert_allclose(np.linalg.norm(W, axis=-1), 1.0, atol=1e-5)  # unit decoder rows
+    norms = np.linalg.norm(result.state["params"]["W_dec"], axis=-1)
+    if name == "relu_l1":  # free rows: its penalty weighs each latent by its row norm
+        assert np.abs(norms - 1.0).max() > 0.1
+    else:
+        np.testing.assert_allclose(norms, 1.0, atol=1e-5)  # unit decoder rows
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))

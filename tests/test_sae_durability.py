@@ -65,6 +65,7 @@ MATH_CHANGES = {
     "variant": dict(variant="batchtopk"), "n_latents": dict(n_latents=36), "k": dict(k=2),
     "sparsity_coeff": dict(sparsity_coeff=1.0), "sparsity_warmup_steps": dict(sparsity_warmup_steps=3),
     "aux_k": dict(aux_k=8), "aux_coeff": dict(aux_coeff=0.5), "dead_after_tokens": dict(dead_after_tokens=999),
+    "dead_window_frac": dict(dead_window_frac=0.5),
     "jump_bandwidth": dict(jump_bandwidth=0.01), "jump_init_threshold": dict(jump_init_threshold=0.01),
     "threshold_decay": dict(threshold_decay=0.5), "lr": dict(lr=1e-3), "lr_warmup_steps": dict(lr_warmup_steps=2),
     "lr_decay_frac": dict(lr_decay_frac=0.5), "adam_b1": dict(adam_b1=0.8), "adam_b2": dict(adam_b2=0.99),

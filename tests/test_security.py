@@ -53,7 +53,7 @@ def _evil_run(run: Path) -> list[str]:
     metrics = {"n": 8, "top1": 0.5, "top5": 1.0, "macro_auroc": 0.75}
     geometry = {"pc_scores": {n: rng.normal(size=2).tolist() for n in names},
                 "clusters": {n: i % 2 for i, n in enumerate(names)}, "explained_variance": [0.5, 0.25],
-                "cosine": np.eye(4).tolist(), "annotations": {"n_annotated": EVIL, "pc1_valence_r": EVIL}}
+                "cosine": np.eye(4).tolist(), "annotations": {"n_annotated": EVIL, "pc1_valence_abs_r": EVIL}}
     lens = {n: {"top": [EVIL], "bottom": [EVIL], "own_token": EVIL, "own_rank": EVIL} for n in names}
     _write(run / "concepts" / "eval.json", {
         "concepts": names, "best_layer": 1, "method": EVIL, "best_by": EVIL,

@@ -2,7 +2,9 @@
 principal component of paired differences (RepE / repeng), and multinomial logistic-regression probes.
 
 Pairs: a pooled store holds labelled documents, not matched pairs, so every document of concept c is paired with
-the mean of the negative set (the neutral documents, or all other concepts' documents): d_i = x_i - m_neg(c).
+the mean of the negative set: d_i = x_i - m_neg(c). The default negative set is "rest" (one-vs-rest: the other
+concepts' stories); "neutral" (the neutral dialogues) stays an option, but it puts the shared story-vs-dialogue
+offset into every vector.
 pca_pairs takes the top eigenvector of sum_i d_i d_i^T (uncentered, as repeng's order-randomised pairs give),
 found by streamed power iteration, signed and scaled to agree with the contrastive difference of means.
 """
@@ -25,7 +27,9 @@ from emojax.store.reader import ActivationStore
 
 
 def negative_means(stats: LabelStats, negative: str, names: tuple[str, ...]) -> np.ndarray:
-    """The negative set's mean for every concept [C, D]."""
+    """The negative set's mean for every concept [C, D]. "rest" is the mean of the other concepts' means, each
+    concept weighted equally (as the study's one-vs-mean recipe weights them), so a concept with many documents
+    does not dominate every other concept's negative set; "neutral" is the neutral documents' mean."""
     C = len(names)
     if negative == "neutral":
         if not stats.neutral_count:
@@ -34,9 +38,8 @@ def negative_means(stats: LabelStats, negative: str, names: tuple[str, ...]) -> 
         return np.broadcast_to(stats.neutral_mean_D, stats.sums_CD.shape).copy()
     if C < 2:
         raise FitError("negative='rest' needs at least two concepts")
-    rest_sum = stats.sums_CD.sum(0)[None, :] - stats.sums_CD
-    rest_count = stats.counts_C.sum() - stats.counts_C
-    return rest_sum / rest_count[:, None]
+    means_CD = stats.means_CD
+    return (means_CD.sum(0, keepdims=True) - means_CD) / (C - 1)
 
 
 def contrastive(stats: LabelStats, negative: str, names: tuple[str, ...]) -> np.ndarray:

@@ -6,6 +6,8 @@ A bank is a folder with
                       resid_norm [L] float32      mean residual-stream norm at each layer (the strength unit)
                       neutral_pcs [L, Q, D]       the neutral components projected out (optional; zero rows pad Q)
                       center  [L, D] float32      the point readouts measure from (optional): x - center
+                      neutral_mean, neutral_std [L, C]  each concept's readout over neutral tokens (optional):
+                                                  monitor readings are z-scores against them
     bank.json         concept names (C), residual indices (L), method, d_model, fingerprints, notes, the
                       sha256 of bank.safetensors, and `model_identity`: the content identity
                       (emojax.models.identity) of the model the bank was fitted on
@@ -55,6 +57,8 @@ class ConceptBank:
     method: str = "mean_diff"
     info: dict = field(default_factory=dict)  # fingerprints, settings; written to bank.json as is
     center: np.ndarray | None = None  # [L, D] float32: the mean of the concept means (readout origin)
+    neutral_mean: np.ndarray | None = None  # [L, C] float32: mean readout over neutral tokens
+    neutral_std: np.ndarray | None = None  # [L, C] float32: its standard deviation (> 0)
     source: str = field(default="", compare=False)  # the folder it was loaded from ("" when built in memory)
 
     def __post_init__(self):
@@ -69,6 +73,12 @@ class ConceptBank:
             raise BankError(f"center must be [layers={L}, d_model], got {self.center.shape}")
         if len(set(self.names)) != C:
             raise BankError("concept names must be unique")
+        for name in ("neutral_mean", "neutral_std"):
+            value = getattr(self, name)
+            if value is not None and value.shape != (L, C):
+                raise BankError(f"{name} must be [layers={L}, concepts={C}], got {value.shape}")
+        if (self.neutral_mean is None) != (self.neutral_std is None):
+            raise BankError("neutral_mean and neutral_std come together")
 
     @property
     def model_identity(self) -> dict | None:
@@ -103,6 +113,14 @@ class ConceptBank:
         """All concept directions [C, D] at residual index `layer`."""
         return self.vectors[:, self.layer_index(layer)]
 
+    def calibration(self, layer: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Each concept's mean and standard deviation [C] of the readout over neutral tokens at `layer` (what a
+        z-score measures against), or None for a bank fitted without neutral text."""
+        if self.neutral_mean is None:
+            return None
+        i = self.layer_index(layer)
+        return self.neutral_mean[i], self.neutral_std[i]
+
     def save(self, out_dir: str | Path) -> Path:
         """Writes bank.safetensors, then bank.json naming its checksum (each atomically: temp file + rename)."""
         out_dir = Path(out_dir)
@@ -110,8 +128,9 @@ class ConceptBank:
                    "resid_norm": self.resid_norm.astype(np.float32)}
         if self.neutral_pcs is not None:
             tensors["neutral_pcs"] = self.neutral_pcs.astype(np.float32)
-        if self.center is not None:
-            tensors["center"] = self.center.astype(np.float32)
+        for name in ("center", "neutral_mean", "neutral_std"):
+            if getattr(self, name) is not None:
+                tensors[name] = getattr(self, name).astype(np.float32)
         with atomic_path(out_dir / "bank.safetensors") as tmp:
             save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
             checksum = _sha256(tmp)
@@ -159,7 +178,8 @@ def load_bank(path: str | Path) -> ConceptBank:
     return ConceptBank(names=tuple(meta["names"]), layers=tuple(int(i) for i in meta["layers"]),
                        vectors=tensors["vectors"], raw=tensors["raw"], resid_norm=tensors["resid_norm"],
                        neutral_pcs=tensors.get("neutral_pcs"), method=meta.get("method", "mean_diff"), info=info,
-                       center=tensors.get("center"), source=str(path))
+                       center=tensors.get("center"), neutral_mean=tensors.get("neutral_mean"),
+                       neutral_std=tensors.get("neutral_std"), source=str(path))
 
 
 def check_model(bank: ConceptBank, identity: dict | None, model: str, force: bool = False) -> str | None:

@@ -8,6 +8,7 @@ from emojax.config_loader import config_section, non_negative, positive, ranged
 
 METHODS = ("mean_diff", "contrastive", "pca_pairs", "probe")
 NEGATIVES = ("neutral", "rest")
+DENOISE_ON = ("tokens", "documents")
 
 
 @config_section("fit", derived={"model": "model", "store": "input", "out": "output"})
@@ -19,15 +20,20 @@ class FitConfig:
     labels: tuple[str, ...] = ()  # concepts to fit; empty: every non-neutral label of the store
     method: str = "mean_diff"  # mean_diff (the study) | contrastive | pca_pairs | probe
     fit_split: str = "train"  # documents the vectors are fitted on
-    eval_splits: tuple[str, ...] = ("test", "implicit")  # held-out readouts (a split absent from the store is skipped)
+    # held-out readouts (a split absent from the store is skipped); the layer is chosen on "val", reported on test
+    eval_splits: tuple[str, ...] = ("val", "test", "implicit")
     # -- the study's recipe
     denoise: bool = True  # project the top neutral principal components out of every vector
     # ...the fewest components explaining this fraction of the neutral variance
     denoise_variance: float = ranged(0.5, 0, 1, lo_open=True, hi_open=True)
     neutral_split: str = "train"  # the neutral documents the denoising PCA is fitted on
+    # ...on their token rows (tokens; each document's first token, the BOS, left out) or pooled means (documents)
+    denoise_on: str = "tokens"
     unit_norm: bool = False  # scale every vector to norm 1
     # -- alternatives
-    negative: str = "neutral"  # contrastive / pca_pairs: the negative set (neutral docs, or all other labels)
+    # contrastive / pca_pairs: the negative set; rest = the other concepts' documents (one-vs-rest, each concept
+    # weighted equally); neutral = the neutral dialogues, which add a shared story-vs-dialogue offset to every vector
+    negative: str = "rest"
     pca_iters: int = positive(30)  # power iterations (each a pass over the fit split) of pca_pairs
     probe: bool = True  # also train probes for evaluation when method != probe
     probe_l2: float = non_negative(1e-3)  # L2 weight on the probe weights (standardised inputs)
@@ -41,9 +47,11 @@ class FitConfig:
     kmeans_seed: int = non_negative(0)
     model: str = ""  # checkpoint or preset for the logit lens; empty: no logit lens
     lens_top_k: int = positive(10)  # top and bottom tokens listed per vector
-    norm_tokens: int = non_negative(65536)  # token rows averaged for the mean residual norm (0: use pooled rows)
+    # token rows, sampled uniformly from the whole store (BOS left out), averaged for the mean residual norm (the
+    # steering unit); 0: the fit split's pooled rows
+    norm_tokens: int = non_negative(65536)
     # -- streaming and sharding
-    chunk_docs: int = positive(4096)  # pooled rows per read (the most activations held in memory at once)
+    chunk_docs: int = positive(4096)  # pooled or token rows per read (the most activations held in memory at once)
     mesh: tuple[int, ...] = positive(())  # (data, fsdp, tensor); empty: every device on data
 
     def __post_init__(self):
@@ -51,6 +59,8 @@ class FitConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.negative not in NEGATIVES:
             raise ValueError(f"negative must be one of {NEGATIVES}, got {self.negative!r}")
+        if self.denoise_on not in DENOISE_ON:
+            raise ValueError(f"denoise_on must be one of {DENOISE_ON}, got {self.denoise_on!r}")
         if not 0.0 < self.denoise_variance < 1.0:
             raise ValueError(f"denoise_variance must be in (0, 1), got {self.denoise_variance}")
         for name in ("chunk_docs", "probe_epochs", "probe_patience", "pca_iters", "kmeans_k", "lens_top_k"):

@@ -22,13 +22,15 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from emojax.concepts import alternatives, recipe
+from emojax.concepts.baselines import bag_of_tokens
 from emojax.concepts.bank import ConceptBank
 from emojax.concepts.config import FitConfig
-from emojax.concepts.evaluate import concept_readout, logit_lens, readout_metrics, split_scores
+from emojax.concepts.evaluate import (concept_readout, last_token_scores, logit_lens, neutral_calibration,
+                                      readout_metrics, split_scores)
 from emojax.concepts.geometry import layer_geometry
 from emojax.concepts.layer import best_layer
 from emojax.concepts.recipe import FitError
-from emojax.concepts.stats import fit_mesh, label_stats, mean_token_norm
+from emojax.concepts.stats import LabelStats, fit_mesh, label_stats, mean_token_norm, neutral_token_stats
 from emojax.fileio import atomic_path, write_text
 from emojax.models.identity import describe_difference, same_model
 from emojax.store.reader import NEUTRAL_ID, ActivationStore
@@ -83,7 +85,7 @@ def fit(config: FitConfig, log: Callable[[str], None] | None = None) -> ConceptB
                            f"{store.d_model}; use the model the store was dumped with")
     identity = _model_identity(store, config, lm)
 
-    raws, vectors, centers, pcs, norms, probes = [], [], [], [], [], []
+    raws, vectors, centers, pcs, norms, probes, calibration = [], [], [], [], [], [], []
     per_layer: dict[int, dict] = {}
     for layer in layers:
         log(f"fit: layer {layer}: statistics")
@@ -91,10 +93,11 @@ def fit(config: FitConfig, log: Callable[[str], None] | None = None) -> ConceptB
         recipe.check_counts(stats.counts_C, names, config.fit_split, layer)
         recipe.check_finite_rows(stats, names, config.fit_split, layer, store.path)
         recipe.check_finite(stats.means_CD, "label mean", layer, store.path, names)
-        neutral = stats
-        if config.denoise and config.neutral_split != config.fit_split:
-            neutral = label_stats(store, layer, config.neutral_split, names, mesh, config.chunk_docs)
-            recipe.check_finite_rows(neutral, names, config.neutral_split, layer, store.path)
+        neutral, denoise_on = stats, None
+        if config.denoise:
+            neutral, denoise_on = _neutral_stats(store, layer, names, stats, config, mesh)
+            recipe.check_finite_rows(neutral, names, config.neutral_split, layer, store.path,
+                                     "tokens" if denoise_on == "tokens" else "docs")
         if config.denoise:
             recipe.check_finite(neutral.neutral_cov_DD, "neutral covariance", layer, store.path)
         if config.denoise and not neutral.neutral_count:
@@ -121,8 +124,7 @@ def fit(config: FitConfig, log: Callable[[str], None] | None = None) -> ConceptB
             raw = alternatives.probe_vectors(probe)
         fitted = recipe.finish(raw, center, neutral.neutral_cov_DD, config.denoise, config.denoise_variance,
                                config.unit_norm)
-        norm = mean_token_norm(store, layer, config.fit_split, config.norm_tokens, config.chunk_docs) \
-            if config.norm_tokens else float("nan")
+        norm = mean_token_norm(store, layer, config.norm_tokens) if config.norm_tokens else float("nan")
         if not np.isfinite(norm):
             norm = stats.norm_mean  # no token rows: the pooled rows' norm
         recipe.check_finite(fitted.neutral_pcs_PD, "neutral principal components", layer, store.path)
@@ -138,8 +140,11 @@ def fit(config: FitConfig, log: Callable[[str], None] | None = None) -> ConceptB
         per_layer[layer] = _evaluate_layer(store, layer, names, fitted, probe, config, lm)
         per_layer[layer].update({
             "resid_norm": float(norm), "n_fit": {n: int(c) for n, c in zip(names, stats.counts_C)},
-            "n_neutral": int(neutral.neutral_count), "neutral_pcs": int(len(fitted.neutral_pcs_PD)),
+            "denoise_on": denoise_on, "neutral_rows": int(neutral.neutral_count),
+            "neutral_pcs": int(len(fitted.neutral_pcs_PD)),
         })
+        calibration.append(neutral_calibration(store, layer, fitted.vectors_CD, center, config.neutral_split))
+        per_layer[layer]["neutral_readout_tokens"] = calibration[-1][2]
 
     p_max = max(len(p) for p in pcs)
     neutral_pcs = None
@@ -152,17 +157,24 @@ def fit(config: FitConfig, log: Callable[[str], None] | None = None) -> ConceptB
         names=names, layers=layers, vectors=np.stack(vectors, 1).astype(np.float32),
         raw=np.stack(raws, 1).astype(np.float32), resid_norm=np.asarray(norms, np.float32),
         neutral_pcs=neutral_pcs, method=config.method, center=np.stack(centers).astype(np.float32),
+        **_calibration(calibration),
         info={"store": store.path, "store_fingerprints": store.state.get("fingerprints", {}),
               "store_model": store.state.get("model"), "model_identity": identity, "settings": settings},
     )
     out = Path(config.out)
     bank.save(out)  # bank.safetensors first, then bank.json naming its checksum
     best = best_layer(per_layer)
+    if best is None:
+        log("fit: no validation figures (add 'val' to fit.eval_splits, and a val split to the corpus): steering and "
+            "monitoring fall back to the layer nearest 2/3 of the depth")
     report = {"method": config.method, "concepts": list(names), "layers": list(layers),
-              "best_layer": best, "best_by": "test nearest-vector top-1 accuracy",
+              "best_layer": best, "best_by": "validation nearest-vector top-1 accuracy (test figures at that layer "
+                                             "are held out from the choice)",
               "readout": "nearest: cos(x - center, v_c) with the bank's center and vectors; probe: x . w_c + b_c "
                          "(probes.safetensors)",
-              "per_layer": {str(k): v for k, v in per_layer.items()}, "settings": settings}
+              "per_layer": {str(k): v for k, v in per_layer.items()},
+              "baselines": {"bag_of_tokens": bag_of_tokens(store, names, config.fit_split, config.eval_splits)},
+              "settings": settings}
     write_text(out / "eval.json", json.dumps(report, indent=1, default=_json_default) + "\n")
     if all(p is not None for p in probes):
         tensors = {"weights": np.stack([p.weights_CD for p in probes]), "bias": np.stack([p.bias_C for p in probes])}
@@ -170,6 +182,29 @@ def fit(config: FitConfig, log: Callable[[str], None] | None = None) -> ConceptB
             save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, str(tmp))
     log(f"fit: wrote {out} (best layer {best})")
     return bank
+
+
+def _calibration(per_layer: list[tuple[np.ndarray, np.ndarray, int]]) -> dict:
+    """The bank's neutral_mean / neutral_std [L, C] (the monitor's z-score reference), when every layer had
+    neutral tokens to measure them on."""
+    if not per_layer or any(n < 2 for _, _, n in per_layer):
+        return {}
+    return {"neutral_mean": np.stack([m for m, _, _ in per_layer]).astype(np.float32),
+            "neutral_std": np.stack([s for _, s, _ in per_layer]).astype(np.float32)}
+
+
+def _neutral_stats(store: ActivationStore, layer: int, names: tuple[str, ...], stats: LabelStats,
+                   config: FitConfig, mesh) -> tuple[LabelStats, str]:
+    """The neutral moments the denoising PCA is fitted on, and their rows: "tokens" (fit.denoise_on=tokens, each
+    document's first token left out) or "documents" (pooled means; also for a store holding no neutral token rows,
+    such as one written without them)."""
+    if config.denoise_on == "tokens":
+        tokens = neutral_token_stats(store, layer, config.neutral_split, mesh, config.chunk_docs)
+        if tokens.neutral_count:
+            return tokens, "tokens"
+    if config.neutral_split == config.fit_split:
+        return stats, "documents"
+    return label_stats(store, layer, config.neutral_split, names, mesh, config.chunk_docs), "documents"
 
 
 def _model_identity(store: ActivationStore, config: FitConfig, lm) -> dict | None:
@@ -193,6 +228,9 @@ def _evaluate_layer(store: ActivationStore, layer: int, names: tuple[str, ...], 
     for split in config.eval_splits:
         scores, labels = split_scores(store, layer, split, names, readouts, config.chunk_docs)
         result[split] = {r: readout_metrics(s, labels) for r, s in scores.items()}
+        if split == "implicit":  # also read where the study reads them: the ':' after "Assistant"
+            scores, labels = last_token_scores(store, layer, split, names, readouts)
+            result["implicit_at_assistant"] = {r: readout_metrics(s, labels) for r, s in scores.items()}
     if probe is not None:
         result["probe_training"] = {"epochs": probe.epochs, "best_epoch": probe.best_epoch,
                                     "val_loss": probe.val_loss}

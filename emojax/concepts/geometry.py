@@ -1,10 +1,12 @@
 """The geometry of a layer's concept vectors: PCA, cosine similarities, k-means clusters, and the
-correlation of PC1/PC2 with the catalogue's valence and arousal annotations (the study: PC1 ~ valence,
-PC2 ~ arousal)."""
+correlation of the leading PCs with the catalogue's valence and arousal annotations (the study: PC1 ~ valence,
+PC2 or a mix of PC2 and PC3 ~ arousal)."""
 
 from __future__ import annotations
 
 import numpy as np
+
+from emojax.corpus.catalogue import load_catalogue
 
 AROUSAL_CODES = {"high": 1.0, "low": -1.0}
 
@@ -56,27 +58,39 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float | None:
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def annotation_correlations(names: tuple[str, ...], scores_CQ: np.ndarray) -> dict:
-    """Pearson r of PC1/PC2 scores with the catalogue's valence (+1/0/-1) and arousal (high 1 / low -1) over
-    the concepts the catalogue annotates."""
-    from emojax.corpus.catalogue import load_catalogue
+def annotation_correlations(names: tuple[str, ...], scores_CQ: np.ndarray) -> tuple[np.ndarray, dict]:
+    """(scores [C, Q] with PC1 oriented so that positive valence scores positive, the correlation summary).
 
+    A PC's sign is arbitrary, so every correlation is reported as abs(Pearson r) (`pcK_valence_abs_r`,
+    `pcK_arousal_abs_r` for PC1..PC3) over the concepts the catalogue annotates: valence +1/0/-1, arousal high 1 /
+    low -1. `pc1_flipped` says whether PC1's sign was flipped to orient it; `arousal_pc` names PC2 or PC3,
+    whichever tracks arousal more closely (the study found arousal on PC2 or a mix of PC2 and PC3)."""
     known = load_catalogue().by_name
     idx = [i for i, n in enumerate(names) if n in known and known[n].arousal in AROUSAL_CODES]
     out: dict = {"n_annotated": len(idx)}
     if not idx:
-        return out
+        return scores_CQ, out
     valence = np.array([known[names[i]].valence for i in idx], float)
     arousal = np.array([AROUSAL_CODES[known[names[i]].arousal] for i in idx])
-    for pc in range(min(2, scores_CQ.shape[1])):
-        out[f"pc{pc + 1}_valence_r"] = pearson(scores_CQ[idx, pc], valence)
-        out[f"pc{pc + 1}_arousal_r"] = pearson(scores_CQ[idx, pc], arousal)
-    return out
+    flip = (pearson(scores_CQ[idx, 0], valence) or 0.0) < 0
+    sign_Q = np.ones(scores_CQ.shape[1])
+    sign_Q[0] = -1.0 if flip else 1.0
+    scores_CQ = scores_CQ * sign_Q
+    out["pc1_flipped"] = bool(flip)
+    for pc in range(min(3, scores_CQ.shape[1])):
+        for key, values in (("valence", valence), ("arousal", arousal)):
+            r = pearson(scores_CQ[idx, pc], values)
+            out[f"pc{pc + 1}_{key}_abs_r"] = None if r is None else abs(r)
+    candidates = [k for k in ("pc2", "pc3") if out.get(f"{k}_arousal_abs_r") is not None]
+    if candidates:
+        out["arousal_pc"] = max(candidates, key=lambda k: out[f"{k}_arousal_abs_r"])
+    return scores_CQ, out
 
 
 def layer_geometry(names: tuple[str, ...], vectors_CD: np.ndarray, k: int, seed: int) -> dict:
-    """The geometry summary of one layer (JSON-ready)."""
+    """The geometry summary of one layer (JSON-ready); PC1 is oriented by valence (annotation_correlations)."""
     ratio, scores, _ = pca(vectors_CD)
+    scores, annotations = annotation_correlations(names, scores)
     cos = cosine_matrix(vectors_CD)
     clusters = kmeans(scores, k, seed)
     return {
@@ -84,5 +98,5 @@ def layer_geometry(names: tuple[str, ...], vectors_CD: np.ndarray, k: int, seed:
         "pc_scores": {n: [float(s) for s in scores[i, :3]] for i, n in enumerate(names)},
         "clusters": {n: int(clusters[i]) for i, n in enumerate(names)},
         "cosine": [[round(float(c), 5) for c in row] for row in cos],
-        "annotations": annotation_correlations(names, scores),
+        "annotations": annotations,
     }

@@ -12,8 +12,9 @@ import numpy as np
 from emojax.concepts.bank import BankError, ConceptBank
 
 
-def best_layer(per_layer: dict[int, dict], key=("test", "nearest", "top1")) -> int | None:
-    """The layer with the highest metric at `key` (split, readout, metric); None when no layer has it."""
+def best_layer(per_layer: dict[int, dict], key=("val", "nearest", "top1")) -> int | None:
+    """The layer with the highest metric at `key` (split, readout, metric; the validation split, so the test
+    figures reported at that layer are not the ones it was chosen on); None when no layer has it."""
     best, best_value = None, -np.inf
     for layer, metrics in per_layer.items():
         value = metrics.get(key[0], {}).get(key[1], {}).get(key[2])

@@ -1,7 +1,8 @@
 """The study's recipe, from the streamed statistics of stats.py.
 
 Per layer: mean of each concept's pooled rows; vector = concept mean minus the mean of the concept means
-(one-vs-mean); denoising: the top principal components of the neutral rows that together explain
+(one-vs-mean); denoising: the top principal components of the centred neutral token rows (each document's first
+token left out; fit.denoise_on=documents: the neutral documents' pooled rows) that together explain
 `denoise_variance` of their variance are projected out of every vector. Raw and denoised are both kept.
 """
 
@@ -33,14 +34,16 @@ def check_counts(counts_C: np.ndarray, names: tuple[str, ...], split: str, layer
                        "them or leave them out with fit.labels")
 
 
-def check_finite_rows(stats, names: tuple[str, ...], split: str, layer: int, source: str) -> None:
-    """Refuses a split whose pooled rows hold NaN or inf (stats: a LabelStats), naming the labels at fault."""
+def check_finite_rows(stats, names: tuple[str, ...], split: str, layer: int, source: str,
+                      neutral_rows: str = "docs") -> None:
+    """Refuses a split whose rows hold NaN or inf (stats: a LabelStats; its neutral rows are `neutral_rows`,
+    docs or tokens), naming the labels at fault."""
     bad = [] if stats.nonfinite_C is None else \
         [f"{names[i]} ({int(stats.nonfinite_C[i])} docs)" for i in np.flatnonzero(stats.nonfinite_C)]
     if stats.neutral_nonfinite:
-        bad.append(f"neutral ({stats.neutral_nonfinite} docs)")
+        bad.append(f"neutral ({stats.neutral_nonfinite} {neutral_rows})")
     if bad:
-        raise FitError(f"{source}: pooled activations at layer {layer} (split {split!r}) hold NaN or inf for label(s) "
+        raise FitError(f"{source}: activations at layer {layer} (split {split!r}) hold NaN or inf for label(s) "
                        f"{', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}; a vector fitted from them would be "
                        "NaN: re-dump the store (a diverged model or a corrupt dump?) or leave those labels out "
                        "with fit.labels")

@@ -1,12 +1,12 @@
-"""Streamed, sharded sufficient statistics of the pooled activations.
+"""Streamed, sharded sufficient statistics of the pooled activations (and of the neutral documents' tokens).
 
-The store is read `chunk_docs` documents at a time; each chunk is padded to a fixed row count, split over the
-mesh's ("data", "fsdp") axes, reduced on every device to partial sums, and the partials are combined with
+The store is read `chunk_docs` documents (or token rows) at a time; each chunk is padded to a fixed row count,
+split over the mesh's ("data", "fsdp") axes, reduced on every device to partial sums, and the partials are combined with
 psum. The host only adds the per-chunk totals (float64), so no more than one chunk of activations is ever in
 memory and the result does not depend on how many devices share the work (up to float32 summation order).
 
 Axes (the glossary in emojax/__init__.py): X rows of a chunk, C concepts, D d_model.
-Row classes: 0..C-1 a concept, NEUTRAL_CLASS a neutral document, IGNORED_CLASS anything else (padding,
+Row classes: 0..C-1 a concept, NEUTRAL_CLASS a neutral document or token, IGNORED_CLASS anything else (padding,
 labels not being fitted).
 
 A row holding NaN or inf is counted per class and contributes zeros to the sums: one bad row must not turn every
@@ -16,7 +16,7 @@ concept's mean into NaN (0 x NaN is NaN in the one-hot matmul), so that the fit 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 
@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 from emojax.concepts.recipe import FitError
 from emojax.models.sharding import make_mesh
-from emojax.store.reader import NEUTRAL_ID, ActivationStore
+from emojax.store.reader import NEUTRAL_ID, ActivationStore, DocTable
 
 NEUTRAL_CLASS = -1
 IGNORED_CLASS = -2
@@ -140,12 +140,31 @@ def moments_step(x_XD, class_X, shift_D, *, n_classes: int, mesh: Mesh):
 def label_stats(store: ActivationStore, layer: int, split: str, label_names: tuple[str, ...], mesh: Mesh,
                 chunk_docs: int) -> LabelStats:
     """One streamed pass over `split` at `layer`: per-concept sums/counts and the neutral mean/covariance."""
-    lookup = class_lookup(store, label_names)
-    C, D = len(label_names), store.d_model
-    rows = padded_rows(chunk_docs, mesh)
+    chunks = stream_classes(store, layer, split, class_lookup(store, label_names), chunk_docs)
+    return _reduce(chunks, len(label_names), store.d_model, mesh, chunk_docs)
+
+
+def neutral_token_stats(store: ActivationStore, layer: int, split: str, mesh: Mesh, chunk_rows: int) -> LabelStats:
+    """One streamed pass over the token rows of `split`'s neutral documents at `layer`, each document's first
+    token left out (a BOS where the tokenizer adds one; the store does not record whether it does, and on a
+    model without BOS the first token is an attention sink of outlying norm): their mean and covariance
+    (neutral_*), the token count in neutral_count."""
+    docs = store.docs
+    index = store.select(split)
+    starts, ends = _non_bos_ranges(docs, index[docs.label_id[index] == NEUTRAL_ID])
+    blocks = np.flatnonzero(_rows_per_run(starts, ends, chunk_rows))
+    chunks = (ChunkClasses(_read_rows(store, layer, rows), np.full(len(rows), NEUTRAL_CLASS, np.int32))
+              for rows in (_run_rows(starts, ends, int(k), chunk_rows) for k in blocks))
+    return _reduce(chunks, 0, store.d_model, mesh, chunk_rows)
+
+
+def _reduce(chunks: Iterable[ChunkClasses], n_classes: int, d_model: int, mesh: Mesh, chunk_rows: int) -> LabelStats:
+    """The moments of `chunks` (each at most `chunk_rows` rows), summed on the mesh chunk by chunk."""
+    C, D = n_classes, d_model
+    rows = padded_rows(chunk_rows, mesh)
     total: dict | None = None
     shift = None
-    for chunk in stream_classes(store, layer, split, lookup, chunk_docs):
+    for chunk in chunks:
         if shift is None:  # any fixed point near the data; the first chunk's mean is deterministic
             finite = chunk.acts_XD[np.isfinite(chunk.acts_XD).all(-1)]
             shift = finite.astype(np.float64).mean(0).astype(np.float32) if len(finite) else np.zeros(D, np.float32)
@@ -199,23 +218,61 @@ def second_moment_times(store: ActivationStore, layer: int, split: str, label_na
     return out
 
 
-def mean_token_norm(store: ActivationStore, layer: int, split: str, max_tokens: int, chunk_rows: int) -> float:
-    """Mean L2 norm of up to `max_tokens` token rows of the split's documents (the study's strength unit);
-    NaN when the split's documents hold no token rows. Token rows holding NaN or inf are a FitError."""
-    docs = store.docs
-    index = store.select(split)
+# Rows in a run of the steering-unit sample: 65536 tokens come from 256 places in the store, and a run costs
+# about one compressed chunk read (the per-token alternative reads a chunk for every token drawn).
+NORM_RUN_ROWS = 256
+
+
+def mean_token_norm(store: ActivationStore, layer: int, max_tokens: int, seed: int = 0,
+                    run_rows: int = NORM_RUN_ROWS) -> float:
+    """Mean L2 norm of the token rows at `layer` (the study's steering strength unit) over a uniform sample of
+    the whole store's tokens, each document's first token (BOS) left out: aligned runs of `run_rows` token rows
+    are read in a seeded random order until `max_tokens` rows are in, so every token is (nearly) equally likely
+    to be drawn. NaN when the store holds no such rows; rows holding NaN or inf are a FitError."""
+    starts, ends = _non_bos_ranges(store.docs, np.arange(len(store.docs.rows)))
+    counts = _rows_per_run(starts, ends, run_rows)
+    runs = np.random.default_rng(seed).permutation(np.flatnonzero(counts))
+    runs = np.sort(runs[:int(np.searchsorted(np.cumsum(counts[runs]), max_tokens)) + 1])
     total, count = 0.0, 0
-    for d in index:
-        start, n = int(docs.token_start[d]), int(docs.n_tokens[d])
-        n = min(n, max_tokens - count)
-        for a in range(start, start + n, chunk_rows):
-            block = store.tokens(layer, a, min(a + chunk_rows, start + n)).astype(np.float32)
-            total += float(np.linalg.norm(block, axis=-1).sum())
-            count += len(block)
-        if count >= max_tokens:
-            break
+    for k in runs:
+        block = _read_rows(store, layer, _run_rows(starts, ends, int(k), run_rows))
+        total += float(np.linalg.norm(block, axis=-1).sum())
+        count += len(block)
     if count and not np.isfinite(total):
-        raise FitError(f"{store.path}: token activations at layer {layer} (split {split!r}) hold NaN or inf, so the "
-                       "mean residual norm (the steering strength unit) is undefined; re-dump the store from a model "
-                       "whose activations are finite")
+        raise FitError(f"{store.path}: token activations at layer {layer} hold NaN or inf, so the mean residual norm "
+                       "(the steering strength unit) is undefined; re-dump the store from a model whose activations "
+                       "are finite")
     return total / count if count else float("nan")
+
+
+def _non_bos_ranges(docs: DocTable, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Token row ranges [starts, ends) of the documents at `index` of `docs` without their first token, sorted,
+    empty ones dropped."""
+    starts = docs.token_start[index].astype(np.int64) + 1
+    ends = docs.token_start[index].astype(np.int64) + docs.n_tokens[index]
+    keep = ends > starts
+    order = np.argsort(starts[keep], kind="stable")
+    return starts[keep][order], ends[keep][order]
+
+
+def _rows_per_run(starts: np.ndarray, ends: np.ndarray, run_rows: int) -> np.ndarray:
+    """How many rows of the ranges fall in each aligned run [k * run_rows, (k + 1) * run_rows)."""
+    if not len(starts):
+        return np.zeros(0, np.int64)
+    edges = np.arange(0, int(ends[-1]) + run_rows, run_rows)
+    before = np.concatenate([[0], np.cumsum(ends - starts)])  # rows of the ranges before range i
+    i = np.maximum(np.searchsorted(starts, edges, side="right") - 1, 0)
+    below = before[i] + np.clip(edges - starts[i], 0, ends[i] - starts[i])  # rows of the ranges under each edge
+    return np.diff(below)
+
+
+def _run_rows(starts: np.ndarray, ends: np.ndarray, k: int, run_rows: int) -> np.ndarray:
+    """The store rows of the ranges inside run k."""
+    lo, hi = k * run_rows, (k + 1) * run_rows
+    i0, i1 = np.searchsorted(ends, lo, side="right"), np.searchsorted(starts, hi)
+    return np.concatenate([np.arange(max(a, lo), min(b, hi)) for a, b in zip(starts[i0:i1], ends[i0:i1])])
+
+
+def _read_rows(store: ActivationStore, layer: int, rows: np.ndarray) -> np.ndarray:
+    """Token activations [len(rows), D] float32 of sorted store rows, read as one span."""
+    return store.tokens(layer, int(rows[0]), int(rows[-1]) + 1)[rows - rows[0]].astype(np.float32)

@@ -9,6 +9,8 @@ from emojax.digest import digest
 from emojax.corpus.generator import GeneratorConfig
 from emojax.corpus.readers import ReaderSpec
 
+SPLIT_BY = ("auto", "topic", "document")
+
 
 @config_section("corpus", derived={"out": "output", "tokenizer": "tokenizer"})
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +28,10 @@ class CorpusConfig:
     pack_length: int = non_negative(0)  # > 0: also write packed/ shards of train tokens in rows of exactly this length
     val_fraction: float = ranged(0.1, 0, 1, hi_open=True)
     test_fraction: float = ranged(0.1, 0, 1, hi_open=True)
+    # topic: whole topics of the built-in generator go to val/test (held out: never seen in train), the fractions
+    # counting topics; document: each document by sha256 of its id; auto: topic for the built-in generator,
+    # document for `inputs` (user rows carry no topic). Implicit scenarios are their own split either way.
+    split_by: str = "auto"
 
     def __post_init__(self):
         # The declared ranges again, for library callers that build this class directly: a negative pack_length
@@ -35,6 +41,16 @@ class CorpusConfig:
             raise ValueError("; ".join(problems))
         if not 0 <= self.val_fraction + self.test_fraction < 1:
             raise ValueError("val_fraction + test_fraction must be in [0, 1)")
+        if self.split_by not in SPLIT_BY:
+            raise ValueError(f"split_by must be one of {SPLIT_BY}, got {self.split_by!r}")
+        if self.split_by == "topic" and self.inputs:
+            raise ValueError("split_by=topic needs the built-in generator's topics; rows read from inputs carry "
+                             "none: use split_by=document (or auto)")
+
+    @property
+    def by_topic(self) -> bool:
+        """Whether documents are split by topic (else by doc id)."""
+        return self.split_by == "topic" or (self.split_by == "auto" and not self.inputs)
 
     def fingerprint(self) -> str:
         """Hash of every setting that changes the shards (not where they are written)."""

@@ -170,8 +170,10 @@ def neutral_dialogue(topic: Topic, k: int) -> Document:
 
 
 def implicit_scenarios(concept: Concept) -> list[Document]:
-    return [Document(doc_id=f"implicit/{concept.name}/{i}", text=s, label=concept.name, topic="",
-                     source="generated/implicit") for i, s in enumerate(concept.scenarios)]
+    """The concept's implicit scenarios as a user's turn, ending at the ':' after "Assistant" (where the study
+    reads what the model is about to feel in its reply; the fit reads them there and pooled)."""
+    return [Document(doc_id=f"implicit/{concept.name}/{i}", text=f"Human: {s}\n\nAssistant:", label=concept.name,
+                     topic="", source="generated/implicit") for i, s in enumerate(concept.scenarios)]
 
 
 def validate_story(text: str, concept: Concept) -> list[str]:

@@ -44,6 +44,7 @@ class RawRecord:
     text: str | None = None
     labels: tuple[str, ...] = ()
     error: str | None = None
+    topic: str = ""  # the built-in generator's topic ("" for file rows and implicit scenarios)
 
 
 def file_format(path: str, spec: ReaderSpec) -> str:

@@ -49,13 +49,14 @@ class Norm(nnx.Module):
         if kind == "layer":
             self.bias = param(None, (dim,), dtype, (logical_axis,), init="zeros")
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, bias: bool = True) -> jax.Array:
+        """bias=False leaves out a LayerNorm's bias: a direction's logit lens goes through the scale only."""
         x32 = x.astype(jnp.float32)
         if self.kind == "layer":
             centered = x32 - jnp.mean(x32, axis=-1, keepdims=True)
             normed = centered * jax.lax.rsqrt(jnp.mean(centered * centered, axis=-1, keepdims=True) + self.eps)
-            out = normed * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-            return out.astype(x.dtype)
+            out = normed * self.scale[...].astype(jnp.float32)
+            return (out + self.bias[...].astype(jnp.float32) if bias else out).astype(x.dtype)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         if self.offset:
             return (normed * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)

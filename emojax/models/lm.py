@@ -123,10 +123,12 @@ class LanguageModel:
         return out
 
     def logit_lens(self, vectors_CD) -> np.ndarray:
-        """[C, V] float64 logits of directions [C, D] read through the final norm and the unembedding (float32)."""
+        """[C, V] float64 logits of directions [C, D] read through the final norm and the unembedding (float32).
+        A direction is not a residual stream: a LayerNorm's bias (GPT-2, NeoX), the same for every direction,
+        is left out, so only the norm's scale shapes it."""
         model = self.model
         x = jnp.asarray(vectors_CD, jnp.float32)[None]
-        return np.asarray(model.unembed(model.final_norm(x))[0], np.float64)
+        return np.asarray(model.unembed(model.final_norm(x, bias=False))[0], np.float64)
 
     def check_tokens(self, tokens, attention_mask=None) -> tuple[np.ndarray, np.ndarray]:
         """tokens [B, T] (T >= 1) and their mask (default all ones) as int32, refused with a clear error when the

@@ -61,6 +61,11 @@ def concept_eval(run_dir: Path) -> dict | None:
     return read_json(run_dir / "concepts" / "eval.json")
 
 
+def random_init_eval(run_dir: Path) -> dict | None:
+    """eval.json of the same fit on a random-init model of the same shape (the baseline stage), if it ran."""
+    return read_json(run_dir / "baseline" / "concepts" / "eval.json")
+
+
 def concept_bank(run_dir: Path):
     """The fitted ConceptBank of run_dir/concepts, or None when it was not written."""
     folder = run_dir / "concepts"

@@ -122,12 +122,19 @@ def emotion_map(run_dir: Path) -> str:
     clusters = [int(geo["clusters"][n]) for n in names] if geo.get("clusters") else None
     uri = figures.emotion_map(names, scores, valence, geo.get("explained_variance", []), clusters)
     ann = geo.get("annotations", {})
-    corr = [[k, ann.get(k)] for k in ("pc1_valence_r", "pc1_arousal_r", "pc2_valence_r", "pc2_arousal_r")
-            if k in ann]
+    pairs = (("pc1", "valence"), ("pc2", "arousal"), ("pc3", "arousal"), ("pc1", "arousal"), ("pc2", "valence"),
+             ("pc3", "valence"))  # the study's three first
+    corr = [[f"{pc.upper()} ~ {what}", ann[f"{pc}_{what}_abs_r"]] for pc, what in pairs
+            if f"{pc}_{what}_abs_r" in ann]
+    flipped = ann.get("pc1_flipped")
+    orientation = ("PC1's sign was flipped so that positive valence scores positive" if flipped is True else
+                   "PC1 is oriented so that positive valence scores positive (no flip needed)" if flipped is False
+                   else "PC1's sign is arbitrary (no valence annotations)")
+    arousal = f"; arousal tracks {_fmt(str(ann['arousal_pc']).upper())} more closely" if "arousal_pc" in ann else ""
     note = (f"<p>Residual index {_fmt(best)}: {len(names)} concepts, [k] = k-means cluster. The study found PC1 ~ "
-            "valence and PC2 ~ arousal; Pearson r with the catalogue's annotations "
-            f"({_fmt(ann.get('n_annotated', 0))} annotated concepts):</p>")
-    return img(uri, "emotion map") + note + (table(["correlation", "r"], corr, "kv") if corr else "")
+            "valence and PC2 (or a mix of PC2 and PC3) ~ arousal. abs(Pearson r) with the catalogue's annotations "
+            f"({_fmt(ann.get('n_annotated', 0))} annotated concepts); {orientation}{arousal}:</p>")
+    return img(uri, "emotion map") + note + (table(["correlation", "abs(r)"], corr, "kv") if corr else "")
 
 
 def cosine_heatmap(run_dir: Path) -> str:
@@ -143,6 +150,54 @@ def cosine_heatmap(run_dir: Path) -> str:
     return (img(figures.cosine_heatmap(names, cos, order), "cosine similarity heatmap")
             + f"<p>Residual index {_fmt(best)}; rows ordered by average-linkage clustering on 1 - cosine.</p>"
             + (f"<h3>k-means clusters (k={len(groups)})</h3>" + table(["cluster", "concepts"], rows) if rows else ""))
+
+
+def _interval(m: dict, key: str, scale: float = 1.0, digits: int = 3) -> str:
+    """A metric of eval.json with its bootstrap interval, e.g. '5.1 (95% CI 2.3-8.2)'; '-' for what is not a
+    number (eval.json is read, never trusted)."""
+    value, ci = m.get(key), m.get(f"{key}_ci95")
+    if not _is_number(value):
+        return "-"
+    text = f"{scale * value:.{digits}f}"
+    if isinstance(ci, list) and len(ci) == 2 and all(_is_number(c) for c in ci):
+        text += f" (95% CI {scale * ci[0]:.{digits}f}-{scale * ci[1]:.{digits}f})"
+    return text
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _against_baselines(evaluation: dict, random_init: dict | None) -> str:
+    """One sentence per split: the best layer's nearest-vector figures against chance, the bag-of-words reader
+    on the same documents and the same fit on a random-init model of the same shape (at its own best layer)."""
+    best = evaluation.get("best_layer")
+    layer = evaluation.get("per_layer", {}).get(str(best), {})
+    bow = (evaluation.get("baselines") or {}).get("bag_of_tokens", {})
+    rnd = ((random_init or {}).get("per_layer") or {}).get(str((random_init or {}).get("best_layer")), {})
+    sentences = []
+    for split, what in (("test", "the test split"), ("implicit", "the implicit scenarios (pooled)"),
+                        ("implicit_at_assistant", "the implicit scenarios read at the ':' after \"Assistant\"")):
+        m, b = layer.get(split, {}).get("nearest"), bow.get(split) or {}
+        if not m or not m.get("n"):
+            continue
+        chance = m.get("chance", {})
+        text = (f"On {escape(what)} ({_fmt(m['n'])} documents) the concept vectors at layer {_fmt(best)} "
+                f"name the right concept first for {_interval(m, 'top1', 100, 1)}% of documents, against "
+                f"{_interval(chance, 'top1', 100, 1)}% by chance")
+        if b:
+            text += f", {_interval(b, 'top1', 100, 1)}% for a bag-of-words reader of the same documents"
+        r = rnd.get(split, {}).get("nearest") or {}
+        if r.get("n"):
+            text += f" and {_interval(r, 'top1', 100, 1)}% for the same fit on a random-init model of the same shape"
+        if _is_number(m.get("macro_auroc")):
+            text += f"; macro AUROC {_interval(m, 'macro_auroc')} against 0.5 by chance"
+            text += f" and {_interval(b, 'macro_auroc')} for bag-of-words" if b else ""
+        sentences.append(text + ".")
+    if not sentences:
+        return ""
+    return ("<p>" + " ".join(sentences) + " Figures whose interval overlaps chance or the bag-of-words reader do not "
+            "show that the model represents the concepts beyond their words.</p>")
 
 
 def accuracy(run_dir: Path) -> str:
@@ -161,12 +216,13 @@ def accuracy(run_dir: Path) -> str:
     best = evaluation.get("best_layer")
     rows = []
     for L in layers:
-        for split in ("test", "implicit"):
+        for split in ("val", "test", "implicit", "implicit_at_assistant"):
             for readout in ("nearest", "probe"):
                 m = per_layer[str(L)].get(split, {}).get(readout)
                 if m:
                     rows.append([L, split, readout, m.get("n"), m.get("top1"), m.get("top5"), m.get("macro_auroc")])
     return (img(figures.accuracy_by_layer(layers, series, C, best), "held-out accuracy by layer")
+            + _against_baselines(evaluation, inputs.random_init_eval(run_dir))
             + f"<p>Method {escape(str(evaluation.get('method')))}; best layer {_fmt(best)} by "
               f"{escape(str(evaluation.get('best_by', '')))}; {C} concepts.</p>"
             + f"<details><summary>all metrics</summary>"
@@ -216,7 +272,9 @@ def monitor(run_dir: Path) -> str:
     top = np.argsort(-np.abs(readings).max(0), kind="stable")[:MONITOR_TOP]
     names = [sample["concepts"][i] for i in top]
     uri = figures.monitor_heatmap(list(sample["tokens"]), names, readings[:, top])
-    return (f"<p>Layer {_fmt(sample.get('layer', '-'))}; readings are the fit's readout cos(x - center, v); the "
+    unit = ("z-scores of the fit's readout cos(x - center, v) against neutral text (standard deviations above "
+            "neutral text's mean)" if sample.get("metric") == "z" else "the fit's readout cos(x - center, v)")
+    return (f"<p>Layer {_fmt(sample.get('layer', '-'))}; readings are {unit}; the "
             f"{len(names)} concepts with the largest |reading| of "
             f"{len(sample['concepts'])}.</p><blockquote>{escape(sample.get('text', ''))}</blockquote>"
             + img(uri, "monitored generation heatmap"))

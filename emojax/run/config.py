@@ -20,7 +20,7 @@ from emojax.config_loader import SECTIONS, config_section, merge, non_negative, 
 from emojax.errors import ConfigError
 from emojax.models.layers import ATTENTION_CHOICES
 
-STAGES = ("train", "corpus", "dump", "fit", "sae", "steer", "report")
+STAGES = ("train", "corpus", "dump", "fit", "baseline", "sae", "steer", "report")
 
 
 @config_section("run")

@@ -21,13 +21,13 @@ OUTPUT_SETTINGS: dict[str, tuple[str, ...]] = {
               "tie_embeddings", "corpus_seed", "n_stories", "neutral_per_topic", "eval_fraction", "batch_size",
               "steps", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip", "b2", "seed"),
     "corpus": ("inputs", "reader", "labels_file", "extra_labels", "generator", "tokenizer", "max_chars",
-               "max_tokens", "n_shards", "pack_length", "val_fraction", "test_fraction"),
+               "max_tokens", "n_shards", "pack_length", "val_fraction", "test_fraction", "split_by"),
     "dump": ("layers", "dtype", "model_dtype", "pool_start", "buckets", "tokens_per_batch", "token_chunk_rows",
              "token_read_rows", "doc_chunk_rows", "doc_read_rows", "tokenizer", "attention",
              "mesh"),  # batch rows are rounded to the mesh's data axis: another mesh batches (and sums) otherwise
     "fit": ("layers", "labels", "method", "fit_split", "eval_splits", "denoise", "denoise_variance",
-            "neutral_split", "unit_norm", "negative", "pca_iters", "probe", "probe_l2", "probe_lr", "probe_epochs",
-            "probe_patience", "probe_val_split", "probe_seed", "kmeans_k", "kmeans_seed", "lens_top_k",
+            "neutral_split", "denoise_on", "unit_norm", "negative", "pca_iters", "probe", "probe_l2", "probe_lr",
+            "probe_epochs", "probe_patience", "probe_val_split", "probe_seed", "kmeans_k", "kmeans_seed", "lens_top_k",
             "norm_tokens", "chunk_docs"),
     "sae": SAE_MATH,  # the SAE resume check's own table (emojax/sae/fingerprint.py): one list, two users
     "steer": ("concepts", "strengths", "prompts", "max_new_tokens", "monitor_prompt", "monitor_new_tokens"),

@@ -201,6 +201,51 @@ class Fit(Stage):
         return all(ctx.path("concepts", f).is_file() for f in ("bank.json", "bank.safetensors", "eval.json"))
 
 
+class Baseline(Stage):
+    """The same dump and fit on a random-init model of the run's model's shape (seed 0, the model's tokenizer):
+    what the concept vectors' accuracies are read against (METHOD.md section 8). Writes baseline/model (the
+    random weights), baseline/activations and baseline/concepts; the report quotes its figures."""
+
+    name = "baseline"
+    depends = ("train", "corpus", "fit")
+    SEED = 0
+
+    def _configs(self, ctx: Context):
+        model, store = str(ctx.path("baseline", "model")), str(ctx.path("baseline", "activations"))
+        dump = ctx.run_file.config("dump", {"corpus": str(ctx.path("corpus")), "out": store, "model": model,
+                                            "attention": ctx.run_file.run.attention})
+        fit = ctx.run_file.config("fit", {"store": store, "out": str(ctx.path("baseline", "concepts")), "model": ""})
+        return dump, fit
+
+    def settings(self, ctx):
+        dump, fit = self._configs(ctx)
+        return {"dump": output_settings("dump", dump), "fit": output_settings("fit", fit), "init_seed": self.SEED}
+
+    def run(self, ctx):
+        from emojax.concepts import fit
+        from emojax.models import load_model, random_model
+        from emojax.store import dump
+
+        dump_config, fit_config = self._configs(ctx)
+        lm = load_model(ctx.model, dtype=dump_config.model_dtype)
+        weights = random_model(lm.config, dtype=dump_config.model_dtype, seed=self.SEED, tokenizer=lm.tokenizer)
+        weights.hf_config = lm.hf_config
+        weights.save(dump_config.model)
+        dump(dump_config, show_progress=ctx.show_progress, log=log)
+        fit(fit_config, log=log)
+        report = json.loads(ctx.path("baseline", "concepts", "eval.json").read_text())
+        best = report.get("best_layer")
+        figures = report["per_layer"].get(str(best), {})
+        return {"best_layer": best, **{f"{split}_top1": figures.get(split, {}).get("nearest", {}).get("top1")
+                                       for split in ("test", "implicit")}}
+
+    def outputs(self, ctx):
+        return [ctx.path("baseline")]
+
+    def outputs_exist(self, ctx):
+        return ctx.path("baseline", "concepts", "eval.json").is_file()
+
+
 class SaeStage(Stage):
     """Trains the configured SAE(s) on the store, exports and evaluates them (emojax.sae.evaluate)."""
 
@@ -291,7 +336,7 @@ class Report(Stage):
         return ctx.path("report", "index.html").is_file()
 
 
-STAGES: dict[str, Stage] = {s.name: s for s in (Train(), Corpus(), Dump(), Fit(), SaeStage(), Steer(),
+STAGES: dict[str, Stage] = {s.name: s for s in (Train(), Corpus(), Dump(), Fit(), Baseline(), SaeStage(), Steer(),
                                                   Report())}
 
 

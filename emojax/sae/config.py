@@ -22,7 +22,8 @@ class SaeConfig:
     sparsity_warmup_steps: int = non_negative(0)  # the coefficient ramps linearly from 0 over these steps
     aux_k: int = positive(256)  # latents in the AuxK reconstruction of the residual from dead latents (topk, batchtopk)
     aux_coeff: float = non_negative(1 / 32)
-    dead_after_tokens: int = positive(10_000_000)  # a latent silent this many tokens is dead
+    dead_window_frac: float = fraction(0.05)  # a latent silent this share of the run's tokens is dead ...
+    dead_after_tokens: int = positive(100_000)  # ... or this many tokens if more (see dead_window_tokens)
     jump_bandwidth: float = positive(0.001)  # width of the straight-through kernel of jumprelu thresholds
     jump_init_threshold: float = positive(0.001)  # stored as its log
     threshold_decay: float = fraction(0.99)  # EMA decay of the batchtopk inference threshold
@@ -79,6 +80,14 @@ class SaeConfig:
     def values(self, name: str) -> tuple[float, ...]:
         """The per-SAE values of a sweepable setting (length n_sae)."""
         return tuple(self.sweep_values) if self.sweep == name else (getattr(self, name),) * self.n_sae
+
+    @property
+    def dead_window_tokens(self) -> int:
+        """Tokens a latent must stay silent to count as dead (and join AuxK): dead_window_frac of the run's tokens,
+        at least dead_after_tokens, at most the whole run (in a run shorter than the floor, latents that never
+        fired are the dead ones)."""
+        run = self.steps * self.batch_size
+        return min(max(int(self.dead_window_frac * run), self.dead_after_tokens), run)
 
     @property
     def k_max(self) -> int:

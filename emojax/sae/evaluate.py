@@ -4,9 +4,9 @@ and evaluate them on held-out documents.
     summary, metrics = train_and_evaluate(config)
 
 Writes under config.out: sae_<i>/ (each SAE, see export.py); metrics.json, one entry per SAE: reconstruction
-(L0, FVU, MSE, cosine) on up to 256 test documents of the store, the dead fraction, the spliced-in LM loss on
-16 of them when config.model names the model, and each concept's best-matching latent when config.bank holds a
-bank with config.layer. One writer holds config.out throughout.
+(L0, FVU, MSE, cosine) on up to 256 test documents of the store (a seeded uniform sample, first tokens left out),
+the dead fraction, the spliced-in LM loss on 16 test documents when config.model names the model, and each
+concept's best-matching latent when config.bank holds a bank with config.layer. One writer holds config.out throughout.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from emojax.locks import WriterLock
 from emojax.models import load_model
 from emojax.sae.config import SaeConfig
 from emojax.sae.export import export_sae
-from emojax.sae.metrics import bank_max_cosine, dead_fraction, evaluate_batches, heldout_tokens, spliced_metrics
+from emojax.sae.metrics import (bank_max_cosine, dead_fraction, evaluate_batches, heldout_docs, heldout_tokens,
+                                spliced_metrics)
 from emojax.sae.train import TrainResult, train_sae
 from emojax.store.reader import ActivationStore
 
@@ -59,9 +60,12 @@ def _sweep_value(config: SaeConfig, i: int) -> float | None:
 def evaluate_saes(result: TrainResult, store: ActivationStore, folders: list[Path]) -> list[dict]:
     """One metrics entry per SAE of `result` (exported to `folders`), on the store's test split."""
     config = result.config
-    held = [store.document_tokens(config.layer, int(i)).astype(np.float32) for i in store.select("test")[:256]]
+    # Each document's first token (the BOS where the tokenizer adds one) is left out, as in spliced_metrics.
+    held = [store.document_tokens(config.layer, int(i))[1:].astype(np.float32)
+            for i in heldout_docs(store, "test", 256, config.seed)]
+    held = [x for x in held if len(x)]
     lm = load_model(config.model) if config.model else None
-    tokens, mask = heldout_tokens(store, "test", max_docs=16) if lm is not None else (None, None)
+    tokens, mask = heldout_tokens(store, "test", 16, seed=config.seed) if lm is not None else (None, None)
     bank = load_bank(config.bank) if config.bank and (Path(config.bank) / "bank.json").is_file() else None
     if bank is not None and config.layer not in bank.layers:
         bank = None
@@ -72,7 +76,7 @@ def evaluate_saes(result: TrainResult, store: ActivationStore, folders: list[Pat
         entry = {"name": config.variant + (f" {config.sweep}={value:g}" if config.sweep else f" k={config.k}"),
                  "folder": str(folder), "layer": config.layer, **evaluate_batches(sae, held),
                  "dead_fraction": dead_fraction(np.asarray(result.state["stats"]["since_fired"][i]),
-                                                config.dead_after_tokens)}
+                                                config.dead_window_tokens)}
         if lm is not None:
             entry.update(spliced_metrics(lm, sae, config.layer, tokens, mask))
         if bank is not None:

@@ -17,9 +17,9 @@ from __future__ import annotations
 from emojax.sae.config import SaeConfig
 
 MATH = ("variant", "n_latents", "k", "sparsity_coeff", "sparsity_warmup_steps", "aux_k", "aux_coeff",
-        "dead_after_tokens", "jump_bandwidth", "jump_init_threshold", "threshold_decay", "lr", "lr_warmup_steps",
-        "lr_decay_frac", "adam_b1", "adam_b2", "batch_size", "steps", "seed", "sweep", "sweep_values",
-        "init_sample_tokens", "buffer_chunks", "layer")
+        "dead_window_frac", "dead_after_tokens", "jump_bandwidth", "jump_init_threshold", "threshold_decay", "lr",
+        "lr_warmup_steps", "lr_decay_frac", "adam_b1", "adam_b2", "batch_size", "steps", "seed", "sweep",
+        "sweep_values", "init_sample_tokens", "buffer_chunks", "layer")
 RESOLVED = {
     "decoder": "compared as resolved on this run's devices ('gather' or 'dense'): 'auto' differs by platform",
 }

@@ -25,21 +25,30 @@ def reconstruction_metrics(x_BD, recon_BD, acts_BF) -> dict:
             "mse": float(err / x.size), "cosine": float(cos.mean())}
 
 
-def dead_fraction(since_fired_F, dead_after_tokens: int) -> float:
-    """Fraction of latents that did not fire in the last dead_after_tokens training tokens."""
-    return float(np.mean(np.asarray(since_fired_F) >= dead_after_tokens))
+def dead_fraction(since_fired_F, window_tokens: int) -> float:
+    """Fraction of latents that did not fire in the last window_tokens training tokens."""
+    return float(np.mean(np.asarray(since_fired_F) >= window_tokens))
 
 
 def evaluate_batches(sae: Sae, batches: Iterable[np.ndarray]) -> dict:
-    """Reconstruction metrics pooled over batches of raw activations [B, D] (token-weighted means)."""
-    totals, n = {}, 0
+    """Reconstruction metrics over all tokens of batches of raw activations [B, D]: L0, MSE and cosine are token
+    means; FVU divides the summed squared error by the tokens' variance about their global mean (not each
+    batch's own mean, which would leave the between-document variance out of the denominator)."""
+    n, err, l0, cos = 0, 0.0, 0.0, 0.0
+    total, total_sq = 0.0, 0.0
     for x in batches:
         acts = sae.encode(x)
-        m = reconstruction_metrics(x, sae.decode(acts), acts)
-        for k, v in m.items():
-            totals[k] = totals.get(k, 0.0) + v * len(x)
+        x64, r = np.asarray(x, np.float64), np.asarray(sae.decode(acts), np.float64)
+        m = reconstruction_metrics(x64, r, acts)
+        err += ((r - x64) ** 2).sum()
+        l0, cos = l0 + m["l0"] * len(x), cos + m["cosine"] * len(x)
+        total, total_sq = total + x64.sum(0), total_sq + (x64 ** 2).sum()
         n += len(x)
-    return {k: v / max(n, 1) for k, v in totals.items()}
+    if n == 0:
+        return {}
+    variance = total_sq - (np.asarray(total) ** 2).sum() / n
+    return {"l0": l0 / n, "fvu": float(err / max(variance, 1e-12)), "mse": float(err / (n * np.size(total))),
+            "cosine": cos / n}
 
 
 def _log_probs(logits_BTV):
@@ -49,19 +58,21 @@ def _log_probs(logits_BTV):
 def spliced_metrics(lm, sae: Sae, layer: int, tokens_BT, mask_BT=None) -> dict:
     """Next-token CE (nats/token) clean, with the SAE reconstruction spliced in at residual index `layer`, and
     with that stream zeroed; CE loss recovered = (zero - spliced) / (zero - clean); delta loss = spliced -
-    clean; KL(clean || spliced) per token. Positions with a padded target are excluded.
+    clean; KL(clean || spliced) per token. Each row's first real token (the BOS where the tokenizer adds one) is
+    neither spliced nor zeroed nor scored, and positions with a padded target are excluded.
     """
     tokens = np.asarray(tokens_BT, np.int32)
     mask = np.ones_like(tokens) if mask_BT is None else np.asarray(mask_BT)
+    later_BT = (mask > 0) & (np.cumsum(mask > 0, axis=1) > 1)  # real tokens after each row's first
     clean = lm(tokens, mask, capture=(layer,))
     h_BTD = np.asarray(clean.hidden[0], np.float32)
     B, T, D = h_BTD.shape
     recon = np.asarray(sae.reconstruct(h_BTD.reshape(B * T, D))).reshape(B, T, D)
-    recon = np.where(mask[..., None] > 0, recon, h_BTD)  # padding keeps its own values
+    recon = np.where(later_BT[..., None], recon, h_BTD)  # padding and the first token keep their own values
     none = Interventions.empty(B, lm.config.n_layers, D)
     spliced = lm(tokens, mask, interventions=none.patch_at(recon, layer))
-    zero = lm(tokens, mask, interventions=none.patch_at(np.zeros_like(recon), layer))
-    target, valid = tokens[:, 1:], (mask[:, 1:] * mask[:, :-1]).astype(np.float64)
+    zero = lm(tokens, mask, interventions=none.patch_at(np.where(later_BT[..., None], 0.0, h_BTD), layer))
+    target, valid = tokens[:, 1:], (mask[:, 1:] * later_BT[:, :-1]).astype(np.float64)
     lp = {name: _log_probs(out.logits)[:, :-1] for name, out in
           (("clean", clean), ("spliced", spliced), ("zero", zero))}
 
@@ -77,11 +88,21 @@ def spliced_metrics(lm, sae: Sae, layer: int, tokens_BT, mask_BT=None) -> dict:
             "delta_loss": ce_spliced - ce_clean, "kl": float((kl * valid).sum() / valid.sum())}
 
 
-def heldout_tokens(store, split: str = "test", max_docs: int = 16, max_len: int = 128) -> tuple[np.ndarray,
-                                                                                                  np.ndarray]:
-    """Token ids [B, T] and mask (left-padded, as the model expects) of up to max_docs held-out documents."""
+def heldout_docs(store, split: str = "test", max_docs: int = 16, seed: int = 0) -> np.ndarray:
+    """Indices (ascending) of a uniform random sample, seeded, of up to max_docs documents of the split (never
+    simply the first ones: store order follows the corpus, which may group documents by source or topic)."""
+    index = store.select(split)
+    if len(index) > max_docs:
+        index = np.sort(np.random.default_rng(seed).choice(index, max_docs, replace=False))
+    return index
+
+
+def heldout_tokens(store, split: str = "test", max_docs: int = 16, max_len: int = 128,
+                   seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids [B, T] and mask (left-padded, as the model expects) of heldout_docs(store, split, max_docs,
+    seed), each cut to its first max_len tokens."""
     docs = store.docs
-    index = store.select(split)[:max_docs]
+    index = heldout_docs(store, split, max_docs, seed)
     seqs = [store.token_ids(int(docs.token_start[i]), int(docs.token_start[i] + min(docs.n_tokens[i], max_len)))
             for i in index]
     T = max(len(s) for s in seqs)

@@ -130,7 +130,7 @@ class SaeTrainer:
 
     def _update_one(self, params, opt, stats, hyper, x_BD, coeff_scale, with_aux):
         c = self.config
-        dead_F = stats["since_fired"] >= c.dead_after_tokens
+        dead_F = stats["since_fired"] >= c.dead_window_tokens
 
         def loss_fn(p):
             enc = self.variant.encode_train(p, stats, x_BD, hyper, dead_F, with_aux)
@@ -140,19 +140,20 @@ class SaeTrainer:
             return loss, (enc, recon, mse)
 
         (loss, (enc, recon, mse)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        # Keep decoder rows unit-norm: drop the radial part of their gradient, then renormalise after the step.
-        W = params["W_dec"]
-        grads["W_dec"] = grads["W_dec"] - jnp.sum(grads["W_dec"] * W, -1, keepdims=True) * W
+        if self.variant.unit_decoder:  # drop the radial part of the rows' gradient, then renormalise after the step
+            W = params["W_dec"]
+            grads["W_dec"] = grads["W_dec"] - jnp.sum(grads["W_dec"] * W, -1, keepdims=True) * W
         updates, opt = self.optimizer.update(grads, opt, params)
         params = optax.apply_updates(params, updates)
-        params["W_dec"] = params["W_dec"] / jnp.linalg.norm(params["W_dec"], axis=-1, keepdims=True)
+        if self.variant.unit_decoder:
+            params["W_dec"] = params["W_dec"] / jnp.linalg.norm(params["W_dec"], axis=-1, keepdims=True)
         counts_F = enc.fire_counts()
         since = jnp.where(counts_F > 0, 0, jnp.minimum(stats["since_fired"] + x_BD.shape[0], 2 ** 30))
         stats = {**stats, **enc.stats, "since_fired": since}
         variance = jnp.sum((x_BD - x_BD.mean(0)) ** 2)
         metrics = {"loss": loss, "mse": mse, "fvu": jnp.sum((recon - x_BD) ** 2) / variance,
                    "l0": jnp.sum(counts_F) / x_BD.shape[0], "aux_loss": enc.aux_loss,
-                   "dead_frac": jnp.mean(since >= c.dead_after_tokens)}
+                   "dead_frac": jnp.mean(since >= c.dead_window_tokens)}
         return params, opt, stats, metrics
 
     def _step(self, state, x_raw_BD, input_scale, hyper):
@@ -174,7 +175,7 @@ class SaeTrainer:
 
         # One of three compiled branches runs: keep, update, or update with AuxK (only while a latent of the
         # sweep is dead). Branches, not masks, so the common case pays for neither.
-        any_dead = jnp.any(state["stats"]["since_fired"] >= self.config.dead_after_tokens)
+        any_dead = jnp.any(state["stats"]["since_fired"] >= self.config.dead_window_tokens)
         branch = jnp.where(finite, 1 + any_dead.astype(jnp.int32), 0)
         new, metrics = jax.lax.switch(branch, [keep, partial(update, False), partial(update, True)])
         # Per SAE [n_sae]: are its parameters finite after this step? The host stops before saving or exporting a

@@ -23,7 +23,7 @@ from emojax.models import load_model
 from emojax.models.layers import ATTENTION_CHOICES
 from emojax.steer.decode import DecodeConfig, Decoder
 from emojax.steer.generate import monitor, steer
-from emojax.steer.monitor import Rule
+from emojax.steer.monitor import METRICS, Rule
 
 
 def parse_sweep(text: str) -> list[float]:
@@ -87,7 +87,7 @@ def cmd_steer(args) -> int:
 
 
 def _colour(value: float, metric: str) -> str:
-    scale = 0.5 if metric == "cosine" else None
+    scale = {"cosine": 0.5, "z": 3.0}.get(metric)
     if scale is None:
         return "bold"
     if value > 0.3 * scale:
@@ -178,7 +178,9 @@ def register(subparsers) -> None:
     p.set_defaults(max_new_tokens=32)
     p.add_argument("--layer", type=int, help="residual index to read (default: the fit's best layer, from the "
                                              "bank's eval.json, else the bank layer nearest 2/3 depth)")
-    p.add_argument("--metric", choices=["cosine", "dot"], default="cosine")
+    p.add_argument("--metric", choices=list(METRICS), default=None,
+                   help="z: z-scores against neutral text (the default for a bank fitted with neutral documents; "
+                        "rule thresholds are then in z-units); cosine: the fit's readout cos(x - center, v)")
     p.add_argument("--top", type=int, default=3, help="concepts shown per token")
     p.add_argument("--rule", action="append", help="alert rule such as 'desperate>0.3:3' (repeatable)")
     p.add_argument("--out", default="run/steer/monitor.jsonl", help="JSONL output (default: %(default)s)")

@@ -19,7 +19,7 @@ from emojax.errors import InputError
 from emojax.models.lm import LanguageModel
 from emojax.steer.decode import Decoder
 from emojax.steer.interventions import from_bank
-from emojax.steer.monitor import AlertTracker, Rule, readout_from_bank
+from emojax.steer.monitor import AlertTracker, Rule, monitor_metric, readout_from_bank
 from emojax.steer.sampling import Sampling
 from emojax.steer.text import encode_prompts, token_texts, tokenizer_for
 
@@ -77,7 +77,7 @@ def steer(lm: LanguageModel, bank: ConceptBank, prompts: Sequence[str], concepts
 
 
 def monitor(lm: LanguageModel, bank: ConceptBank, prompts: Sequence[str], *, layer: int | None = None,
-            metric: str = "cosine", max_new_tokens: int = 32, rules: Sequence[Rule] = (), top: int = 3,
+            metric: str | None = None, max_new_tokens: int = 32, rules: Sequence[Rule] = (), top: int = 3,
             on_alert=None, decoder: Decoder | None = None, force: bool = False,
             warn: Callable[[str], None] | None = None) -> list[dict]:
     """Generates from each prompt and reads every token's projections onto the bank's concepts.
@@ -88,6 +88,7 @@ def monitor(lm: LanguageModel, bank: ConceptBank, prompts: Sequence[str], *, lay
     """
     check_bank_model(lm, bank, force, warn)
     layer = bank_layer(bank, lm.config.n_layers, layer)
+    metric = monitor_metric(bank, layer, metric)  # z-scores against neutral text for a calibrated bank
     readout, names = readout_from_bank(bank, layer, metric)
     tracker = AlertTracker(rules, names)
     tokenizer = tokenizer_for(lm)
@@ -122,11 +123,13 @@ def monitor(lm: LanguageModel, bank: ConceptBank, prompts: Sequence[str], *, lay
 
 def monitored_generation(lm: LanguageModel, bank: ConceptBank, prompt: str, layer: int, max_new_tokens: int,
                          decoder: Decoder | None = None, warn: Callable[[str], None] | None = None) -> dict:
-    """`monitor` of one prompt as the report shows it: the text, the token texts, the cosine readings
-    [tokens][concepts] of every bank concept at `layer` (5 decimals) and the prompt's token count."""
+    """`monitor` of one prompt as the report shows it: the text, the token texts, the readings [tokens][concepts]
+    of every bank concept at `layer` (5 decimals; z-scores against neutral text for a calibrated bank, the
+    unit in "metric") and the prompt's token count."""
     (record,) = monitor(lm, bank, [prompt], layer=layer, max_new_tokens=max_new_tokens, decoder=decoder, warn=warn)
     rows = record["tokens"]
     readings = np.asarray([list(t["readings"].values()) for t in rows], np.float32)  # float32, as decoded
     return {"text": tokenizer_for(lm).decode([t["token"] for t in rows]), "tokens": [t["text"] for t in rows],
             "concepts": list(bank.names), "readings": np.round(readings, 5).tolist(), "layer": layer,
+            "metric": record["metric"],
             "prompt_tokens": sum(t["source"] == "prompt" for t in rows)}

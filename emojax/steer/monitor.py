@@ -20,12 +20,16 @@ from emojax.concepts.bank import ConceptBank
 from emojax.concepts.evaluate import Metric, concept_readout
 from emojax.errors import InputError
 
+METRICS = ("z", "cosine", "dot")  # what a monitor reads: z-scores against neutral text, or the raw readout
+
 
 @struct.dataclass
 class Readout:
     """Readings [B, T, C] of `concepts` [C, D] in the residual at `index` (after any intervention there),
     measured from `center` [D] (None: the origin): the fit evaluation's readout (concept_readout), cos(x - c, v)
     for metric "cosine", (x - c) . v for "dot". Index L reads after the final norm, like capture=(L,).
+    With `offset` and `scale` [C] (a bank's neutral calibration) the readings are z-scores, (r - offset) / scale:
+    how many standard deviations of neutral text a reading lies above neutral text's mean.
     Concepts, center and index are arrays: monitoring other concepts or another layer does not recompile.
     """
 
@@ -33,25 +37,50 @@ class Readout:
     index: jax.Array | int = 0
     center: jax.Array | None = None
     metric: Metric = struct.field(pytree_node=False, default="cosine")
+    offset: jax.Array | None = None
+    scale: jax.Array | None = None
 
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
-        return concept_readout(x_BTD, self.concepts, self.center, self.metric)
+        readings = concept_readout(x_BTD, self.concepts, self.center, self.metric)
+        return readings if self.offset is None else (readings - self.offset) / self.scale
 
 
-def readout_from_bank(bank: ConceptBank, layer: int, metric: Metric = "cosine",
+def monitor_metric(bank: ConceptBank, layer: int, metric: str | None = None) -> str:
+    """The unit readings are in: `metric` when given, else "z" for a bank calibrated on neutral text at `layer`
+    (emojax fit measures it), else "cosine"."""
+    if metric is None:
+        return "z" if bank.calibration(layer) is not None else "cosine"
+    if metric not in METRICS:
+        raise InputError(f"metric must be one of {list(METRICS)}, got {metric!r}")
+    if metric == "z" and bank.calibration(layer) is None:
+        raise InputError(f"{bank.source or 'the bank'} has no neutral calibration at layer {layer} (fitted without "
+                         "neutral documents, or by an older emojax): refit it with `emojax fit`, or read cosines "
+                         "(--metric cosine)")
+    return metric
+
+
+def readout_from_bank(bank: ConceptBank, layer: int, metric: str | None = "cosine",
                       concepts: Sequence[str] | None = None) -> tuple[Readout, tuple[str, ...]]:
     """A Readout of the bank's concepts (all, or `concepts`) at residual index `layer`, measured from the bank's
-    center there (the origin for a bank without one), and their names."""
+    center there (the origin for a bank without one), and their names. metric "z" (the default None picks it for
+    a calibrated bank, see monitor_metric): the centred cosine as a z-score against the bank's neutral readings."""
+    metric = monitor_metric(bank, layer, metric)
     names = tuple(concepts) if concepts else bank.names
     at = bank.at_layer(layer)
-    rows = np.stack([at[bank.concept_index(n)] for n in names]).astype(np.float32)
+    idx = [bank.concept_index(n) for n in names]
     center = np.zeros(bank.d_model, np.float32) if bank.center is None else bank.center[bank.layer_index(layer)]
-    return Readout(concepts=rows, index=np.int32(layer), center=center.astype(np.float32), metric=metric), names
+    readout = Readout(concepts=at[idx].astype(np.float32), index=np.int32(layer), center=center.astype(np.float32),
+                      metric="dot" if metric == "dot" else "cosine")
+    if metric == "z":
+        mean, std = bank.calibration(layer)
+        readout = readout.replace(offset=mean[idx].astype(np.float32), scale=std[idx].astype(np.float32))
+    return readout, names
 
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """Alert when `concept` stays above (or below) `threshold` for `min_tokens` consecutive tokens."""
+    """Alert when `concept` stays above (or below) `threshold` for `min_tokens` consecutive tokens. The threshold
+    is in the readings' unit: z-units (standard deviations above neutral text) for a calibrated bank."""
 
     concept: str
     threshold: float

@@ -17,8 +17,9 @@ class DumpError(EmojaxError):
     """A dump that cannot start or continue (mismatched store, tokenizer or settings)."""
 
 
-def check_tokenizer(config: DumpConfig, lm, manifest: dict) -> str:
-    """The corpus must have been tokenized by the tokenizer this model reads."""
+def check_tokenizer(config: DumpConfig, lm, manifest: dict):
+    """The tokenizer this model reads (a Tokenizer or ByteTokenizer), which must be the one that tokenized the
+    corpus."""
     if config.tokenizer:
         tokenizer, name = load_tokenizer(config.tokenizer), config.tokenizer
     elif lm.tokenizer is not None:
@@ -30,7 +31,7 @@ def check_tokenizer(config: DumpConfig, lm, manifest: dict) -> str:
                         f"{manifest.get('tokenizer')!r} (sha256 {manifest['tokenizer_sha256'][:12]}), but the dump "
                         f"uses {name} (sha256 {tokenizer.fingerprint[:12]}); rebuild the corpus with "
                         "corpus.tokenizer set to the model's tokenizer, or set dump.tokenizer")
-    return tokenizer.fingerprint
+    return tokenizer
 
 
 def check_positions(config: DumpConfig, lm, manifest: dict) -> None:

@@ -99,7 +99,7 @@ def _dump(config: DumpConfig, show_progress: bool, log, lm, interventions) -> di
             raise DumpError("a dump's interventions are built for batch 1 (they apply to every document) and "
                             "cannot patch (a patch holds values for given tokens)")
         interventions.check(lm.config.n_layers, lm.config.d_model, 1)
-    tokenizer_sha = check_tokenizer(config, lm, manifest)
+    tokenizer = check_tokenizer(config, lm, manifest)
     check_positions(config, lm, manifest)
     L = lm.config.n_layers
     layers = tuple(config.layers) or default_layers(L)
@@ -117,12 +117,13 @@ def _dump(config: DumpConfig, show_progress: bool, log, lm, interventions) -> di
     identity = getattr(lm, "identity", None) or model_identity(config.model)
     fingerprints = {  # the model by content: its identity's id (path-free), compared as model_identity
         "model": identity["id"],
-        "tokenizer": tokenizer_sha,
+        "tokenizer": tokenizer.fingerprint,
         "corpus": corpus_fingerprint(manifest),
         "capture": {"layers": list(layers), "dtype": config.dtype, "model_dtype": config.model_dtype,
                     "pool_start": config.pool_start, "buckets": list(buckets), "batch_rows": list(rows.values()),
                     "token_chunk_rows": config.token_chunk_rows, "token_read_rows": config.token_read_rows,
-                    "doc_chunk_rows": config.doc_chunk_rows, "doc_read_rows": config.doc_read_rows},
+                    "doc_chunk_rows": config.doc_chunk_rows, "doc_read_rows": config.doc_read_rows,
+                    "pooling": {"counts": "real tokens", "bos_id_left_out": tokenizer.bos_id}},
     }
     if interventions is not None:
         fingerprints["interventions"] = interventions.fingerprint()
@@ -145,7 +146,7 @@ def _dump(config: DumpConfig, show_progress: bool, log, lm, interventions) -> di
     if skipped:
         log(f"dump: {len(skipped)} shard(s) already complete, skipped: {', '.join(skipped)}")
 
-    step = Step(lm, layers, config.pool_start, config.dtype, interventions)
+    step = Step(lm, layers, config.pool_start, config.dtype, interventions, tokenizer.bos_id)
     writes = Writes(config.writes_in_flight, config.out)
     counted = {"tokens": 0, "documents": 0}
     started = time.perf_counter()
@@ -313,8 +314,17 @@ def _dump_shard(shard: corpus_shards.CorpusShard, where: ShardRange, arrays: dic
 
     _write_doc_rows(shard, where, arrays, layers, order, lengths, pooled, n_pooled, writes)
     return {"name": shard.name, "documents": n_docs, "tokens": int(lengths.sum()),
-            "short_docs": int((lengths <= step.pool_start).sum()),
+            "short_docs": int((_text_lengths(shard, order, step.bos_id) <= step.pool_start).sum()),
             "doc_ids": [shard.doc_ids[i] for i in order]}
+
+
+def _text_lengths(shard: corpus_shards.CorpusShard, order: np.ndarray, bos_id: int | None) -> np.ndarray:
+    """Each document's token count without its BOS (what the pooling offset counts)."""
+    lengths = shard.lengths[order].astype(np.int64)
+    if bos_id is None or not len(order):
+        return lengths
+    first = shard.tokens[np.minimum(shard.offsets[order], max(len(shard.tokens) - 1, 0))]
+    return lengths - ((lengths > 0) & (first == bos_id))
 
 
 def _write_doc_rows(shard, where: ShardRange, arrays: dict, layers, order, lengths, pooled, n_pooled,

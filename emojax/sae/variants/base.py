@@ -1,7 +1,9 @@
 """The interface every SAE variant implements, and the pieces they share.
 
 Shapes: B batch (tokens), D d_model, F latents, J selected latent slots. Parameters of one SAE:
-    W_enc [D, F], b_enc [F], W_dec [F, D] (unit-norm rows), b_dec [D]  (+ variant extras, e.g. log_threshold [F])
+    W_enc [D, F], b_enc [F], W_dec [F, D], b_dec [D]  (+ variant extras, e.g. log_threshold [F])
+The trainer keeps decoder rows unit-norm for variants with `unit_decoder` (all but relu_l1, whose penalty weighs
+each latent by its row norm instead).
 Inputs are already scaled to unit mean squared norm. `hyper` holds the per-SAE values of a sweep as arrays
 (k int32, coeff float32), so one compiled step serves every SAE of the sweep axis.
 """
@@ -171,6 +173,7 @@ class Variant:
     """One SAE architecture. Subclasses are frozen dataclasses holding only static settings."""
 
     name: str = ""
+    unit_decoder = True  # the trainer projects decoder rows back to unit norm after every step
 
     def init_extra(self, n_latents: int) -> dict:
         """Extra trainable parameters beyond W_enc, b_enc, W_dec, b_dec."""

@@ -2,7 +2,9 @@
 
 The step H has no useful gradient; thresholds learn through straight-through estimators: the pseudo-derivative
 of H(z - theta) with respect to theta is -K((z - theta) / eps) / eps, K the rectangle kernel of width 1. The
-sparsity penalty is L0 (the expected number of active latents per token).
+sparsity penalty is L0 (the expected number of active latents per token). The jump acts on the raw pre-activations
+(theta > 0 zeroes the negative ones): a ReLU first would pile every negative pre-activation at z = 0, inside the
+thresholds' kernel once theta < bandwidth / 2.
 """
 
 from __future__ import annotations
@@ -68,11 +70,11 @@ class JumpRelu(Variant):
         return {"log_threshold": jnp.full((n_latents,), jnp.log(self.init_threshold), jnp.float32)}
 
     def encode(self, params, stats, x_BD, hyper):
-        pre = jax.nn.relu(pre_acts(params, x_BD))
+        pre = pre_acts(params, x_BD)
         return jnp.where(pre > jnp.exp(params["log_threshold"]), pre, 0.0)
 
     def encode_train(self, params, stats, x_BD, hyper, dead_F, with_aux):
-        pre = jax.nn.relu(pre_acts(params, x_BD))
+        pre = pre_acts(params, x_BD)
         theta = jnp.exp(params["log_threshold"])
         eps = jnp.asarray(self.bandwidth, pre.dtype)
         acts = jump_relu(pre, theta, eps)

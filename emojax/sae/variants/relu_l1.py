@@ -1,4 +1,7 @@
-"""ReLU SAE with an L1 penalty weighted by the decoder row norms (Anthropic, April 2024 update)."""
+"""ReLU SAE with an L1 penalty weighted by the decoder row norms (Anthropic, April 2024 update).
+
+The rows are free (the trainer does not project them to unit norm): the penalty sum_i f_i |W_dec[i]| does not
+change when a latent trades activation scale for row norm, so it cannot be dodged that way."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from emojax.sae.variants.base import Encoded, Variant, pre_acts
 @dataclass(frozen=True)
 class ReluL1(Variant):
     name: str = "relu_l1"
+    unit_decoder = False
 
     def encode(self, params, stats, x_BD, hyper):
         return jax.nn.relu(pre_acts(params, x_BD))
