@@ -207,4 +207,22 @@ def test_emotion_map_reports_abs_r_with_pc1_oriented_by_valence(full_report):
     assert "abs(Pearson r)" in section and "so that positive valence scores positive" in section
     for key, label in (("pc1_valence_abs_r", "PC1 ~ valence"), ("pc2_arousal_abs_r", "PC2 ~ arousal"),
                        ("pc3_arousal_abs_r", "PC3 ~ arousal")):
-        assert f"<td>{label}</td><td>{ann[key]:.4g}</td>" in section, label
+        lo, hi = ann[f"{key}_ci95"]
+        assert lo <= ann[key] <= hi, key  # a bootstrap interval around the figure
+        assert f"<td>{label}</td><td>{ann[key]:.3f} (95% CI {lo:.3f}-{hi:.3f})</td>" in section, label
+
+
+def test_accuracy_is_read_against_chance_and_the_bag_of_words_reader(full_report):
+    run = full_report.parent.parent
+    evaluation = json.loads((run / "concepts" / "eval.json").read_text())
+    m = evaluation["per_layer"][str(evaluation["best_layer"])]["test"]["nearest"]
+    bow = evaluation["baselines"]["bag_of_tokens"]["test"]
+    for metrics in (m, bow):
+        lo, hi = metrics["top1_ci95"]
+        assert lo <= metrics["top1"] <= hi and metrics["chance"]["top1"] == 1 / len(evaluation["concepts"])
+    section = re.search(r'<section id="accuracy".*?</section>', full_report.read_text(), re.S).group(0)
+    lo, hi = m["top1_ci95"]
+    assert (f"name the right concept first for {100 * m['top1']:.1f}% (95% CI {100 * lo:.1f}-{100 * hi:.1f}%) of "
+            "documents") in section
+    assert f"{100 * m['chance']['top1']:.1f}% by chance" in section
+    assert f"{100 * bow['top1']:.1f}% (95% CI" in section and "bag-of-words reader" in section

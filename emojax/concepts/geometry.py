@@ -58,11 +58,25 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float | None:
     return float(np.corrcoef(a, b)[0, 1])
 
 
+def abs_r_interval(a: np.ndarray, b: np.ndarray, n_boot: int = 1000, seed: int = 0) -> list[float] | None:
+    """Bootstrap 95% interval of abs(Pearson r) of a and b over resampled concepts (percentile method, seeded);
+    resamples without variance on a side are skipped. None with fewer than 3 pairs."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if len(a) < 3:
+        return None
+    rows = np.random.default_rng(seed).integers(0, len(a), (n_boot, len(a)))
+    x, y = a[rows] - a[rows].mean(1, keepdims=True), b[rows] - b[rows].mean(1, keepdims=True)
+    denom = np.sqrt((x * x).sum(1) * (y * y).sum(1))
+    r = np.abs((x * y).sum(1)[denom > 0] / denom[denom > 0])
+    return [float(v) for v in np.percentile(r, [2.5, 97.5])] if len(r) else None
+
+
 def annotation_correlations(names: tuple[str, ...], scores_CQ: np.ndarray) -> tuple[np.ndarray, dict]:
     """(scores [C, Q] with PC1 oriented so that positive valence scores positive, the correlation summary).
 
     A PC's sign is arbitrary, so every correlation is reported as abs(Pearson r) (`pcK_valence_abs_r`,
-    `pcK_arousal_abs_r` for PC1..PC3) over the concepts the catalogue annotates: valence +1/0/-1, arousal high 1 /
+    `pcK_arousal_abs_r` for PC1..PC3, each with a bootstrap 95% interval `..._ci95`) over the concepts the
+    catalogue annotates: valence +1/0/-1, arousal high 1 /
     low -1. `pc1_flipped` says whether PC1's sign was flipped to orient it; `arousal_pc` names PC2 or PC3,
     whichever tracks arousal more closely (the study found arousal on PC2 or a mix of PC2 and PC3)."""
     known = load_catalogue().by_name
@@ -81,6 +95,7 @@ def annotation_correlations(names: tuple[str, ...], scores_CQ: np.ndarray) -> tu
         for key, values in (("valence", valence), ("arousal", arousal)):
             r = pearson(scores_CQ[idx, pc], values)
             out[f"pc{pc + 1}_{key}_abs_r"] = None if r is None else abs(r)
+            out[f"pc{pc + 1}_{key}_abs_r_ci95"] = None if r is None else abs_r_interval(scores_CQ[idx, pc], values)
     candidates = [k for k in ("pc2", "pc3") if out.get(f"{k}_arousal_abs_r") is not None]
     if candidates:
         out["arousal_pc"] = max(candidates, key=lambda k: out[f"{k}_arousal_abs_r"])

@@ -124,7 +124,7 @@ def emotion_map(run_dir: Path) -> str:
     ann = geo.get("annotations", {})
     pairs = (("pc1", "valence"), ("pc2", "arousal"), ("pc3", "arousal"), ("pc1", "arousal"), ("pc2", "valence"),
              ("pc3", "valence"))  # the study's three first
-    corr = [[f"{pc.upper()} ~ {what}", ann[f"{pc}_{what}_abs_r"]] for pc, what in pairs
+    corr = [[f"{pc.upper()} ~ {what}", _interval(ann, f"{pc}_{what}_abs_r")] for pc, what in pairs
             if f"{pc}_{what}_abs_r" in ann]
     flipped = ann.get("pc1_flipped")
     orientation = ("PC1's sign was flipped so that positive valence scores positive" if flipped is True else
@@ -134,7 +134,8 @@ def emotion_map(run_dir: Path) -> str:
     note = (f"<p>Residual index {_fmt(best)}: {len(names)} concepts, [k] = k-means cluster. The study found PC1 ~ "
             "valence and PC2 (or a mix of PC2 and PC3) ~ arousal. abs(Pearson r) with the catalogue's annotations "
             f"({_fmt(ann.get('n_annotated', 0))} annotated concepts); {orientation}{arousal}:</p>")
-    return img(uri, "emotion map") + note + (table(["correlation", "abs(r)"], corr, "kv") if corr else "")
+    return img(uri, "emotion map") + note + (table(["correlation", "abs(r) (bootstrap 95% CI)"], corr, "kv")
+                                             if corr else "")
 
 
 def cosine_heatmap(run_dir: Path) -> str:
@@ -152,15 +153,15 @@ def cosine_heatmap(run_dir: Path) -> str:
             + (f"<h3>k-means clusters (k={len(groups)})</h3>" + table(["cluster", "concepts"], rows) if rows else ""))
 
 
-def _interval(m: dict, key: str, scale: float = 1.0, digits: int = 3) -> str:
-    """A metric of eval.json with its bootstrap interval, e.g. '5.1 (95% CI 2.3-8.2)'; '-' for what is not a
+def _interval(m: dict, key: str, scale: float = 1.0, digits: int = 3, unit: str = "") -> str:
+    """A metric of eval.json with its bootstrap interval, e.g. '5.1% (95% CI 2.3-8.2%)'; '-' for what is not a
     number (eval.json is read, never trusted)."""
     value, ci = m.get(key), m.get(f"{key}_ci95")
     if not _is_number(value):
         return "-"
-    text = f"{scale * value:.{digits}f}"
+    text = f"{scale * value:.{digits}f}{unit}"
     if isinstance(ci, list) and len(ci) == 2 and all(_is_number(c) for c in ci):
-        text += f" (95% CI {scale * ci[0]:.{digits}f}-{scale * ci[1]:.{digits}f})"
+        text += f" (95% CI {scale * ci[0]:.{digits}f}-{scale * ci[1]:.{digits}f}{unit})"
     return text
 
 
@@ -183,13 +184,14 @@ def _against_baselines(evaluation: dict, random_init: dict | None) -> str:
             continue
         chance = m.get("chance", {})
         text = (f"On {escape(what)} ({_fmt(m['n'])} documents) the concept vectors at layer {_fmt(best)} "
-                f"name the right concept first for {_interval(m, 'top1', 100, 1)}% of documents, against "
-                f"{_interval(chance, 'top1', 100, 1)}% by chance")
+                f"name the right concept first for {_interval(m, 'top1', 100, 1, '%')} of documents, against "
+                f"{_interval(chance, 'top1', 100, 1, '%')} by chance")
         if b:
-            text += f", {_interval(b, 'top1', 100, 1)}% for a bag-of-words reader of the same documents"
+            text += f", {_interval(b, 'top1', 100, 1, '%')} for a bag-of-words reader of the same documents"
         r = rnd.get(split, {}).get("nearest") or {}
         if r.get("n"):
-            text += f" and {_interval(r, 'top1', 100, 1)}% for the same fit on a random-init model of the same shape"
+            text += (f" and {_interval(r, 'top1', 100, 1, '%')} for the same fit on a random-init model of the same "
+                     "shape")
         if _is_number(m.get("macro_auroc")):
             text += f"; macro AUROC {_interval(m, 'macro_auroc')} against 0.5 by chance"
             text += f" and {_interval(b, 'macro_auroc')} for bag-of-words" if b else ""
