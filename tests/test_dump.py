@@ -343,8 +343,8 @@ def test_token_batches_are_seeded_resumable_and_drawn_from_the_split(reference):
     store = ActivationStore(str(reference))
     docs = store.docs
     train = store.select("train")
-    train_rows = np.concatenate([np.arange(docs.token_start[i], docs.token_start[i] + docs.n_tokens[i])
-                                 for i in train])
+    train_rows = np.concatenate([np.arange(docs.token_start[i] + 1, docs.token_start[i] + docs.n_tokens[i])
+                                 for i in train])  # the BOS row of every document never enters SAE training
 
     def take(n, **kw):
         it = iter(store.token_batches(1, batch_size=64, seed=3, buffer_chunks=3, **kw))
@@ -358,6 +358,7 @@ def test_token_batches_are_seeded_resumable_and_drawn_from_the_split(reference):
     assert all((a.rows == b.rows).all() for a, b in zip(first[23:28], resumed))
     rows = np.concatenate([b.rows for b in first])
     assert np.isin(rows, train_rows).all()
+    assert not np.isin(rows, docs.token_start).any()
     per_epoch = len(train_rows) // 64
     epoch_rows = rows[: min(per_epoch, 20) * 64]
     assert len(np.unique(epoch_rows)) == len(epoch_rows)  # no row twice within an epoch

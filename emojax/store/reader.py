@@ -232,8 +232,12 @@ class TokenBatches:
         self._doc_index = self.store.select(self.split)
         if not len(self._doc_index):
             raise StoreError(f"{self.store.path}: no documents in split {self.split!r} to sample tokens from")
-        self._starts = docs.token_start[self._doc_index]
-        self._ends = self._starts + docs.n_tokens[self._doc_index]
+        # A BOS never enters SAE training: stores that record leaving it out of the pooled means (the dump names
+        # the tokenizer's BOS) start every document one row later.
+        pooling = (self.store.state.get("fingerprints", {}).get("capture") or {}).get("pooling") or {}
+        skip = int(pooling.get("bos_id_left_out") is not None)
+        self._starts = docs.token_start[self._doc_index] + skip
+        self._ends = docs.token_start[self._doc_index] + docs.n_tokens[self._doc_index]
         # Chunks that hold at least one selected token.
         first = self._starts // self.chunk
         last = (self._ends - 1) // self.chunk
