@@ -38,12 +38,15 @@ def ground_truth(n: int = 8192, seed: int = 0, noise: float = 0.01) -> tuple[np.
 
 GT = dict(n_latents=ATOMS, batch_size=256, steps=300, lr=1e-2, lr_warmup_steps=20, dead_after_tokens=256 * 20,
           aux_k=32, log_every=0, init_sample_tokens=4096)
+# relu_l1 and jumprelu train with their default sparsity coefficients, thresholds and bandwidth (SaeConfig), for
+# longer: a penalty finds the atoms more slowly than a top-k selection.
 VARIANTS = {
     "topk": dict(variant="topk", sweep="k", sweep_values=(4, 32)),  # two SAEs in one pass over the data
     "batchtopk": dict(variant="batchtopk", k=32),
-    "relu_l1": dict(variant="relu_l1", sparsity_coeff=0.05),
-    "jumprelu": dict(variant="jumprelu", sparsity_coeff=0.05),
+    "relu_l1": dict(variant="relu_l1", steps=2000),
+    "jumprelu": dict(variant="jumprelu", steps=2000),
 }
+PENALISED = ("relu_l1", "jumprelu")
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +57,7 @@ def data():
 @pytest.fixture(scope="module")
 def trained(data):
     x, _ = data
-    return {name: train_sae(SaeConfig(**GT, **changes), ArraySource(x, 256), log=None)
+    return {name: train_sae(SaeConfig(**{**GT, **changes}), ArraySource(x, 256), log=None)
             for name, changes in VARIANTS.items()}
 
 
@@ -70,14 +73,29 @@ def test_topk_recovers_the_atoms(data, trained):
     assert reconstruction_metrics(x[:2048], sae.reconstruct(x[:2048]), sae.encode(x[:2048]))["l0"] == 4
 
 
+@pytest.mark.parametrize("name", PENALISED)
+def test_penalised_variants_find_the_atoms_at_their_default_coefficients(data, trained, name):
+    """At the default coefficient the penalty neither kills the latents nor is too weak to sparsify: L0 near the
+    4 planted atoms a token, nearly every atom learned as a decoder row. (The L1 shrinkage and the thresholds cost
+    reconstruction: FVU 0.15-0.2 where top-k with the true k reaches 0.05.)"""
+    x, atoms = data
+    sae = trained[name].sae(0)
+    m = reconstruction_metrics(x[:4096], sae.reconstruct(x[:4096]), sae.encode(x[:4096]))
+    assert 2 <= m["l0"] <= 4 * ACTIVE, m
+    found = np.abs(atoms @ _unit(sae.decoder_rows()).T).max(axis=1)
+    assert np.mean(found > 0.9) >= 0.85, np.mean(found > 0.9)
+    assert m["fvu"] < 0.25 and m["cosine"] > 0.85, m
+
+
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_each_variant_reaches_low_fvu(data, trained, name):
+def test_each_variant_reconstructs(data, trained, name):
     x, _ = data
     result = trained[name]
     sae = result.sae(result.config.n_sae - 1)
     m = reconstruction_metrics(x[:4096], sae.reconstruct(x[:4096]), sae.encode(x[:4096]))
-    assert m["fvu"] < 0.1, m
-    assert m["cosine"] > 0.9, m
+    bound = 0.25 if name in PENALISED else 0.1
+    assert m["fvu"] < bound, m
+    assert m["cosine"] > 0.85, m
     norms = np.linalg.norm(result.state["params"]["W_dec"], axis=-1)
     if name == "relu_l1":  # free rows: its penalty weighs each latent by its row norm
         assert np.abs(norms - 1.0).max() > 0.1

@@ -95,3 +95,30 @@ def test_relu_l1_rows_are_free_and_the_penalty_weighs_them():
     p1 = ReluL1().encode_train(params, {}, xs, {}, None, False).penalty
     p3 = ReluL1().encode_train(scaled, {}, xs, {}, None, False).penalty
     assert float(p3) == pytest.approx(3.0 * float(p1), rel=1e-5)
+
+
+def test_sparsity_coefficient_defaults_per_variant_and_is_recorded_resolved():
+    from emojax.sae.config import DEFAULT_SPARSITY
+    from emojax.sae.fingerprint import fingerprint
+
+    for variant, coeff in DEFAULT_SPARSITY.items():
+        config = SaeConfig(variant=variant, k=4, n_latents=16)
+        assert config.sparsity_coeff == coeff
+        assert fingerprint(config, 8, None, "data")["sparsity_coeff"] == coeff  # a later default change is seen
+    assert SaeConfig(variant="relu_l1", sparsity_coeff=0.5).sparsity_coeff == 0.5
+    assert SaeConfig(variant="jumprelu", sweep="sparsity_coeff", sweep_values=(0.01, 0.03)).values(
+        "sparsity_coeff") == (0.01, 0.03)
+
+
+def test_a_coefficient_on_the_wrong_scale_kills_relu_l1():
+    """Why the coefficient is defined on the scaled inputs: 5, SAELens's L1 default for inputs of norm sqrt(d),
+    silences every latent here (a token's whole squared error is about 1), where the default keeps L0 > 1."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4096, 16)).astype(np.float32)
+    l0 = {}
+    for coeff in (5.0, None):
+        config = SaeConfig(variant="relu_l1", n_latents=32, batch_size=128, steps=150, lr=1e-2, lr_warmup_steps=10,
+                           log_every=0, init_sample_tokens=1024, sparsity_coeff=coeff)
+        sae = train_sae(config, ArraySource(x, 128), log=None).sae(0)
+        l0[coeff] = float((np.asarray(sae.encode(x[:1024])) > 0).sum(axis=1).mean())
+    assert l0[5.0] < 0.5 < 2.0 < l0[None], l0

@@ -9,6 +9,13 @@ from emojax.errors import ConfigError
 
 VARIANTS = ("relu_l1", "topk", "batchtopk", "jumprelu")
 SWEEPABLE = ("k", "sparsity_coeff")
+# The sparsity coefficient each variant trains with when sae.sparsity_coeff is not set. The trainer scales inputs so
+# a token's mean squared norm is 1 and sums the squared error over the residual dimensions, so the loss of a token is
+# its fraction of unexplained variance plus coeff x penalty, whatever d_model is: for relu_l1 a latent must cut the
+# squared error by coeff x its (row-norm weighted) activation, for jumprelu each active latent must explain at least
+# coeff of the token's variance. Both values recover a planted dictionary (tests/test_sae.py: 256 atoms, 4 per
+# token) at L0 3-13; topk and batchtopk have no penalty.
+DEFAULT_SPARSITY = {"relu_l1": 0.15, "jumprelu": 0.02, "topk": 0.0, "batchtopk": 0.0}
 DECODERS = ("auto", "dense", "gather")
 
 
@@ -18,14 +25,18 @@ class SaeConfig:
     variant: str = "topk"
     n_latents: int = positive(4096)
     k: int = positive(32)  # active latents per token (topk, batchtopk: mean per token)
-    sparsity_coeff: float = non_negative(5.0)  # L1 (relu_l1) or L0 (jumprelu) coefficient, on unit-mean-square inputs
+    sparsity_coeff: float | None = non_negative(None)  # L1 (relu_l1) or L0 (jumprelu); None: DEFAULT_SPARSITY
     sparsity_warmup_steps: int = non_negative(0)  # the coefficient ramps linearly from 0 over these steps
     aux_k: int = positive(256)  # latents in the AuxK reconstruction of the residual from dead latents (topk, batchtopk)
     aux_coeff: float = non_negative(1 / 32)
     dead_window_frac: float = fraction(0.05)  # a latent silent this share of the run's tokens is dead ...
     dead_after_tokens: int = positive(100_000)  # ... or this many tokens if more (see dead_window_tokens)
-    jump_bandwidth: float = positive(0.001)  # width of the straight-through kernel of jumprelu thresholds
-    jump_init_threshold: float = positive(0.001)  # stored as its log
+    # jumprelu thresholds, in the units of the scaled inputs (a token's norm is about 1, so a latent's activation is
+    # about 1/sqrt(L0)): they start at jump_init_threshold (stored as its log) and learn through a straight-through
+    # kernel jump_bandwidth wide. SAELens's 0.001 for both is for inputs of norm sqrt(d_model) and billions of tokens;
+    # at this scale the thresholds then never leave zero in a run of millions, and the L0 penalty has no effect.
+    jump_bandwidth: float = positive(0.05)
+    jump_init_threshold: float = positive(0.1)
     threshold_decay: float = fraction(0.99)  # EMA decay of the batchtopk inference threshold
     lr: float = positive(2e-4)
     lr_warmup_steps: int = non_negative(100)
@@ -55,6 +66,8 @@ class SaeConfig:
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ConfigError(f"sae.variant={self.variant!r} is not one of {list(VARIANTS)}")
+        if self.sparsity_coeff is None:  # resolved here, so a fingerprint records the value trained with
+            object.__setattr__(self, "sparsity_coeff", DEFAULT_SPARSITY[self.variant])
         if self.sweep and self.sweep not in SWEEPABLE:
             raise ConfigError(f"sae.sweep={self.sweep!r}: only {list(SWEEPABLE)} can be swept")
         if self.sweep and not self.sweep_values:

@@ -62,8 +62,8 @@ jump_relu.defvjp(_jump_fwd, _jump_bwd)
 
 @dataclass(frozen=True)
 class JumpRelu(Variant):
-    bandwidth: float = 0.001
-    init_threshold: float = 0.001
+    bandwidth: float = 0.05  # defaults: SaeConfig.jump_bandwidth / jump_init_threshold
+    init_threshold: float = 0.1
     name: str = "jumprelu"
 
     def init_extra(self, n_latents):
