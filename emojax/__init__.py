@@ -8,12 +8,14 @@ Layers. A module imports only from its own layer or the ones below it, never upw
     tokenizer
     models                                             (the decoder, interventions, loading, sharding)
     corpus                                             (catalogue, generator, readers, corpus configs)
+    world                                              (the built-in emotion world: situations, stories, choices)
     pipelines                                          (the Beam corpus pipeline and its driver)
     train                                              (the built-in model; registers itself with models)
     store                                              (the activation dump and store)
     concepts                                           (statistics, fit, bank, evaluation, layer choice)
     sae
     steer                                              (decode loop, readouts, steering harness)
+    experiment                                         (behavioural experiments: suites, conditions, rates)
     report
     run                                                (orchestration of the stages)
     cli, and every package's `commands` module         (argument parsing only)

@@ -248,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Stages whose subcommands live beside their library code.
     from emojax.concepts.commands import register as register_fit
+    from emojax.experiment.commands import register as register_experiment
     from emojax.report.commands import register as register_report
     from emojax.run.commands import register as register_run
     from emojax.run.plan import register as register_plan
@@ -259,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_fit(sub)
     register_sae(sub)
     register_steer(sub)
+    register_experiment(sub)
     register_report(sub)
     register_run(sub)
     register_plan(sub)

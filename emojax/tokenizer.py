@@ -15,9 +15,13 @@ from emojax.errors import CheckpointError
 class Tokenizer:
     """encode/decode plus left-padded batching for the model's [B, T] inputs."""
 
-    def __init__(self, backend: tokenizers.Tokenizer, source: str = "<memory>"):
+    def __init__(self, backend: tokenizers.Tokenizer, source: str = "<memory>", chat_template: str | None = None,
+                 special: dict[str, str] | None = None):
         self.backend = backend
         self.source = source
+        self.chat_template = chat_template  # Jinja, from the checkpoint's tokenizer_config.json or chat_template.jinja
+        self.bos_token = (special or {}).get("bos_token", "")
+        self.eos_token = (special or {}).get("eos_token", "")
 
     @classmethod
     def from_file(cls, path: str | Path) -> Tokenizer:
@@ -38,6 +42,10 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A prompt's ids: a chat-template rendering carries its own special tokens, plain text gets the usual."""
+        return self.encode(text, add_special_tokens=not self.chat_template)
 
     @property
     def fingerprint(self) -> str:
@@ -76,6 +84,7 @@ class ByteTokenizer(Tokenizer):
     def __init__(self):
         self.backend = None
         self.source = "byte"
+        self.chat_template, self.bos_token, self.eos_token = None, "", ""
 
     @property
     def vocab_size(self) -> int:
@@ -108,4 +117,66 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
         path = path / "tokenizer.json"
     if not path.is_file():
         raise CheckpointError(f"{spec}: no tokenizer.json (pass a tokenizer.json, a checkpoint directory, or 'byte')")
-    return Tokenizer.from_file(path)
+    tokenizer = Tokenizer.from_file(path)
+    tokenizer.chat_template, special = chat_settings(path.parent)
+    tokenizer.bos_token, tokenizer.eos_token = special.get("bos_token", ""), special.get("eos_token", "")
+    return tokenizer
+
+
+def chat_settings(folder: Path) -> tuple[str | None, dict[str, str]]:
+    """The chat template (chat_template.jinja, else tokenizer_config.json's chat_template: a string or the
+    "default" of a named list) and the BOS/EOS token strings, as transformers reads them; (None, {}) if absent."""
+    import json
+
+    config_path = folder / "tokenizer_config.json"
+    try:
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{config_path}: cannot read ({e})") from None
+    special = {}
+    for key in ("bos_token", "eos_token"):
+        value = config.get(key)
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str):
+            special[key] = value
+    jinja = folder / "chat_template.jinja"
+    template = jinja.read_text() if jinja.is_file() else config.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return (template if isinstance(template, str) and template.strip() else None), special
+
+
+def chat_prompt(messages: Sequence[dict], tokenizer: Tokenizer | None = None) -> str:
+    """The text a model reads for chat `messages` ({role: system|user|assistant, content}): the tokenizer's chat
+    template when it has one (Jinja, sandboxed as transformers renders it), else the study's frame: the system
+    text, then "Human: ..." and "Assistant: ..." turns separated by blank lines, ending "Assistant:". A trailing
+    assistant message is a prefill the reply continues (no end of turn after it). Encode the result with
+    `Tokenizer.encode_prompt` (a template carries its own special tokens)."""
+    prefill = messages[-1]["content"] if messages and messages[-1]["role"] == "assistant" else None
+    turns = list(messages[:-1] if prefill is not None else messages)
+    template = getattr(tokenizer, "chat_template", None)
+    if template:
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        try:
+            text = env.from_string(template).render(messages=turns, add_generation_prompt=True,
+                                                     bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
+        except TemplateError as e:
+            raise CheckpointError(f"{tokenizer.source}: its chat template failed on these messages ({e})") from None
+        return text + (prefill or "")
+    parts = []
+    for m in turns:
+        parts.append(m["content"] if m["role"] == "system" else
+                     f"Human: {m['content']}" if m["role"] == "user" else f"Assistant: {m['content']}")
+    if prefill is None:
+        parts.append("Assistant:")
+    else:
+        parts.append("Assistant:" + ("" if not prefill or prefill.startswith(" ") else " ") + prefill)
+    return "\n\n".join(parts)

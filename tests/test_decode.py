@@ -305,3 +305,16 @@ def test_sampling_filters_follow_top_k_and_top_p():
     np.testing.assert_allclose(freq[2], [0.625, 0.375, 0, 0], atol=0.03)  # 0.5 + 0.3 reaches 0.7
     greedy = np.asarray(choose(logits, keys[0], Sampling.make(3)))
     assert (greedy == 0).all()
+
+
+def test_a_sampled_row_depends_on_its_seed_not_on_its_batch(lm):
+    dec = Decoder(lm, SMALL)
+    tokens, mask = _prompts(CONFIG.vocab_size, seed=3, lengths=(6, 3, 5))
+    both = dec.generate(tokens, mask, max_new_tokens=6, sampling=Sampling.make(3, temperature=1.0, seed=[7, 8, 9]),
+                        key=jax.random.key(1))
+    alone = dec.generate(tokens[1:2], mask[1:2], max_new_tokens=6,
+                         sampling=Sampling.make(1, temperature=1.0, seed=[8]), key=jax.random.key(1))
+    assert alone.generated(0) == both.generated(1)
+    other = dec.generate(tokens[1:2], mask[1:2], max_new_tokens=6,
+                         sampling=Sampling.make(1, temperature=1.0, seed=[9]), key=jax.random.key(1))
+    assert other.generated(0) != both.generated(1)

@@ -34,7 +34,7 @@ def test_new_intervention_values_and_inputs_do_not_recompile():
 def _hlo_lines(n_layers: int) -> int:
     lm = emojax.random_model(CONFIG.replace(n_layers=n_layers, layer_windows=()))
     tokens = _tokens()
-    fn = lm._forward_fn((1,), None)
+    fn = lm._forward_fn(((1,), True), None)
     mask = np.ones_like(tokens)
     return len(fn.lower(lm.params, tokens, mask, np.zeros(tokens.shape, np.float32), None).as_text().splitlines())
 

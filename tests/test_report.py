@@ -17,7 +17,8 @@ from emojax.report import build_report
 LAYERS = (2, 4)
 CONCEPTS = ("afraid", "angry", "anxious", "bored", "calm", "cheerful", "blissful", "bitter", "amused", "ashamed",
             "at ease", "brooding")
-SECTION_IDS = ("corpus", "run", "emotion-map", "cosine", "accuracy", "logit-lens", "sae", "steering", "monitor")
+SECTION_IDS = ("corpus", "run", "emotion-map", "cosine", "accuracy", "logit-lens", "validation", "sae", "steering",
+               "monitor", "experiment")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -84,10 +85,57 @@ def _rest(run, rng):
     _write(run / "steer" / "monitor.json", {
         "text": "".join(tokens), "tokens": tokens, "concepts": list(CONCEPTS), "layer": 4,
         "readings": rng.normal(size=(len(tokens), len(CONCEPTS))).round(4).tolist()})
+    _validation(run, rng)
     for i, (stage, seconds, skipped) in enumerate((("corpus", 3.2, False), ("dump", 12.5, False),
                                                    ("fit", 4.0, True), ("sae", 30.1, False))):
         _write(run / "stages" / f"{stage}.json", {"stage": stage, "seconds": seconds, "skipped": skipped,
                                                   "started": i, "summary": {"tokens_per_s": 6498.7, "docs": 652}})
+
+
+def _validation(run, rng):
+    """validate/top_tokens.json and templates.json in the structure emojax.concepts.top_tokens and .templates write
+    (tests/test_validate.py renders the section from their real output)."""
+    concepts = {n: {"threshold": 0.2, "above": 100, "in_label": 10 + i, "share_in_label": (10 + i) / 100,
+                    "base_rate": 1 / 12, "lift": (10 + i) / 100 * 12, "lift_ci95": [1.0 + i / 10, 1.5 + i / 5],
+                    "documents": 8, "examples": [{"score": 0.9, "label": n, "left": "she <b>felt", "token": " $x$",
+                                                  "right": " & ran"}]}
+                for i, n in enumerate(CONCEPTS)}
+    _write(run / "validate" / "top_tokens.json", {
+        "split": "test", "layer": 4, "percentile": 90.0, "tokens": 5000, "documents": 96, "bos_left_out": True,
+        "threshold_sample": {"tokens": 5000, "exact": True, "seed": 0}, "n_boot": 100, "chance_lift": 1.0,
+        "summary": {"concepts": 12, "chance": 1.0, "mean_lift": 1.92, "mean_lift_ci95": [1.61, 2.25],
+                    "with_interval": 12, "above_chance": 9, "below_chance": 0}, "concepts": concepts})
+    values = [1, 10, 100, 1000]
+    _write(run / "validate" / "templates.json", {
+        "layer": 4, "metric": "z", "concepts": list(CONCEPTS), "permutations": 100, "seed": 0,
+        "templates": [{"name": name, "text": "I took {x} mg", "values": values, "expected": [
+                           {"concept": "afraid", "direction": "up", "rho": 0.8, "p": 0.08, "agrees": True}],
+                       "readouts": rng.normal(size=(len(values), len(CONCEPTS))).round(3).tolist(),
+                       "rho": rng.uniform(-1, 1, len(CONCEPTS)).tolist(), "p": [0.5] * len(CONCEPTS)}
+                      for name in ("dose", "<days>")],
+        "summary": {"templates": 2, "concepts": 12, "agree": 2, "expected": 2, "agree_rate": 1.0,
+                    "agree_rate_ci95": [1.0, 1.0], "chance_agree_rate": 0.5, "agree_chance_range95": [0.0, 1.0],
+                    "agree_p_value": 0.25, "monotone": 0, "curves": 24, "monotone_rate": 0.0,
+                    "monotone_rate_ci95": [0.0, 0.0], "chance_monotone_rate": 0.05,
+                    "monotone_chance_range95": [0.0, 0.125], "monotone_p_value": 1.0}})
+
+
+def _experiment(run):
+    """experiment/results.json in the structure emojax.experiment.results.summarise writes (tests/test_run.py
+    renders the section from a real run)."""
+    conds = [{"id": "baseline", "kind": "baseline", "concept": "", "strength": 0.0, "layer": None},
+             *[{"id": f"<des>{s:+g}", "kind": "steer", "concept": "<des>", "strength": s, "layer": 4}
+               for s in (-0.1, 0.1)]]
+    rate = {c["id"]: {"k": k, "n": 40, "rate": k / 40, "ci95": [k / 80, min(1.0, k / 30)], "failed": f,
+                      "underpowered": True} for c, k, f in zip(conds, (10, 4, 30), (0, 0, 2))}
+    _write(run / "experiment" / "results.json", {
+        "suite": "dilemma $x$", "description": "Coerce <or> comply.", "layers": [4], "unit": "norm",
+        "positions": "all", "scenarios": 20, "conditions": conds, "outcomes": {"coerces": "coerces: choice"},
+        "rates": {"coerces": rate}, "elo": {},
+        "dose_response": {"coerces": {"<des>": {"slope": 9.5, "slope_ci95": [4.0, None], "p_value": 0.001}}},
+        "published": [{"condition": "unsteered", "published": "22%", "outcome": "coerces", "measured": 0.25,
+                       "ci95": [0.14, 0.4], "n": 40}],
+        "not_measured": [{"outcome": "judged", "why": "no experiment.judge_url"}]})
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +145,7 @@ def full_report(tmp_path_factory):
     _corpus(run)
     _store_and_fit(run, rng)
     _rest(run, rng)
+    _experiment(run)
     return build_report(run)
 
 
@@ -111,7 +160,7 @@ def test_every_section_renders_with_png_figures(full_report):
         assert re.search(rf'<section id="{anchor}" data-status="ok">', html), anchor
     assert "not run" not in html and "could not render" not in html
     uris = _images(html)
-    assert len(uris) == 6  # map, heatmap, accuracy, SAE, steering, monitor
+    assert len(uris) == 8  # map, heatmap, accuracy, template curves, SAE, steering, monitor, experiment rates
     for uri in uris:
         assert uri.startswith("data:image/png;base64,")
         png = base64.b64decode(uri.split(",", 1)[1], validate=True)
@@ -120,7 +169,9 @@ def test_every_section_renders_with_png_figures(full_report):
         assert 200 < width < 3000 and 100 < height < 3000
     assert not re.search(r'(src|href)="(https?:)?//', html), "the report must not load anything external"
     for expected in ("652", "rejected", "81,234", "tokens_per_s", "k=128", "relu", "blissful", "&lt;fear&gt;",
-                     "at ease"):
+                     "at ease", "she &lt;b&gt;felt<b> $x$</b> &amp; ran", "1.92 (95% CI 1.61-2.25)", "&lt;days&gt;",
+                     "&lt;des&gt;+0.1", "75.0% [37.5, 100.0] n=40 *, 2 failed", "Coerce &lt;or&gt; comply", "22%",
+                     "no experiment.judge_url"):
         assert expected in html, expected
 
 

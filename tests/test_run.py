@@ -67,8 +67,19 @@ def test_every_stage_writes_what_the_next_one_needs(tiny_run):
     best = report["per_layer"][str(report["best_layer"])]["test"]
     chance = 1 / len(concepts)
     assert max(best["nearest"]["top1"], best["probe"]["top1"]) > 1.5 * chance, best
+    top = json.loads((run_dir / "validate" / "top_tokens.json").read_text())
+    assert top["split"] == "test" and top["tokens"] > 0 and set(top["concepts"]) == set(concepts)
+    assert top["layer"] == report["best_layer"] and top["summary"]["chance"] == 1.0
+    curves = json.loads((run_dir / "validate" / "templates.json").read_text())
+    assert curves["metric"] == "z" and len(curves["templates"]) >= 4 and curves["concepts"] == list(bank.names)
+    tylenol = next(t for t in curves["templates"] if t["name"] == "tylenol_dose")
+    assert [e["concept"] for e in tylenol["expected"]] == ["afraid", "calm"]  # both in the tiny run's concepts
+    results = json.loads((run_dir / "experiment" / "results.json").read_text())
+    assert results["suite"] == "tiny" and len(results["conditions"]) == 5
+    assert results["rates"]["says_yes"]["baseline"]["n"] == 20 and results["rates"]["yes_text"]["baseline"]["n"] == 40
     html = (run_dir / "report" / "index.html").read_text()
-    assert html.count("data:image/png;base64,") >= 3
+    assert html.count("data:image/png;base64,") >= 3 and '<section id="validation" data-status="ok">' in html
+    assert '<section id="experiment" data-status="ok">' in html
 
 
 def test_a_rerun_skips_every_complete_stage(tiny_run, cache, capsys):
@@ -132,8 +143,11 @@ def test_every_stage_setting_is_classified_as_output_or_not():
     from emojax.store import DumpConfig
     from emojax.train.config import TrainConfig
 
+    from emojax.concepts.config import ValidateConfig
+    from emojax.experiment import ExperimentConfig
+
     classes = {"train": TrainConfig, "corpus": CorpusConfig, "dump": DumpConfig, "fit": FitConfig, "sae": SaeConfig,
-               "steer": SteerSettings}
+               "steer": SteerSettings, "validate": ValidateConfig, "experiment": ExperimentConfig}
     assert set(classes) == set(OUTPUT_SETTINGS) == set(OTHER_SETTINGS)
     for stage, cls in classes.items():
         fields = {f.name for f in dataclasses.fields(cls)}
@@ -314,7 +328,7 @@ sys.exit(code)
 """
 
 
-def _crash_schedule(seed: int, kills: int = 8) -> list[tuple[str, int]]:
+def _crash_schedule(seed: int, kills: int = 10) -> list[tuple[str, int]]:
     """`kills` (stage, event) points in run order, drawn from a seeded generator: one in each stage after train
     (whose model the module's cache already holds), the rest anywhere; never the first event (the stage's start,
     before any write)."""
@@ -336,19 +350,19 @@ def _crash_child(run_dir: Path, cache: Path, stage: str = "none", n: int = 0) ->
     return None
 
 
-def test_killed_at_eight_seeded_points_then_resumed_equals_an_uninterrupted_run(tiny_run, cache, tmp_path):
+def test_killed_at_ten_seeded_points_then_resumed_equals_an_uninterrupted_run(tiny_run, cache, tmp_path):
     # XLA on CPU sums in an order that depends on the process's device count, so the reference is run in a
     # child like the killed runs (one device), not taken from the in-process fixture.
     run_dir, reference = tmp_path / "tiny", tmp_path / "reference"
     schedule = _crash_schedule(seed=16)
     killed = [line for stage, n in schedule if (line := _crash_child(run_dir, cache, stage, n))]
-    assert len(killed) == len(schedule) == 8, killed
+    assert len(killed) == len(schedule) == 10, killed
     assert {line.split()[1] for line in killed} == {s for s in STAGES if s != "train"}, killed  # every stage hit
     assert _crash_child(run_dir, cache) is None
     assert _crash_child(reference, cache) is None
     assert_same_store(run_dir / "activations", reference / "activations")
     compared = [p.relative_to(reference) for p in sorted(reference.rglob("*")) if p.is_file()
-                and p.parts[len(reference.parts)] in ("corpus", "concepts", "sae", "steer")
+                and p.parts[len(reference.parts)] in ("corpus", "concepts", "validate", "sae", "steer", "experiment")
                 and "checkpoints" not in p.parts and p.name != ".emojax.lock"]
     assert len(compared) >= 15, compared
     for name in compared:

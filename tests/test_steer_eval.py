@@ -14,9 +14,9 @@ from emojax.concepts.bank import BankError, ConceptBank
 from emojax.concepts.evaluate import concept_readout
 from emojax.errors import EmojaxError, InputError
 from emojax.models.config import ModelConfig
-from emojax.steer import Decoder
+from emojax.steer import Decoder, Interventions, bank_direction
 from emojax.steer.commands import parse_sweep, register
-from emojax.steer.evaluate import (SYCOPHANCY, SteeringEval, answer_logprobs, congruent_tokens, evaluate_ab,
+from emojax.steer.evaluate import (SteeringEval, congruent_tokens,
                                    evaluate_steering, sequence_perplexity)
 from emojax.tokenizer import ByteTokenizer
 
@@ -91,29 +91,26 @@ def test_perplexity_is_that_of_the_text_padded_differently(lm):
         assert ppl[b] == pytest.approx(np.exp(nll), rel=1e-4)
 
 
-def test_ab_scores_are_answer_log_probabilities(lm, bank):
-    assert len(SYCOPHANCY.items) >= 5
-    rows = evaluate_ab(lm, SYCOPHANCY)
-    assert 0.0 <= rows[0]["rate_a"] <= 1.0 and len(rows[0]["margins"]) == len(SYCOPHANCY.items)
-    # item 0 by hand: both answers after the prompt, right-padded (not left-padded as the harness does)
-    item, tok = SYCOPHANCY.items[0], ByteTokenizer()
-    prompt = tok.encode(item.prompt)
-    answers = [tok.encode(ans, add_special_tokens=False) for ans in (item.a, item.b)]
-    width = len(prompt) + max(map(len, answers))
-    ids = np.zeros((2, width), np.int32)
-    for r, ans in enumerate(answers):
-        ids[r, :len(prompt) + len(ans)] = prompt + ans
-    logits = np.asarray(lm(ids).logits, np.float64)  # right padding never affects earlier positions
+def test_token_logprobs_are_the_forward_log_softmax_at_each_next_token(lm, bank):
+    """LanguageModel.token_logprobs (forced-choice options, perplexity) equals log_softmax of the forward's logits
+    read at the next token, left padding included, and steering changes it."""
+    tok = ByteTokenizer()
+    texts = ["User: I am sure the Sun orbits the Earth.\nAssistant: Yes.", "Hi there"]
+    tokens, mask = tok.batch(texts)
+    logits = np.asarray(lm(tokens, mask).logits, np.float64)
     lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
-    manual = [sum(logits[r, len(prompt) + j - 1, ans[j]] - lse[r, len(prompt) + j - 1] for j in range(len(ans)))
-              for r, ans in enumerate(answers)]
-    assert rows[0]["margins"][0] == pytest.approx(manual[0] - manual[1], abs=1e-3)
-    assert answer_logprobs(lm, [item.prompt] * 2, [item.a, item.b]) == pytest.approx(manual, abs=1e-3)
-    steered = evaluate_ab(lm, SYCOPHANCY, bank, "desperate", strengths=(-1.0, 0.0, 1.0), layer=2)
-    assert steered[1]["margins"] == pytest.approx(rows[0]["margins"], abs=1e-4)
-    assert steered[0]["margins"] != pytest.approx(steered[2]["margins"], abs=1e-3)
-    with pytest.raises(InputError, match="need a bank"):
-        evaluate_ab(lm, SYCOPHANCY, strengths=(0.5,))
+    got = lm.token_logprobs(tokens, mask)
+    for b in range(len(texts)):
+        for t in range(1, tokens.shape[1]):
+            want = logits[b, t - 1, tokens[b, t]] - lse[b, t - 1] if mask[b, t] and mask[b, t - 1] else None
+            if want is not None:
+                assert got[b, t] == pytest.approx(want, abs=1e-3)
+            elif not mask[b, t]:
+                assert got[b, t] == 0.0
+    iv = Interventions.empty(2, lm.config.n_layers, lm.config.d_model).add(
+        bank_direction(bank, "desperate", 2, "norm"), layers=(2,), strengths=[1.0, 0.0])
+    steered = lm.token_logprobs(tokens, mask, interventions=iv)
+    assert not np.allclose(steered[0], got[0], atol=1e-3) and np.allclose(steered[1], got[1], atol=1e-5)
 
 
 def _small():

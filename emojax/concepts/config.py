@@ -70,3 +70,30 @@ class FitConfig:
             raise ValueError("probe_l2 must be >= 0 and probe_lr > 0")
         if self.mesh and len(self.mesh) != 3:
             raise ValueError(f"mesh must have 3 entries (data, fsdp, tensor), got {list(self.mesh)}")
+
+
+@config_section("validate")
+@dataclasses.dataclass(frozen=True)
+class ValidateConfig:
+    """The validate stage: top-activating tokens on held-out text and numeric templates (emojax.concepts.validate).
+    It reads the run's store, bank and model; the layer is the run's (run.layer, else the fit's best layer)."""
+
+    split: str = "test"  # the held-out documents whose tokens are read (every label, neutral included)
+    percentile: float = ranged(90.0, 0, 100, lo_open=True, hi_open=True)  # a token is "top" above this percentile
+    # tokens (seeded uniform sample of the split, BOS left out) each concept's percentile is computed on; a split
+    # with no more tokens than this gets the exact percentile over all of them
+    threshold_tokens: int = positive(100_000)
+    examples: int = non_negative(5)  # top tokens listed per concept, each with its context
+    context: int = non_negative(6)  # tokens of context shown either side of an example
+    n_boot: int = non_negative(1000)  # bootstrap resamples of the split's documents for the lift intervals
+    seed: int = non_negative(0)  # the threshold sample and the bootstrap
+    templates: str = ""  # a numeric-templates YAML file; empty: the built-in templates (emojax/concepts/data)
+    permutations: int = positive(10_000)  # random permutations for a template's Spearman p-value (exact up to 8 values)
+    chunk_rows: int = positive(16384)  # token rows per read (the most activations held in memory at once)
+
+    def __post_init__(self):
+        if not 0.0 < self.percentile < 100.0:
+            raise ValueError(f"percentile must be in (0, 100), got {self.percentile}")
+        for name in ("threshold_tokens", "permutations", "chunk_rows"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -1,4 +1,5 @@
-"""`load_model` and `LanguageModel`: a loaded, sharded model with a jitted forward per capture set."""
+"""`load_model` and `LanguageModel`: a loaded, sharded model with a jitted forward per capture set, and
+`tokenizer_for`, the tokenizer its text goes through."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from emojax.models.identity import model_identity
 from emojax.models.interventions import Interventions
 from emojax.models.layers import attention_kernel
 from emojax.models.transformer import ForwardOutput, Transformer
-from emojax.tokenizer import Tokenizer
+from emojax.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
 
 class LanguageModel:
@@ -91,6 +92,24 @@ class LanguageModel:
         add, ablate, patch, SAE clamp) act on the stream; `generated` [B, T] marks the columns where those with
         positions="generated" act (default: none).
         """
+        capture = tuple(int(i) for i in capture)
+        bad = [i for i in capture if not 0 <= i <= self.config.n_layers]
+        if bad:
+            raise InputError(f"capture indices {bad} are outside 0..{self.config.n_layers} "
+                             "(0 = embeddings, i = output of layer i - 1)")
+        if not logits and not capture:
+            raise InputError("logits=False needs at least one capture index")
+        return self._run((capture, logits), tokens, attention_mask, interventions, generated)
+
+    def token_logprobs(self, tokens, attention_mask=None, interventions: Interventions | None = None,
+                       generated=None) -> np.ndarray:
+        """[B, T] float32: log P(token t | tokens before it) under the model (column 0 and padding: 0). Computed
+        on the device, so the [B, T, V] logits never leave it: the scores of forced-choice options and of whole
+        sequences. Arguments as for a forward."""
+        return np.asarray(self._run("token_logprobs", tokens, attention_mask, interventions, generated))
+
+    def _run(self, kind, tokens, attention_mask, interventions, generated):
+        """The checks, batch padding and compiled call shared by the forward and token_logprobs."""
         tokens, mask = self.check_tokens(tokens, attention_mask)
         B, T = tokens.shape
         if self.config.learned_positions and T > self.config.learned_positions:
@@ -103,19 +122,12 @@ class LanguageModel:
             interventions.check(self.config.n_layers, self.config.d_model, B)
             if interventions.patch is not None and interventions.patch.values.shape[1] != T:
                 raise InputError(f"patch values cover {interventions.patch.values.shape[1]} positions, the tokens {T}")
-        capture = tuple(int(i) for i in capture)
-        bad = [i for i in capture if not 0 <= i <= self.config.n_layers]
-        if bad:
-            raise InputError(f"capture indices {bad} are outside 0..{self.config.n_layers} "
-                             "(0 = embeddings, i = output of layer i - 1)")
-        if not logits and not capture:
-            raise InputError("logits=False needs at least one capture index")
         pad = -B % batch_multiple(self.mesh)  # shard the batch evenly; padded rows are dropped below
         if pad:
             tokens, mask, gen = (np.pad(a, ((0, pad), (0, 0))) for a in (tokens, mask, gen))
             interventions = None if interventions is None else interventions.padded(pad)
         iv = None if interventions is None else interventions.as_device()
-        fn = self._forward_fn(capture, iv, logits)
+        fn = self._forward_fn(kind, iv)
         with self._precision():
             out = fn(self.params, tokens, mask, gen, iv)
         if pad:
@@ -149,11 +161,32 @@ class LanguageModel:
             return jax.default_matmul_precision("highest")
         return contextlib.nullcontext()
 
-    def _forward_fn(self, capture: tuple[int, ...], iv: Interventions | None, logits: bool = True):
-        key = (capture, jax.tree.structure(iv), logits)
+    def _forward_fn(self, kind, iv: Interventions | None):
+        """kind: (capture, logits) for a forward, "token_logprobs" for those; one compiled program per kind and
+        intervention structure."""
+        key = (kind, jax.tree.structure(iv))
         if key not in self._compiled:
-            self._compiled[key] = self._build_forward(capture, iv, logits)
+            self._compiled[key] = (self._build_logprobs(iv) if kind == "token_logprobs"
+                                   else self._build_forward(kind[0], iv, logits=kind[1]))
         return self._compiled[key]
+
+    def _build_logprobs(self, iv: Interventions | None):
+        mesh, graphdef, kernel = self.mesh, self.graphdef, self.kernel
+        batch = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+        replicated = NamedSharding(mesh, PartitionSpec())
+
+        def logprobs(params, tokens, mask, gen, iv):
+            self.trace_count += 1  # runs only while tracing
+            model = nnx.merge(graphdef, params)
+            logits = model(tokens, mask, interventions=iv, generated_BT=gen, mesh=mesh, kernel=kernel).logits
+            logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+            picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+            picked = jnp.where(mask[:, 1:] > 0, picked, 0.0)
+            return jnp.pad(picked, ((0, 0), (1, 0)))
+
+        iv_shardings = jax.tree.map(lambda _: replicated, iv)
+        return jax.jit(logprobs, in_shardings=(self._param_shardings, batch, batch, batch, iv_shardings),
+                       out_shardings=batch)
 
     def _build_forward(self, capture: tuple[int, ...], iv: Interventions | None, logits: bool = True):
         mesh, graphdef, kernel = self.mesh, self.graphdef, self.kernel
@@ -192,6 +225,16 @@ class LanguageModel:
             with atomic_path(out_dir / "tokenizer.json") as tmp:
                 self.tokenizer.backend.save(str(tmp))
         return out_dir
+
+
+def tokenizer_for(lm: LanguageModel) -> Tokenizer:
+    """The checkpoint's tokenizer.json, else the byte tokenizer when the vocabulary holds it (as `emojax dump`)."""
+    if lm.tokenizer is not None:
+        return lm.tokenizer
+    if lm.config.vocab_size >= ByteTokenizer().vocab_size:
+        return ByteTokenizer()
+    raise InputError(f"{lm.source} has no tokenizer.json and its vocabulary ({lm.config.vocab_size}) is too small "
+                     "for the byte tokenizer; use a checkpoint with a tokenizer")
 
 
 def _resolve_dtype(dtype) -> np.dtype:
@@ -256,7 +299,6 @@ def load_model(path_or_preset: str | Path, dtype="float32", mesh: Mesh | None = 
     graphdef, abstract_state = nnx.split(abstract_model(config, dtype))
     pure = load_state(config, path, abstract_state, mesh, np_dtype)
     nnx.replace_by_pure_dict(abstract_state, pure)
-    tokenizer_file = path / "tokenizer.json"
-    tokenizer = Tokenizer.from_file(tokenizer_file) if tokenizer_file.is_file() else None
+    tokenizer = load_tokenizer(path) if (path / "tokenizer.json").is_file() else None
     return LanguageModel(config, graphdef, abstract_state, mesh, tokenizer, source=str(path), hf_config=hf_config,
                          attention=attention)

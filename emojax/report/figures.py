@@ -13,6 +13,7 @@ import io
 
 import matplotlib
 import numpy as np
+from matplotlib import ticker
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -183,4 +184,33 @@ def monitor_heatmap(tokens: list[str], concepts: list[str], readings_TC: np.ndar
         ax.set_yticks(range(len(concepts)), [literal(c) for c in concepts], fontsize=8)
         ax.set_xticks(range(hi - lo), [literal(repr(t)[1:-1]) for t in tokens[lo:hi]], rotation=90, fontsize=7)
     fig.colorbar(im, ax=list(axes), shrink=0.8, label=f"reading / {scale:.3g} (99th pct |reading|)")
+    return to_data_uri(fig)
+
+
+def template_curves(templates: list[dict], unit: str, per_row: int = 3) -> str:
+    """One panel per numeric template: each listed concept's readout against the template's value. `templates`:
+    [{"name", "values", "curves": {label: readings}, "expected": {label: +1 or -1}}]; an expected concept is drawn
+    solid (its label marks the direction), the others dashed. A log x axis when the values span over 20x."""
+    n = len(templates)
+    cols = min(per_row, max(n, 1))
+    rows = -(-n // cols)
+    fig = Figure(figsize=(4.6 * cols, 3.6 * rows), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, t in zip(axes, templates):
+        values = np.asarray(t["values"], float)
+        for label, ys in t["curves"].items():
+            direction = t["expected"].get(label)
+            tag = f"{label} (expected {'up' if direction > 0 else 'down'})" if direction else label
+            ax.plot(values, ys, "-" if direction else "--", marker="o", ms=3, label=literal(tag))
+        if (values > 0).all() and values.max() / values.min() > 20:
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.set_title(literal(t["name"]), fontsize=10)
+        ax.set_xlabel("value of {x}")
+        ax.set_ylabel(unit)
+        ax.legend(fontsize=7)
+    for ax in axes[n:]:
+        ax.set_visible(False)
     return to_data_uri(fig)

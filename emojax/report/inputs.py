@@ -7,6 +7,7 @@ the file.
     run_dir/activations/summary/process-*.json   dump throughput per process
     run_dir/concepts/bank.json, bank.safetensors, eval.json   the fit stage (emojax/concepts/fit.py)
     run_dir/sae/*/metrics.json                   one SAE's metrics (an object) or a sweep's (a list)
+    run_dir/validate/top_tokens.json, templates.json   top-activating tokens and numeric templates
     run_dir/steer/curves.json, monitor.json      steering curves and a monitored generation
     run_dir/stages/*.json                        {"stage", "seconds", "skipped", "summary"} per stage
 """
@@ -101,6 +102,38 @@ def sae_metrics(run_dir: Path) -> list[dict]:
     return rows
 
 
+def top_tokens(run_dir: Path) -> dict | None:
+    """validate/top_tokens.json (emojax.concepts.top_tokens), or None."""
+    value = read_json(run_dir / "validate" / "top_tokens.json")
+    if value is not None:
+        _require(value, run_dir / "validate" / "top_tokens.json", ("summary", "concepts", "split", "layer"))
+    return value
+
+
+def template_curves(run_dir: Path) -> dict | None:
+    """validate/templates.json (emojax.concepts.templates), or None; each template's readouts must be
+    [values][concepts]."""
+    path = run_dir / "validate" / "templates.json"
+    value = read_json(path)
+    if value is None:
+        return None
+    _require(value, path, ("summary", "concepts", "templates", "layer", "metric"))
+    C = len(value["concepts"])
+    for i, t in enumerate(value["templates"]):
+        _require(t, path, ("name", "values", "readouts", "rho", "p", "expected"), f"templates[{i}]")
+        if len(t["readouts"]) != len(t["values"]) or any(len(r) != C for r in t["readouts"]):
+            raise ReportError(f"{path}: templates[{i}].readouts must be [values={len(t['values'])}][concepts={C}]")
+    return value
+
+
+def _require(value, path: Path, keys: tuple[str, ...], where: str = "") -> None:
+    if not isinstance(value, dict):
+        raise ReportError(f"{path}: {where or 'the file'} must be an object")
+    missing = [k for k in keys if k not in value]
+    if missing:
+        raise ReportError(f"{path}: {where + ' ' if where else ''}missing key(s) {missing}")
+
+
 def steering_curves(run_dir: Path) -> dict | None:
     curves = read_json(run_dir / "steer" / "curves.json")
     if curves is not None and not isinstance(curves.get("concepts"), dict):
@@ -120,3 +153,13 @@ def monitored_sample(run_dir: Path) -> dict | None:
     if len(sample["readings"]) != n_tok or any(len(r) != n_con for r in sample["readings"]):
         raise ReportError(f"{path}: readings must be [tokens={n_tok}][concepts={n_con}]")
     return sample
+
+
+def experiment_results(run_dir: Path) -> dict | None:
+    results = read_json(run_dir / "experiment" / "results.json")
+    if results is None:
+        return None
+    for key in ("suite", "conditions", "rates", "dose_response", "published", "not_measured", "outcomes"):
+        if key not in results:
+            raise ReportError(f"{run_dir / 'experiment' / 'results.json'}: missing key {key!r}")
+    return results

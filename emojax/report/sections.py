@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from emojax.concepts.top_tokens import MIN_CI_DOCUMENTS
 from emojax.report import figures, inputs
 
 MONITOR_TOP = 8  # concepts shown in the monitored sample's heatmap
@@ -249,6 +250,126 @@ def logit_lens(run_dir: Path) -> str:
             f"<th>own token</th><th>its rank</th></tr></thead><tbody>{body}</tbody></table>")
 
 
+# ---- validations: top-activating tokens and numeric templates
+
+VALIDATION_SHOWN = 6  # concepts of the top-token table with the highest and the lowest lift
+TEMPLATE_OTHERS = 2  # concepts drawn and listed per template besides the expected ones: the largest |rho|
+
+
+def _lift(e: dict) -> str:
+    return _interval(e, "lift", digits=2)
+
+
+def _examples_html(examples: list, k: int = 3) -> str:
+    """A concept's first `k` top tokens in context, the token itself in bold (every piece escaped)."""
+    out = []
+    for x in examples[:k]:
+        if not isinstance(x, dict):
+            continue
+        pieces = [escape(str(x.get(key, "")).replace("\n", " ")) for key in ("left", "token", "right")]
+        out.append(f"<code>{pieces[0]}<b>{pieces[1]}</b>{pieces[2]}</code>")
+    return "<br>".join(out)
+
+
+def _top_tokens(top: dict) -> str:
+    s = top["summary"]
+    sample = top.get("threshold_sample") or {}
+    where = (f"exact over all {_fmt(top.get('tokens'))} tokens" if sample.get("exact") else
+             f"over a seeded uniform sample of {_fmt(sample.get('tokens'))} tokens")
+    text = (f"<p>Every token of the {escape(str(top['split']))} split ({_fmt(top.get('tokens'))} tokens of "
+            f"{_fmt(top.get('documents'))} documents{', BOS left out' if top.get('bos_left_out') else ''}) read "
+            f"with every concept at residual index {_fmt(top['layer'])}. A token is top for a concept above the "
+            f"concept's {_fmt(top.get('percentile'))}th percentile ({where}). Lift: the share of a concept's top "
+            "tokens lying in documents labelled with it, over that label's share of all tokens; 1 is chance. "
+            f"Mean lift over {_fmt(s.get('concepts'))} concepts, with a bootstrap interval over documents: "
+            f"{_interval(s, 'mean_lift', digits=2)}, against 1 by chance.")
+    if _is_number(s.get("with_interval")) and s["with_interval"]:
+        text += (f" Of the {_fmt(s['with_interval'])} concepts with enough documents for an interval of their own, "
+                 f"{_fmt(s.get('above_chance'))} lie above chance and {_fmt(s.get('below_chance'))} below.")
+    else:
+        text += (" No concept has enough documents in the split for an interval of its own (at least "
+                 f"{MIN_CI_DOCUMENTS}).")
+    entries = sorted(((n, e) for n, e in top["concepts"].items() if isinstance(e, dict) and _is_number(e.get("lift"))),
+                     key=lambda ne: -ne[1]["lift"])
+    if len(entries) > 2 * VALIDATION_SHOWN:
+        entries = entries[:VALIDATION_SHOWN] + [("", None)] + entries[-VALIDATION_SHOWN:]
+    rows = []
+    for name, e in entries:
+        if e is None:
+            rows.append('<tr><td colspan="5">...</td></tr>')
+            continue
+        rows.append(f"<tr><td>{escape(name)}</td><td>{escape(_lift(e))}</td>"
+                    f"<td>{_fmt(e.get('in_label'))} / {_fmt(e.get('above'))}</td><td>{_fmt(e.get('documents'))}</td>"
+                    f"<td>{_examples_html(e.get('examples') or [])}</td></tr>")
+    head = "".join(f"<th>{h}</th>" for h in ("concept", "lift (95% CI)", "top tokens in its documents / top tokens",
+                                              "its documents", "top tokens in context"))
+    return (text + "</p><p>The concepts with the highest and the lowest lift:</p>"
+            f'<table class="lens"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>')
+
+
+def _template_rows(t: dict, names: list) -> list[tuple[str, int | None, int]]:
+    """(concept, expected direction or None, column) of the concepts shown for template `t`: the expected ones,
+    then the TEMPLATE_OTHERS others with the largest |rho|."""
+    expected = {e["concept"]: (1 if e.get("direction") == "up" else -1) for e in t["expected"]
+                if e.get("concept") in names}
+    shown = [(c, d, names.index(c)) for c, d in expected.items()]
+    others = sorted((i for i, r in enumerate(t["rho"]) if _is_number(r) and names[i] not in expected),
+                    key=lambda i: -abs(t["rho"][i]))
+    return shown + [(names[i], None, i) for i in others[:TEMPLATE_OTHERS]]
+
+
+def _templates(curves: dict) -> str:
+    names = list(curves["concepts"])
+    z = curves["metric"] == "z"
+    unit = "z-score against neutral text" if z else "cos(x - center, v)"
+    panels, rows = [], []
+    for t in curves["templates"]:
+        shown = _template_rows(t, names)
+        panels.append({"name": t["name"], "values": t["values"],
+                       "curves": {c: [row[i] for row in t["readouts"]] for c, _, i in shown},
+                       "expected": {c: d for c, d, _ in shown if d is not None}})
+        for c, d, i in shown:
+            verdict = "-" if d is None else ("yes" if (t["rho"][i] or 0) * d > 0 else "no")
+            rows.append([t["name"], c, "-" if d is None else ("up" if d > 0 else "down"), t["rho"][i], t["p"][i],
+                         verdict])
+    s = curves["summary"]
+    text = (f"<p>Each template's sentence with its quantity varied, framed as a Human turn and read at the ':' "
+            f"after \"Assistant\" at residual index {_fmt(curves['layer'])}; readings are "
+            f"{'z-scores against neutral text (as the monitor shows them)' if z else 'centred cosines'}. Monotonicity: "
+            "Spearman rho of value against readout, with a permutation p-value over orderings of the values; the "
+            "intervals below resample templates, the independent unit.")
+    if _is_number(s.get("expected")) and s["expected"]:
+        text += (f" Expected directions: {_fmt(s.get('agree'))} of {_fmt(s['expected'])} as expected, "
+                 f"{_interval(s, 'agree_rate', 100, 1, '%')}, against 50% for a random "
+                 f"sign (permutation null 95% range {_range(s.get('agree_chance_range95'))}; p = "
+                 f"{_fmt(s.get('agree_p_value'))}).")
+    if _is_number(s.get("curves")) and s["curves"]:
+        text += (f" Curves monotone at p &lt; 0.05: {_fmt(s.get('monotone'))} of {_fmt(s['curves'])}, "
+                 f"{_interval(s, 'monotone_rate', 100, 1, '%')}, against 5% by chance "
+                 f"(permutation null 95% range, which keeps a template's concepts together: "
+                 f"{_range(s.get('monotone_chance_range95'))}; p = {_fmt(s.get('monotone_p_value'))}).")
+    return (text + "</p>" + img(figures.template_curves(panels, unit), "numeric template curves")
+            + table(["template", "concept", "expected", "Spearman rho", "permutation p", "as expected"], rows))
+
+
+def _range(bounds) -> str:
+    if isinstance(bounds, list) and len(bounds) == 2 and all(_is_number(b) for b in bounds):
+        return f"{100 * bounds[0]:.1f}-{100 * bounds[1]:.1f}%"
+    return "-"
+
+
+def validation(run_dir: Path) -> str:
+    top, curves = inputs.top_tokens(run_dir), inputs.template_curves(run_dir)
+    if top is None and curves is None:
+        raise NotRun("validate/top_tokens.json and validate/templates.json are missing")
+    parts = []
+    if top is not None:
+        parts.append("<h3>Top-activating tokens on held-out text</h3>" + _top_tokens(top))
+    if curves is not None:
+        parts.append("<h3>Numeric templates</h3>" + _templates(curves))
+    return "".join(parts)
+
+
 # ---- SAE, steering, monitoring
 
 
@@ -282,6 +403,55 @@ def monitor(run_dir: Path) -> str:
             + img(uri, "monitored generation heatmap"))
 
 
+def _rate(m: dict | None) -> str:
+    if not m or m.get("rate") is None:
+        return "-"
+    lo, hi = m["ci95"]
+    return f"{100 * m['rate']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def experiment(run_dir: Path) -> str:
+    from emojax.experiment.results import MIN_SAMPLES, rate_figure
+
+    r = _need(inputs.experiment_results(run_dir), "experiment/results.json is missing")
+    conds = [c["id"] for c in r["conditions"]]
+    out = (f"<p>Suite <b>{escape(r['suite'])}</b> ({_fmt(r['scenarios'])} scenarios): {escape(r['description'])} "
+           f"Steered at residual index {_fmt(r['layers'])}, strength in {escape(r['unit'])} units, on "
+           f"{escape(r['positions'])} positions. Rates with Wilson 95% intervals; a rate over fewer than "
+           f"{MIN_SAMPLES} samples is marked (too few for a rate claim, METHOD.md section 8).</p>")
+    out += img(figures.to_data_uri(rate_figure(r)), "outcome rate against steering strength")
+    keys = list(r["rates"])
+    rows = []
+    for cid in conds:
+        row = [cid]
+        for key in keys:
+            m = r["rates"][key][cid]
+            mark = " *" if m.get("underpowered") else ""
+            row.append(f"{_rate(m)} n={m['n']}{mark}" + (f", {m['failed']} failed" if m.get("failed") else ""))
+        rows.append(row)
+    out += table(["condition", *[r["outcomes"][k] for k in keys]], rows, "compact")
+    fits = [[key, name, f["slope"], f["slope_ci95"], f["p_value"]] for key, per in r["dose_response"].items()
+            for name, f in per.items() if f]
+    if fits:
+        out += ("<p>Dose-response: logistic regression of each outcome on strength (the baseline as 0); slope per "
+                "unit with its 95% profile-likelihood interval (an open side: unbounded).</p>"
+                + table(["outcome", "concept", "slope", "95% interval", "p"], fits, "compact"))
+    if r["published"]:
+        pub = [[row["condition"], row["published"], row.get("here") or "-", "not run" if row["measured"] is None
+                else _rate({"rate": row["measured"], "ci95": row["ci95"]}), row["n"]] for row in r["published"]]
+        out += (f"<p>The study's published figures (METHOD.md section 5; another model, its own scenarios) beside "
+                f"this run's rate of the closest condition ({escape(r['outcomes'][r['published'][0]['outcome']])}):</p>"
+                + table(["condition", "study", "closest here", "measured here", "n"], pub, "compact"))
+    for key, table_ in r.get("elo", {}).items():
+        shifts = [[cid, v] for cid, v in table_["mean_abs_shift"].items()]
+        out += f"<p>{escape(key)}: mean absolute Elo shift from the baseline per condition.</p>" + table(
+            ["condition", "mean |shift|"], shifts, "compact")
+    if r["not_measured"]:
+        out += "<p>Not measured: " + "; ".join(f"{escape(x['outcome'])} ({escape(x['why'])})"
+                                              for x in r["not_measured"]) + ".</p>"
+    return out
+
+
 SECTIONS = (
     ("corpus", "Corpus", corpus_summary),
     ("run", "Run: stages, wall time and throughput", run_summary),
@@ -289,7 +459,9 @@ SECTIONS = (
     ("cosine", "2. Clustered cosine similarity", cosine_heatmap),
     ("accuracy", "3. Held-out accuracy by layer", accuracy),
     ("logit-lens", "4. Logit lens", logit_lens),
-    ("sae", "5. Sparse autoencoders: L0 vs FVU and dead latents", sae),
-    ("steering", "6. Steering: concept readout and fluency vs strength", steering),
-    ("monitor", "7. Monitored generation", monitor),
+    ("validation", "5. Validation: top-activating tokens and numeric templates", validation),
+    ("sae", "6. Sparse autoencoders: L0 vs FVU and dead latents", sae),
+    ("steering", "7. Steering: concept readout and fluency vs strength", steering),
+    ("monitor", "8. Monitored generation", monitor),
+    ("experiment", "9. Behavioural experiment: rates under steering", experiment),
 )

@@ -1,8 +1,8 @@
 """The settings of `emojax run`: a `run:` section plus one section per stage, in one YAML file.
 
-Paths between stages are derived from `run.dir` (corpus/, activations/, concepts/, sae/, steer/, report/),
-so a stage section holds only the settings of its own work. Each section is typed by the class registered for it
-where the class lives (config_loader.SECTIONS); the imports below register them.
+Paths between stages are derived from `run.dir` (corpus/, activations/, concepts/, validate/, baseline/, sae/,
+steer/, experiment/, report/), so a stage section holds only the settings of its own work. Each section is typed
+by the class registered for it where the class lives (config_loader.SECTIONS); the imports below register them.
 """
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import emojax.concepts.config  # noqa: F401 - registers fit:
+import emojax.concepts.config  # noqa: F401 - registers fit: and validate:
 import emojax.corpus.config  # noqa: F401 - registers corpus:
+import emojax.experiment.config  # noqa: F401 - registers experiment:
 import emojax.sae.config  # noqa: F401 - registers sae:
 import emojax.steer.config  # noqa: F401 - registers steer:
 import emojax.store.config  # noqa: F401 - registers dump:
@@ -20,7 +21,7 @@ from emojax.config_loader import SECTIONS, config_section, merge, non_negative, 
 from emojax.errors import ConfigError
 from emojax.models.layers import ATTENTION_CHOICES
 
-STAGES = ("train", "corpus", "dump", "fit", "baseline", "sae", "steer", "report")
+STAGES = ("train", "corpus", "dump", "fit", "validate", "baseline", "sae", "steer", "experiment", "report")
 
 
 @config_section("run")

@@ -31,6 +31,11 @@ OUTPUT_SETTINGS: dict[str, tuple[str, ...]] = {
             "norm_tokens", "chunk_docs"),
     "sae": SAE_MATH,  # the SAE resume check's own table (emojax/sae/fingerprint.py): one list, two users
     "steer": ("concepts", "strengths", "prompts", "max_new_tokens", "monitor_prompt", "monitor_new_tokens"),
+    "experiment": ("suite", "concepts", "strengths", "layers", "ablate", "unit", "positions", "outcomes", "scenarios",
+                   "samples", "max_new_tokens", "temperature", "top_p", "seed", "batch_size", "shard_rows",
+                   "judge_url", "judge_model"),
+    "validate": ("split", "percentile", "threshold_tokens", "examples", "context", "n_boot", "seed", "permutations",
+                 "chunk_rows"),  # a readout's matmul may block differently for another row count
 }
 
 # stage -> setting -> why it cannot change the stage's outputs.
@@ -57,6 +62,12 @@ OTHER_SETTINGS: dict[str, dict[str, str]] = {
             "checkpoint_every": "resuming is exact, so checkpoint spacing never changes the result",
             "log_every": "how often metrics are printed"},
     "steer": {},
+    "experiment": {"model": "set from run.model; covered by the train stage's fingerprint",
+                   "bank": "set from run.dir; the bank is covered by the fit's fingerprint",
+                   "out": "set from run.dir",
+                   "judge_key_env": "which variable holds the key; the judge's answers are cached by request",
+                   "judge_concurrency": "requests in flight; each answer is the same"},
+    "validate": {"templates": "the file's content is in the stage's fingerprint (templates_sha256), not its path"},
 }
 
 

@@ -1,6 +1,7 @@
 """`run`: every stage of the method in order, in one run directory, skipping what is already done.
 
-    train (built-in model only) -> corpus -> dump -> fit -> sae -> steer -> report
+    train (built-in model only) -> corpus -> dump -> fit -> validate -> baseline -> sae -> steer -> experiment
+    -> report
 
 Each stage's fingerprint covers the settings that change its outputs (fingerprints.py) and its inputs'
 fingerprints, so a changed setting recomputes that stage and everything downstream of it, and nothing else.

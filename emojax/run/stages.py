@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from emojax.config_loader import SECTIONS
+from emojax.digest import digest
 from emojax.fileio import write_json, write_text
 from emojax.run.config import RunFile
 from emojax.progress import log
@@ -201,6 +202,44 @@ class Fit(Stage):
         return all(ctx.path("concepts", f).is_file() for f in ("bank.json", "bank.safetensors", "eval.json"))
 
 
+class Validate(Stage):
+    """The study's remaining validations of the fitted bank (emojax.concepts.validate): top-activating tokens on
+    held-out text and numeric templates, at the run's layer. Writes validate/top_tokens.json and
+    validate/templates.json; the report shows them."""
+
+    name = "validate"
+    depends = ("train", "dump", "fit")
+
+    def _config(self, ctx: Context):
+        return ctx.run_file.config("validate")
+
+    def settings(self, ctx):
+        from emojax.concepts.templates import builtin_templates_file
+
+        config = self._config(ctx)
+        templates = Path(config.templates) if config.templates else builtin_templates_file()
+        # the templates by content: an edited file recomputes the stage, a moved copy does not
+        text = templates.read_text(encoding="utf-8") if templates.is_file() else None
+        return {**output_settings("validate", config), "templates_sha256": digest(text),
+                "layer": ctx.run_file.run.layer, "attention": ctx.run_file.run.attention}
+
+    def run(self, ctx):
+        from emojax.concepts import load_bank
+        from emojax.concepts.layer import bank_layer
+        from emojax.concepts.validate import validate
+        from emojax.models import load_model
+        from emojax.store import ActivationStore
+
+        bank = load_bank(ctx.path("concepts"))
+        lm = load_model(ctx.model, attention=ctx.run_file.run.attention)
+        layer = bank_layer(bank, lm.config.n_layers, ctx.run_file.run.layer or None)
+        return validate(self._config(ctx), ActivationStore(str(ctx.path("activations"))), bank, lm, layer,
+                        ctx.path("validate"), log=log, show_progress=ctx.show_progress)
+
+    def outputs_exist(self, ctx):
+        return all(ctx.path("validate", f).is_file() for f in ("top_tokens.json", "templates.json"))
+
+
 class Baseline(Stage):
     """The same dump and fit on a random-init model of the run's model's shape (seed 0, the model's tokenizer):
     what the concept vectors' accuracies are read against (METHOD.md section 8). Writes baseline/model (the
@@ -320,9 +359,46 @@ class Steer(Stage):
         return all(ctx.path("steer", f).is_file() for f in ("curves.json", "monitor.json"))
 
 
+class ExperimentStage(Stage):
+    """A behavioural experiment (emojax.experiment): the experiment: section's suite under the baseline and the
+    steering conditions, with the run's model and fitted concepts; writes experiment/ (resumable by shard)."""
+
+    name = "experiment"
+    depends = ("train", "fit")
+
+    def _config(self, ctx: Context):
+        return ctx.run_file.config("experiment", {"model": ctx.model, "bank": str(ctx.path("concepts")),
+                                                  "out": str(ctx.path("experiment"))})
+
+    def settings(self, ctx):
+        from emojax.experiment.suite import suite_path
+
+        config = self._config(ctx)
+        # the suite by content: an edited suite reruns the stage, a moved copy does not
+        return {**output_settings("experiment", config), "suite": digest(suite_path(config.suite).read_text()),
+                "layer": ctx.run_file.run.layer, "attention": ctx.run_file.run.attention}
+
+    def run(self, ctx):
+        import dataclasses
+
+        from emojax.experiment import run_experiment
+        from emojax.models import load_model
+
+        config = self._config(ctx)
+        if ctx.run_file.run.layer and not config.layers:
+            config = dataclasses.replace(config, layers=(ctx.run_file.run.layer,))
+        lm = load_model(ctx.model, attention=ctx.run_file.run.attention)
+        results = run_experiment(config, log=log, show_progress=ctx.show_progress, lm=lm)
+        return {"suite": results["suite"], "conditions": len(results["conditions"]),
+                "scenarios": results["scenarios"], "outcomes": list(results["rates"])}
+
+    def outputs_exist(self, ctx):
+        return all(ctx.path("experiment", f).is_file() for f in ("results.json", "transcripts.jsonl"))
+
+
 class Report(Stage):
     name = "report"
-    depends = ("corpus", "dump", "fit", "sae", "steer")
+    depends = ("corpus", "dump", "fit", "validate", "sae", "steer", "experiment")
 
     def settings(self, ctx):
         return {}
@@ -336,8 +412,8 @@ class Report(Stage):
         return ctx.path("report", "index.html").is_file()
 
 
-STAGES: dict[str, Stage] = {s.name: s for s in (Train(), Corpus(), Dump(), Fit(), Baseline(), SaeStage(), Steer(),
-                                                  Report())}
+STAGES: dict[str, Stage] = {s.name: s for s in (Train(), Corpus(), Dump(), Fit(), Validate(), Baseline(), SaeStage(),
+                                                  Steer(), ExperimentStage(), Report())}
 
 
 def check_run_file(run_file: RunFile) -> None:

@@ -1,7 +1,9 @@
 """Next-token choice: greedy, or temperature / top-k / top-p sampling with an explicit PRNG key.
 
 Every setting is a per-example array, so changing it never recompiles; a batch that is all greedy
-(temperature 0) skips the sort at run time (a `lax.cond`, not a Python branch).
+(temperature 0) skips the sort at run time (a `lax.cond`, not a Python branch). Each row draws with its own key,
+fold_in(step key, seed[b]): a row's tokens depend on the key, its seed and its own logits only, not on which rows
+share its batch (the experiment harness seeds each sample from (seed, condition, scenario, sample)).
 """
 
 from __future__ import annotations
@@ -16,14 +18,16 @@ from emojax.errors import InputError
 
 @struct.dataclass
 class Sampling:
-    """temperature [B] (0 = greedy), top_k [B] int32 (0 = no limit), top_p [B] (1 = no limit)."""
+    """temperature [B] (0 = greedy), top_k [B] int32 (0 = no limit), top_p [B] (1 = no limit), seed [B] uint32
+    (default: the row index)."""
 
     temperature: jax.Array
     top_k: jax.Array
     top_p: jax.Array
+    seed: jax.Array
 
     @classmethod
-    def make(cls, batch: int, temperature=0.0, top_k=0, top_p=1.0) -> Sampling:
+    def make(cls, batch: int, temperature=0.0, top_k=0, top_p=1.0, seed=None) -> Sampling:
         def per_row(value, dtype, name):
             a = np.broadcast_to(np.asarray(value, dtype), (batch,)) if np.ndim(value) == 0 else np.asarray(value, dtype)
             if a.shape != (batch,):
@@ -34,7 +38,8 @@ class Sampling:
             per_row(top_p, np.float32, "top_p")
         if (t < 0).any() or (k < 0).any() or ((p <= 0) | (p > 1)).any():
             raise InputError("temperature must be >= 0, top_k >= 0 and top_p in (0, 1]")
-        return cls(temperature=t, top_k=k, top_p=p)
+        seeds = np.arange(batch, dtype=np.uint32) if seed is None else per_row(seed, np.uint32, "seed")
+        return cls(temperature=t, top_k=k, top_p=p, seed=seeds)
 
 
 def choose(logits_BV: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
@@ -53,7 +58,8 @@ def choose(logits_BV: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Arra
         before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly better tokens
         n_keep = jnp.clip(jnp.sum((before < sampling.top_p[:, None]) & (rank < k[:, None]), axis=-1), 1, V)
         cutoff = jnp.take_along_axis(sorted_BV, (n_keep - 1)[:, None], axis=-1)
-        drawn = jax.random.categorical(key, jnp.where(scaled >= cutoff, scaled, -jnp.inf), axis=-1)
+        keys_B = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, sampling.seed)
+        drawn = jax.vmap(jax.random.categorical)(keys_B, jnp.where(scaled >= cutoff, scaled, -jnp.inf))
         return jnp.where(sampling.temperature > 0, drawn.astype(jnp.int32), greedy)
 
     return jax.lax.cond(jnp.any(sampling.temperature > 0), draw, lambda _: greedy, None)

@@ -1,4 +1,5 @@
-"""Text in and out of the decode loop: the model's tokenizer (or the byte tokenizer), prompt batches, decoding."""
+"""Text in and out of the decode loop: prompt batches and per-token texts, through the model's tokenizer
+(`tokenizer_for`, in emojax.models.lm, re-exported here)."""
 
 from __future__ import annotations
 
@@ -7,18 +8,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from emojax.errors import InputError
-from emojax.models.lm import LanguageModel
-from emojax.tokenizer import ByteTokenizer, Tokenizer
-
-
-def tokenizer_for(lm: LanguageModel) -> Tokenizer:
-    """The checkpoint's tokenizer.json, else the byte tokenizer when the vocabulary holds it (as `emojax dump`)."""
-    if lm.tokenizer is not None:
-        return lm.tokenizer
-    if lm.config.vocab_size >= ByteTokenizer().vocab_size:
-        return ByteTokenizer()
-    raise InputError(f"{lm.source} has no tokenizer.json and its vocabulary ({lm.config.vocab_size}) is too small "
-                     "for the byte tokenizer; use a checkpoint with a tokenizer")
+from emojax.models.lm import tokenizer_for
+from emojax.tokenizer import Tokenizer
 
 
 def encode_prompts(tokenizer: Tokenizer, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -35,3 +26,6 @@ def encode_prompts(tokenizer: Tokenizer, texts: Sequence[str]) -> tuple[np.ndarr
 def token_texts(tokenizer: Tokenizer, ids: Sequence[int]) -> list[str]:
     """Each token's own text (special tokens included), for per-token displays."""
     return [tokenizer.decode([int(i)], skip_special_tokens=False) for i in ids]
+
+
+__all__ = ["encode_prompts", "token_texts", "tokenizer_for"]

@@ -20,7 +20,7 @@ class Step:
                  bos_id: int | None = None):
         self.lm, self.pool_start, self.bos_id = lm, pool_start, bos_id
         self.interventions = None if interventions is None else interventions.as_device()
-        self.forward = lm._forward_fn(layers, self.interventions, logits=False)
+        self.forward = lm._forward_fn((tuple(layers), False), self.interventions)
         self.reduce = _reduce_fn(pool_start, dtype, bos_id)
 
     def __call__(self, tokens: np.ndarray, mask: np.ndarray):

@@ -1,0 +1,53 @@
+"""ExperimentConfig: one behavioural experiment (the `experiment:` section of a run config): a suite, the
+conditions it runs under, sampling, seeds and the judge."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from emojax.config_loader import config_section, non_negative, positive, ranged, unbounded
+from emojax.errors import ConfigError
+
+POSITIONS = ("all", "prompt", "generated")
+
+
+@config_section("experiment", derived={"model": "model", "bank": "bank", "out": "output"})
+@dataclass(frozen=True)
+class ExperimentConfig:
+    suite: str = "sycophancy"  # a built-in suite (blackmail, reward_hacking, sycophancy, preferences) or a YAML path
+    model: str = ""
+    bank: str = ""  # the concept bank the steering vectors come from (needed unless only the baseline runs)
+    out: str = ""
+    # Conditions: the baseline (no intervention), every concept x strength x layer (strength in `unit`s: "norm" =
+    # a fraction of the layer's mean residual norm, the study's unit), and each `ablate` concept projected out.
+    concepts: tuple[str, ...] = ("desperate", "calm")
+    strengths: tuple[float, ...] = unbounded((-0.1, -0.05, 0.05, 0.1))
+    layers: tuple[int, ...] = non_negative(())  # residual indices; empty: the bank's chosen layer
+    ablate: tuple[str, ...] = ()
+    unit: str = "norm"
+    positions: str = "all"  # where steering vectors act: all, prompt or generated tokens
+    outcomes: tuple[str, ...] = ()  # the suite's outcomes measured; empty: all (judge ones only with judge_url)
+    scenarios: int = non_negative(0)  # 0: every scenario; else a seeded sample of this many
+    samples: int | None = positive(None)  # replies per condition and scenario; None: the suite's
+    max_new_tokens: int | None = positive(None)
+    temperature: float | None = non_negative(None)
+    top_p: float | None = ranged(None, 0, 1, lo_open=True)
+    seed: int = non_negative(0)
+    batch_size: int = positive(32)  # rows per compiled call (the last batch of a shard is padded to it)
+    shard_rows: int = positive(256)  # rows per resumable shard
+    judge_url: str = ""  # OpenAI-compatible base URL (.../v1); empty: judge outcomes are not measured
+    judge_model: str = ""
+    judge_key_env: str = ""  # environment variable holding the judge's API key
+    judge_concurrency: int = positive(8)
+
+    def __post_init__(self):
+        if self.unit not in ("norm", "absolute"):
+            raise ConfigError(f"experiment.unit={self.unit!r} is not 'norm' or 'absolute'")
+        if self.positions not in POSITIONS:
+            raise ConfigError(f"experiment.positions={self.positions!r} is not one of {list(POSITIONS)}")
+        if self.judge_url and not self.judge_model:
+            raise ConfigError("experiment.judge_url is set but experiment.judge_model is not")
+        if len(set(self.concepts)) != len(self.concepts):
+            raise ConfigError(f"experiment.concepts repeats a concept: {list(self.concepts)}")
+        if 0.0 in self.strengths:
+            raise ConfigError("experiment.strengths: leave out 0; the baseline condition always runs")
