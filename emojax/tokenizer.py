@@ -64,16 +64,23 @@ class Tokenizer:
 
         Texts longer than `length` keep their last `length` tokens.
         """
-        encoded = [self.encode(t, add_special_tokens) for t in texts]
-        T = length or max(1, max(len(e) for e in encoded))
-        tokens = np.full((len(texts), T), pad_id, np.int32)
-        mask = np.zeros((len(texts), T), np.int32)
-        for row, ids in enumerate(encoded):
-            ids = ids[-T:]
-            if ids:
-                tokens[row, T - len(ids):] = ids
-                mask[row, T - len(ids):] = 1
-        return tokens, mask
+        return left_pad([self.encode(t, add_special_tokens) for t in texts], length, pad_id)
+
+
+def left_pad(sequences: Sequence[Sequence[int]], length: int | None = None, pad_id: int = 0,
+             rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Token id sequences as left-padded int32 tokens [rows, T] and attention mask [rows, T] (T = the longest,
+    or `length`; a longer sequence keeps its last T ids; rows beyond the sequences stay empty)."""
+    T = length or max(1, max((len(ids) for ids in sequences), default=1))
+    n = len(sequences) if rows is None else rows
+    tokens = np.full((n, T), pad_id, np.int32)
+    mask = np.zeros((n, T), np.int32)
+    for row, ids in enumerate(sequences):
+        ids = list(ids)[-T:]
+        if ids:
+            tokens[row, T - len(ids):] = ids
+            mask[row, T - len(ids):] = 1
+    return tokens, mask
 
 
 class ByteTokenizer(Tokenizer):

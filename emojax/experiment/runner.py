@@ -34,6 +34,7 @@ from emojax.fileio import write_json, write_text
 from emojax.locks import writer_lock
 from emojax.models.interventions import Interventions
 from emojax.progress import progress_bar
+from emojax.tokenizer import left_pad
 
 FORMAT = "emojax-experiment-1"
 MIN_BUCKET = 32
@@ -316,10 +317,8 @@ class Experiment:
         for start in range(0, len(seqs), B):
             part = seqs[start:start + B]
             T = self._bucket(max(len(x[3]) for x in part), shard, part[0][0])
-            tokens, mask = np.zeros((B, T), np.int32), np.zeros((B, T), np.int32)
+            tokens, mask = left_pad([x[3] for x in part], T, rows=B)  # a fixed shape: one program per bucket
             conds = [shard.rows[x[0]][0] for x in part] + [shard.rows[part[0][0]][0]] * (B - len(part))
-            for b, (_, _, _, ids, _) in enumerate(part):
-                tokens[b, T - len(ids):], mask[b, T - len(ids):] = ids, 1
             logp = self.lm.token_logprobs(tokens, mask, interventions=self.interventions(shard.group, conds))
             for b, (r, name, label, _, n) in enumerate(part):
                 scores[(r, name, label)] = (float(logp[b, T - n:].sum()), n)
@@ -367,11 +366,7 @@ class Experiment:
         for start in range(0, len(rows), B):
             part = rows[start:start + B]
             padded = part + [part[0]] * (B - len(part))  # a fixed batch: one compiled loop per prompt bucket
-            prompts = [self._prompt_ids(s) for _, s, _ in padded]
-            T = max(len(p) for p in prompts)
-            tokens, mask = np.zeros((B, T), np.int32), np.zeros((B, T), np.int32)
-            for b, ids in enumerate(prompts):
-                tokens[b, T - len(ids):], mask[b, T - len(ids):] = ids, 1
+            tokens, mask = left_pad([self._prompt_ids(s) for _, s, _ in padded])
             seeds = [row_seed(self.config.seed, self.conditions[c].id, self.scenarios[s]["id"], k)
                      for c, s, k in padded]
             gen = self._decoder.generate(

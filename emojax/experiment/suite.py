@@ -77,11 +77,6 @@ class Suite:
     generation: Generation
     source: str
 
-    @property
-    def sampled(self) -> bool:
-        """Whether any outcome needs generated replies."""
-        return any(o.sampled for o in self.outcomes)
-
     def outcome(self, name: str) -> Outcome:
         for o in self.outcomes:
             if o.name == name:

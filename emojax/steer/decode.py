@@ -31,6 +31,7 @@ from emojax.models.sharding import batch_multiple
 from emojax.models.transformer import KVCache, layer_segments
 from emojax.steer.monitor import Readout
 from emojax.steer.sampling import Sampling, choose
+from emojax.tokenizer import left_pad
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,11 +174,7 @@ class Decoder:
         P = bucket(int(lengths.max()), self.config.prompt_buckets, "a prompt")
         n_new = bucket(max_new_tokens, self.config.new_token_buckets, "max_new_tokens")
         # Right-align the real tokens into P columns (left padding), whatever padding the input had.
-        toks = np.full((B, P), pad_id, np.int32)
-        pmask = np.zeros((B, P), np.int32)
-        for b in range(B):
-            ids = tokens[b][mask[b].astype(bool)]
-            toks[b, P - len(ids):], pmask[b, P - len(ids):] = ids, 1
+        toks, pmask = left_pad([tokens[b][mask[b].astype(bool)] for b in range(B)], P, pad_id)
         if sampling is not None and sampling.temperature.shape != (B,):
             raise InputError(f"sampling is for batch {sampling.temperature.shape[0]}, tokens for {B}")
         if interventions is not None:
