@@ -26,7 +26,7 @@ def time_fn(fn: Callable[[], object], iters: int, warmup: int = 1) -> dict:
     """Runs `fn` `warmup` times, then `iters` timed times. `fn` must block until its work is done.
 
     Returns seconds: `first` (the first warmup call: compile + one run for jitted code), `median`, `mean`,
-    `min` over the timed calls, and the raw `times`.
+    `min` over the timed calls, and the raw `times`; `output`: what the first timed call returned.
     """
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
@@ -36,13 +36,13 @@ def time_fn(fn: Callable[[], object], iters: int, warmup: int = 1) -> dict:
         fn()
         dt = time.perf_counter() - t0
         first = dt if first is None else first
-    times = []
+    times, outputs = [], []
     for _ in range(iters):
         t0 = time.perf_counter()
-        fn()
+        outputs.append(fn())
         times.append(time.perf_counter() - t0)
     return {"first": first, "median": statistics.median(times), "mean": statistics.fmean(times),
-            "min": min(times), "times": times}
+            "min": min(times), "times": times, "output": outputs[0]}
 
 
 def _cpu_counters() -> tuple[float, float, float] | None:
@@ -109,13 +109,14 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def timed_rounds(steps: dict[str, Callable[[], object]], iters: int, rounds: int) -> dict:
-    """Times the sides alternately, `rounds` times, so slow drift of a shared machine hits both alike.
-    Returns per side the per-round timings; the first call of round 0 is each side's warmup."""
+def timed_rounds(steps: dict[str, Callable[[], object]], iters: int, rounds: int, warmup: int = 1) -> dict:
+    """Times the sides alternately, `rounds` times, so slow drift of a shared machine hits both alike: each
+    round runs each side `warmup` untimed then `iters` timed calls (`time_fn`). Returns per side the per-round
+    timings, each with the cores other processes kept busy meanwhile (`foreign_cores`)."""
     results = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
             with ForeignLoad() as load:
-                timing = time_fn(step, iters, warmup=1)
+                timing = time_fn(step, iters, warmup=warmup)
             results[name].append({**timing, "foreign_cores": load.cores})
     return results

@@ -148,3 +148,28 @@ def test_a_spent_budget_starts_no_bench(monkeypatch, capsys):
     (line,) = [json.loads(text) for text in capsys.readouterr().out.splitlines()]
     assert line["status"] == "failed"
     assert line["error"] == "forward: scripts/bench_forward.py not started, the --budget of 10 s is spent"
+
+
+def test_bench_experiment_on_cpu_tiny_runs_both_suites_with_the_same_conditions():
+    """scripts/bench_experiment.py at the tiny shape with small suites: one line per task; both sides score the
+    same sequences under the same steering (every forced choice agrees, float32) and greedy generation gives the
+    same tokens; the timed calls recompile nothing."""
+    proc = subprocess.run([sys.executable, "scripts/bench_experiment.py", "--model-shape", "tiny", "--batch", "8",
+                           "--rounds", "1", "--samples", "1", "--scenarios", "10", "--gen-scenarios", "2",
+                           "--new-tokens", "8", "--greedy"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    lines = [json.loads(text) for text in proc.stdout.splitlines()]
+    assert [line["bench"] for line in lines] == ["experiment_choice", "experiment_generate"]
+    for line in lines:
+        assert line["emojax"] > 0 and line["baseline"] > 0, line
+        assert line["ratio"] == pytest.approx(line["emojax"] / line["baseline"], rel=1e-4)  # 6 digits each
+        assert (line["unit"], line["device"], line["model_shape"], line["conditions"]) == ("samples/s", "cpu",
+                                                                                          "tiny", 10)
+        assert line["emojax_retraces_timed"] == 0 and line["emojax_compile_s"] >= 0
+    choice, generate = lines
+    assert (choice["samples"], choice["sequences"]) == (100, 200)
+    assert choice["agreement"] >= 0.99 and choice["max_abs_logp_diff"] < 1e-3, choice
+    assert choice["steered_margin_shift"] > 0  # the steering reaches the scores
+    assert (generate["samples"], generate["new_tokens"], generate["sampling"]) == (20, 8, "greedy")
+    assert generate["emojax_tok_s"] == pytest.approx(generate["emojax"] * 8, rel=1e-4)
+    assert generate["agreement"] >= 0.9, generate  # one early near-tie divergence would cost a row's 8 tokens

@@ -303,6 +303,10 @@ def test_sampling_filters_follow_top_k_and_top_p():
     np.testing.assert_allclose(freq[0], [0.5, 0.3, 0.15, 0.05], atol=0.03)
     np.testing.assert_allclose(freq[1], [0.625, 0.375, 0, 0], atol=0.03)  # top-2, renormalised
     np.testing.assert_allclose(freq[2], [0.625, 0.375, 0, 0], atol=0.03)  # 0.5 + 0.3 reaches 0.7
+    # no row truncates: the sort is skipped, and an untruncated row draws exactly as it does beside truncated ones
+    plain = np.asarray(jax.vmap(lambda k: choose(logits, k, Sampling.make(3, temperature=1.0)))(keys))
+    np.testing.assert_array_equal(plain[:, 0], draws[:, 0])
+    np.testing.assert_allclose(np.bincount(plain[:, 1], minlength=4) / n, [0.5, 0.3, 0.15, 0.05], atol=0.03)
     greedy = np.asarray(choose(logits, keys[0], Sampling.make(3)))
     assert (greedy == 0).all()
 

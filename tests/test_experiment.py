@@ -78,6 +78,18 @@ def config(tmp_path, **changes) -> ExperimentConfig:
     return ExperimentConfig(**{**base, **changes})
 
 
+def test_scoring_the_last_columns_only_gives_the_full_scores_there():
+    lm, _ = planted_model()
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, 256, size=(3, 12))
+    mask = np.ones_like(tokens)
+    mask[0, :5] = 0  # a left-padded row
+    full = lm.token_logprobs(tokens, mask)
+    part = lm.token_logprobs(tokens, mask, last=4)
+    np.testing.assert_allclose(part[:, -4:], full[:, -4:], rtol=1e-5, atol=1e-5)
+    assert not part[:, :-4].any() and full[1:, 1:-4].all()  # the full scores are there; the part left them out
+
+
 def test_a_planted_direction_flips_the_forced_choice_with_the_right_sign_and_interval(tmp_path):
     lm, bank = planted_model()
     results = run_experiment(config(tmp_path), lm=lm, bank=bank, show_progress=False)

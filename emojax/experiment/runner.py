@@ -81,7 +81,7 @@ class Shard:
 class Experiment:
     """One experiment's plan (conditions, scenarios, shards) and the model, bank and tokenizer it runs with."""
 
-    def __init__(self, config: ExperimentConfig, lm=None, bank=None, judge=None):
+    def __init__(self, config: ExperimentConfig, lm=None, bank=None, judge=None, decoder=None):
         from emojax.concepts.bank import load_bank
         from emojax.concepts.layer import bank_layer
         from emojax.models.lm import load_model, tokenizer_for
@@ -96,6 +96,7 @@ class Experiment:
                 raise ConfigError("experiment.model is not set: name the checkpoint to run")
             lm = load_model(config.model)
         self.lm = lm
+        self._decoder = decoder  # built on first generation; pass one to share its compiled loop between runs
         self.tokenizer = tokenizer_for(lm)
         needs_bank = bool(config.concepts and config.strengths) or bool(config.ablate)
         if bank is None and needs_bank:
@@ -319,7 +320,11 @@ class Experiment:
             T = self._bucket(max(len(x[3]) for x in part), shard, part[0][0])
             tokens, mask = left_pad([x[3] for x in part], T, rows=B)  # a fixed shape: one program per bucket
             conds = [shard.rows[x[0]][0] for x in part] + [shard.rows[part[0][0]][0]] * (B - len(part))
-            logp = self.lm.token_logprobs(tokens, mask, interventions=self.interventions(shard.group, conds))
+            # Only the options' columns are scored (left padding aligns them at the end); their span is bucketed
+            # like T, so a suite compiles one program per (T, span) pair.
+            span = min(1 << (max(x[4] for x in part) - 1).bit_length(), T - 1)
+            logp = self.lm.token_logprobs(tokens, mask, interventions=self.interventions(shard.group, conds),
+                                          last=span)
             for b, (r, name, label, _, n) in enumerate(part):
                 scores[(r, name, label)] = (float(logp[b, T - n:].sum()), n)
         records = []
@@ -358,7 +363,7 @@ class Experiment:
         from emojax.steer.decode import Decoder
         from emojax.steer.sampling import Sampling
 
-        if not hasattr(self, "_decoder"):
+        if self._decoder is None:
             self._decoder = Decoder(self.lm)
         B = self.config.batch_size
         rows = list(shard.rows)
@@ -424,5 +429,6 @@ class Experiment:
 
 
 def run_experiment(config: ExperimentConfig, log: Callable[[str], None] | None = None, show_progress: bool = True,
-                   lm=None, bank=None, judge=None) -> dict:
-    return Experiment(config, lm=lm, bank=bank, judge=judge).run(log=log, show_progress=show_progress)
+                   lm=None, bank=None, judge=None, decoder=None) -> dict:
+    return Experiment(config, lm=lm, bank=bank, judge=judge, decoder=decoder).run(log=log,
+                                                                                    show_progress=show_progress)

@@ -102,11 +102,16 @@ class LanguageModel:
         return self._run((capture, logits), tokens, attention_mask, interventions, generated)
 
     def token_logprobs(self, tokens, attention_mask=None, interventions: Interventions | None = None,
-                       generated=None) -> np.ndarray:
+                       generated=None, last: int | None = None) -> np.ndarray:
         """[B, T] float32: log P(token t | tokens before it) under the model (column 0 and padding: 0). Computed
         on the device, so the [B, T, V] logits never leave it: the scores of forced-choice options and of whole
-        sequences. Arguments as for a forward."""
-        return np.asarray(self._run("token_logprobs", tokens, attention_mask, interventions, generated))
+        sequences. last: only the last `last` columns are scored (the others hold 0), and only their logits are
+        computed: the options of a left-padded forced choice; one compiled program per value. Other arguments as
+        for a forward."""
+        T = np.shape(tokens)[-1]
+        if last is not None and not 0 < last < T:
+            raise InputError(f"last={last} must be in 1..{T - 1} for {T} columns")
+        return np.asarray(self._run(("token_logprobs", last), tokens, attention_mask, interventions, generated))
 
     def _run(self, kind, tokens, attention_mask, interventions, generated):
         """The checks, batch padding and compiled call shared by the forward and token_logprobs."""
@@ -162,15 +167,15 @@ class LanguageModel:
         return contextlib.nullcontext()
 
     def _forward_fn(self, kind, iv: Interventions | None):
-        """kind: (capture, logits) for a forward, "token_logprobs" for those; one compiled program per kind and
-        intervention structure."""
+        """kind: (capture, logits) for a forward, ("token_logprobs", last) for those; one compiled program per kind
+        and intervention structure."""
         key = (kind, jax.tree.structure(iv))
         if key not in self._compiled:
-            self._compiled[key] = (self._build_logprobs(iv) if kind == "token_logprobs"
+            self._compiled[key] = (self._build_logprobs(iv, kind[1]) if kind[0] == "token_logprobs"
                                    else self._build_forward(kind[0], iv, logits=kind[1]))
         return self._compiled[key]
 
-    def _build_logprobs(self, iv: Interventions | None):
+    def _build_logprobs(self, iv: Interventions | None, last: int | None):
         mesh, graphdef, kernel = self.mesh, self.graphdef, self.kernel
         batch = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
         replicated = NamedSharding(mesh, PartitionSpec())
@@ -178,11 +183,13 @@ class LanguageModel:
         def logprobs(params, tokens, mask, gen, iv):
             self.trace_count += 1  # runs only while tracing
             model = nnx.merge(graphdef, params)
-            logits = model(tokens, mask, interventions=iv, generated_BT=gen, mesh=mesh, kernel=kernel).logits
+            n = tokens.shape[1] - 1 if last is None else last  # scored columns: the last n
+            logits = model(tokens, mask, interventions=iv, generated_BT=gen, mesh=mesh, kernel=kernel,
+                           logits=True if last is None else n + 1).logits
             logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-            picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-            picked = jnp.where(mask[:, 1:] > 0, picked, 0.0)
-            return jnp.pad(picked, ((0, 0), (1, 0)))
+            picked = jnp.take_along_axis(logp, tokens[:, -n:, None], axis=-1)[..., 0]
+            picked = jnp.where(mask[:, -n:] > 0, picked, 0.0)
+            return jnp.pad(picked, ((0, 0), (tokens.shape[1] - n, 0)))
 
         iv_shardings = jax.tree.map(lambda _: replicated, iv)
         return jax.jit(logprobs, in_shardings=(self._param_shardings, batch, batch, batch, iv_shardings),

@@ -32,7 +32,7 @@ from emojax.models.sharding import constrain
 
 @struct.dataclass
 class ForwardOutput:
-    logits: jax.Array | None  # [B, T, V] float32 ([B, V] of the last column for logits="last"; None: not asked)
+    logits: jax.Array | None  # [B, T, V] float32 ([B, V] for logits="last", [B, n, V] for n; None: not asked)
     hidden: tuple[jax.Array, ...]  # one [B, T, D] array per requested capture index, in request order
     read: jax.Array | None = None  # [B, T, D] the stream at `read_index` (None when not asked)
     cache: KVCache | None = None  # the cache with this pass's keys and values written
@@ -127,7 +127,7 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens_BT: jax.Array, attention_mask: jax.Array | None = None, *,
                  capture: Sequence[int] = (), interventions: Interventions | None = None,
-                 generated_BT: jax.Array | None = None, mesh: Mesh | None = None, logits: bool | str = True,
+                 generated_BT: jax.Array | None = None, mesh: Mesh | None = None, logits: bool | str | int = True,
                  kernel: str = "blocked", cache: KVCache | None = None, start: jax.Array | int = 0,
                  positions_BT: jax.Array | None = None, layer_states: tuple | None = None,
                  read_index: jax.Array | None = None) -> ForwardOutput:
@@ -137,7 +137,7 @@ class Transformer(nnx.Module):
         tokens only, so a left-padded row gives the same values on its real tokens as the unpadded sequence.
         logits=False returns hidden states only: the unembedding is skipped, and so are the layers after the
         deepest captured index (an activation dump of layer 4 of 8 runs 4 layers); logits="last": the last
-        column's logits [B, V] only.
+        column's logits [B, V] only; logits=n (an int): the last n columns' [B, n, V].
         With a cache (decoding): the T tokens sit at cache columns [start, start + T); attention_mask [B, S] says
         which of the S cache columns the queries may see (real tokens, the new ones included; causality by
         column is applied here); positions_BT is required; layer_states: the cache's segments of the layer
@@ -237,8 +237,14 @@ class Transformer(nnx.Module):
             x = edit_static(L, self.final_norm(x))
         logits_out = None
         if logits is not False:
-            logits_out = self.unembed(x[:, -1] if logits == "last" else x)
-            if logits is True:
+            if logits == "last":
+                x_out = x[:, -1]
+            elif logits is True:
+                x_out = x
+            else:
+                x_out = x[:, -int(logits):]
+            logits_out = self.unembed(x_out)
+            if x_out.ndim == 3:
                 logits_out = constrain(logits_out, ("batch", "seq", "act_vocab"), mesh)
 
         def residual(i):

@@ -47,10 +47,10 @@ def choose(logits_BV: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Arra
     (in that order, as transformers' generate applies them)."""
     greedy = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
 
-    def draw(_):
-        V = logits_BV.shape[-1]
-        scaled = logits_BV.astype(jnp.float32) / jnp.maximum(sampling.temperature, 1e-6)[:, None]
-        sorted_BV = -jnp.sort(-scaled, axis=-1)
+    def truncated(scaled_BV):
+        """scaled_BV with the tokens outside each row's top-k and top-p set to -inf (one sort over the vocabulary)."""
+        V = scaled_BV.shape[-1]
+        sorted_BV = -jnp.sort(-scaled_BV, axis=-1)
         k = jnp.where(sampling.top_k > 0, jnp.minimum(sampling.top_k, V), V)
         rank = jnp.arange(V)[None, :]
         sorted_BV = jnp.where(rank < k[:, None], sorted_BV, -jnp.inf)
@@ -58,8 +58,16 @@ def choose(logits_BV: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Arra
         before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly better tokens
         n_keep = jnp.clip(jnp.sum((before < sampling.top_p[:, None]) & (rank < k[:, None]), axis=-1), 1, V)
         cutoff = jnp.take_along_axis(sorted_BV, (n_keep - 1)[:, None], axis=-1)
+        return jnp.where(scaled_BV >= cutoff, scaled_BV, -jnp.inf)
+
+    def draw(_):
+        V = logits_BV.shape[-1]
+        scaled = logits_BV.astype(jnp.float32) / jnp.maximum(sampling.temperature, 1e-6)[:, None]
+        # The sort is the step's most expensive op at a large vocabulary; skip it when no row truncates.
+        truncates = jnp.any(((sampling.top_k > 0) & (sampling.top_k < V)) | (sampling.top_p < 1.0))
+        scaled = jax.lax.cond(truncates, truncated, lambda x: x, scaled)
         keys_B = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, sampling.seed)
-        drawn = jax.vmap(jax.random.categorical)(keys_B, jnp.where(scaled >= cutoff, scaled, -jnp.inf))
+        drawn = jax.vmap(jax.random.categorical)(keys_B, scaled)
         return jnp.where(sampling.temperature > 0, drawn.astype(jnp.int32), greedy)
 
     return jax.lax.cond(jnp.any(sampling.temperature > 0), draw, lambda _: greedy, None)
