@@ -1,6 +1,6 @@
 """The corpus pipeline: sources -> validate -> normalise -> dedupe -> split -> tokenize -> Parquet shards.
 
-    read (built-in generator | JSONL/CSV/Parquet files)
+    read (built-in generator: stories or the world | JSONL/CSV/Parquet files)
       -> validate   (empty text, invalid UTF-8, unknown label, over-long text, missing column -> rejected)
       -> unique ids (a doc id seen twice: the first by source and location is kept, the rest rejected)
       -> normalise  (NFC, whitespace)
@@ -9,10 +9,13 @@
       -> tokenize   (the model's tokenizer, created once per worker; rows cut to max_tokens, counted)
       -> shards     (fixed count, rows sorted by doc_id) + rejected.jsonl + manifest.json
 
-Splits (`split_by`): the built-in generator's corpus is split by topic (the default, "auto"): its topics, ordered
+Splits (`split_by`): the story generator's corpus is split by topic (the default, "auto"): its topics, ordered
 by sha256, give the first test_fraction of them to test and the next val_fraction to val (at least one topic each
 when there are 3 or more), and every document of a topic goes where its topic does, so val and test topics are
-never seen in train. User corpora (and split_by=document) split each document by sha256 of its doc id.
+never seen in train. User corpora (and split_by=document) split each document by sha256 of its doc id. The
+world's corpus (generator.kind=world) comes with its splits: each document is in its situation's split
+(train/val/test/implicit, held out by generator.world's split_seed, the one the built-in model trained with), and
+the world's choice scenes are written beside the shards as experiment suites (suites/world_*.yaml).
 
 Runs on any Beam runner. Every output is a pure function of the input and the config (hashes, sorted rows,
 no timestamps), so shards and manifest are byte-identical across runners and worker counts.
@@ -27,6 +30,7 @@ files; a rerun rewrites them all.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -46,11 +50,16 @@ from emojax.corpus.catalogue import NEUTRAL, load_catalogue
 from emojax.corpus.config import CorpusConfig
 from emojax.corpus.generator import implicit_scenarios, neutral_dialogue, story, validate_story
 from emojax.corpus.readers import RawRecord, read_label_names, read_records
+from emojax.corpus.world_config import WorldConfig
 from emojax.fileio import DiskFullError, disk_full, disk_full_cause, write_bytes
 from emojax.locks import writer_lock
 from emojax.tokenizer import load_tokenizer
+from emojax.world import World, emotion_words_in
+from emojax.world.suites import suite_texts
 
 REJECTED = "rejected"
+WORLD_UNNAMED = ("world/fit", "world/implicit")  # world sources whose text never names an emotion
+SUITES = "suites"  # the world's choice scenes as experiment suites, beside the shards
 TRUNCATED = "truncated"
 SHARD_SCHEMA = pa.schema([
     ("doc_id", pa.string()), ("text_sha256", pa.string()), ("label", pa.string()), ("label_id", pa.int32()),
@@ -78,6 +87,8 @@ def generator_work(config: CorpusConfig) -> list[tuple]:
     gen = config.generator
     catalogue = load_catalogue()
     concepts = list(gen.concepts) or catalogue.names_list
+    if gen.kind == "world":
+        return _world_work(gen, [catalogue.concept(c).index for c in concepts])
     n_topics = min(gen.n_topics, len(catalogue.topics))
     work = [("story", c, t, n) for c in concepts for t in range(n_topics) for n in range(gen.stories_per_topic)]
     work += [("neutral", t, k) for t in range(n_topics)
@@ -87,7 +98,42 @@ def generator_work(config: CorpusConfig) -> list[tuple]:
     return work
 
 
-def generate_item(item: tuple, seed: int) -> Iterator[RawRecord]:
+def _world_work(gen, emotions: list[int]) -> list[tuple]:
+    """The world's fit stories (per emotion and split), implicit scenarios (per emotion) and neutral dialogues
+    (per catalogue topic), one item each."""
+    topics = load_catalogue().topics
+    work = [("world-fit", split, e, n) for split, count in zip(("train", "val", "test"), gen.stories_per_emotion)
+            for e in emotions for n in range(count)]
+    if gen.implicit:
+        work += [("world-implicit", e, n) for e in emotions for n in range(gen.implicit_per_emotion)]
+    work += [("world-neutral", t, k) for t in range(len(topics))
+             for k in range(min(gen.neutral_per_topic, len(topics[t].dialogues)))]
+    return work
+
+
+@functools.cache
+def _world(config: WorldConfig) -> World:
+    """One World per worker process and setting (building its appraisal model takes a few seconds)."""
+    return World(config)
+
+
+def _world_documents(item: tuple, config: WorldConfig) -> list:
+    world = _world(config)
+    kind = item[0]
+    if kind == "world-fit":
+        return [world.fit_story(item[2], item[3], item[1])]
+    if kind == "world-implicit":  # None: no implicit situation has the emotion as its mode
+        return [doc for doc in [world.implicit_scenario(item[1], item[2])] if doc is not None]
+    return [world.neutral_dialogue(item[1], item[2])]
+
+
+def generate_item(item: tuple, seed: int, world: WorldConfig | None = None) -> Iterator[RawRecord]:
+    """The documents of one work item. `world`: the world's settings, for world-* items."""
+    if item[0].startswith("world-"):
+        for d in _world_documents(item, world):
+            yield RawRecord(source=d.source, location=d.doc_id, doc_id=d.doc_id, text=d.text, labels=(d.label,),
+                            topic=d.topic, split=d.split)
+        return
     catalogue = load_catalogue()
     kind = item[0]
     if kind == "story":
@@ -99,7 +145,7 @@ def generate_item(item: tuple, seed: int) -> Iterator[RawRecord]:
         docs = implicit_scenarios(catalogue.concept(item[1]))
     for d in docs:
         yield RawRecord(source=d.source, location=d.doc_id, doc_id=d.doc_id, text=d.text, labels=(d.label,),
-                        topic=d.topic)
+                        topic=d.topic, split="implicit" if kind == "implicit" else "")
 
 
 class ReadFiles(beam.DoFn):
@@ -155,6 +201,10 @@ class Validate(beam.DoFn):
             problems = validate_story(record.text, load_catalogue().concept(record.labels[0]))
             if problems:
                 return "generated story fails validation: " + "; ".join(problems)
+        if record.source in WORLD_UNNAMED:  # fit stories and implicit scenarios never name an emotion
+            found = emotion_words_in(record.text, load_catalogue().concept(record.labels[0]))
+            if found:
+                return f"world document names an emotion: {found}"
         return None
 
 
@@ -216,10 +266,11 @@ def topic_splits(topics: Sequence[str], val_fraction: float, test_fraction: floa
 
 def assign_split(record: RawRecord, val_fraction: float, test_fraction: float,
                  by_topic: dict[str, str] | None = None) -> str:
-    """The record's split: its topic's under `by_topic` (from `topic_splits`); a record without a topic, or any
-    record when `by_topic` is None, by sha256 of its doc id."""
-    if record.source == "generated/implicit":
-        return "implicit"
+    """The record's split: the one its source assigned (the world's; implicit scenarios), else its topic's under
+    `by_topic` (from `topic_splits`); a record without a topic, or any record when `by_topic` is None, by sha256 of
+    its doc id."""
+    if record.split:
+        return record.split
     if by_topic is not None and record.topic:
         return by_topic[record.topic]
     u = _unit_interval("split:" + record.doc_id)
@@ -388,7 +439,7 @@ def build(p: beam.Pipeline, config: CorpusConfig, tokenizer_fingerprint: str, pa
                  | "Read" >> beam.ParDo(ReadFiles(config)))
     else:
         raw = (p | "Work" >> beam.Create(generator_work(config))
-                 | "Generate" >> beam.FlatMap(generate_item, seed=config.generator.seed))
+                 | "Generate" >> beam.FlatMap(generate_item, seed=config.generator.seed, world=config.generator.world))
     n_in = raw | "CountIn" >> beam.combiners.Count.Globally()
     checked = raw | "Validate" >> beam.ParDo(Validate(label_ids, config.max_chars)).with_outputs(REJECTED, main="ok")
     unique_ids = (checked.ok
@@ -433,6 +484,21 @@ def _disk_full_in(error: BaseException, out: str) -> DiskFullError | None:
     return disk_full(getattr(e, "filename", None) or out)
 
 
+def _write_suites(config: CorpusConfig) -> None:
+    """The world's choice scenes as experiment suites in out/suites/ (world corpus with suite_scenarios > 0); the
+    suites of an earlier build are removed otherwise, so the folder always belongs to this corpus."""
+    folder = FileSystems.join(config.out, SUITES)
+    texts = suite_texts(config.generator.world, config.generator.suite_scenarios) if (
+        config.world and config.generator.suite_scenarios) else {}
+    if FileSystems.exists(folder):
+        stale = [m.path for m in FileSystems.match([FileSystems.join(folder, "*.yaml")])[0].metadata_list
+                 if m.path.rsplit("/", 1)[-1] not in texts]
+        if stale:
+            FileSystems.delete(stale)
+    for name, text in texts.items():
+        _write_atomic(FileSystems.join(folder, name), text.encode("utf-8"))
+
+
 def build_corpus(config: CorpusConfig, beam_args: Sequence[str] = ()) -> dict:
     """Runs the corpus stage and returns its manifest. `beam_args` are Beam pipeline options
     (default: the local DirectRunner). A full disk is a one-line `DiskFullError`; rerunning completes."""
@@ -447,6 +513,7 @@ def build_corpus(config: CorpusConfig, beam_args: Sequence[str] = ()) -> dict:
                                                   if config.pack_length else ()):
             if not FileSystems.exists(folder):
                 FileSystems.mkdirs(folder)
+        _write_suites(config)  # before the manifest, whose presence marks a complete corpus
         options = PipelineOptions(list(beam_args) or ["--runner=DirectRunner"])
         try:
             with beam.Pipeline(options=options) as p:

@@ -5,6 +5,8 @@ compiles; the parity tolerances hold either way).
 The suite runs on CPU. EMOJAX_TEST_PLATFORMS (JAX's platform list, e.g. "cuda,cpu") makes the default backend an
 accelerator instead: scripts/gpu_check.sh runs its selection of device-sensitive tests that way, on one GPU.
 
+Every test fails if it resolves the default built-in model (it trains for minutes where it is not cached).
+
 A test that needs a system program asks the `require_system` fixture for it: `make test` installs those programs
 (.ci/system-deps), and under CI=true a missing one fails the test rather than skipping it, so CI cannot pass
 green while running none of them."""
@@ -46,3 +48,20 @@ def require_system():
         pytest.skip(message)
 
     return require
+
+
+@pytest.fixture(autouse=True)
+def _never_the_default_builtin_model(monkeypatch):
+    """Fails a test that resolves the default built-in model: this machine may have it cached, but a fresh one (CI)
+    would train it for about ten minutes inside the test. Tests use builtin:tiny or a checkpoint of their own."""
+    from emojax.train import builtin
+
+    train_lm = builtin.train_lm
+
+    def guarded(config, out, *args, **kwargs):
+        if Path(out).name.startswith("builtin-default-"):
+            pytest.fail(f"the test resolved the default built-in model ({out}), which a fresh machine trains for "
+                        "minutes: give it builtin:tiny or a checkpoint", pytrace=False)
+        return train_lm(config, out, *args, **kwargs)
+
+    monkeypatch.setattr(builtin, "train_lm", guarded)

@@ -13,6 +13,7 @@ import re
 import shlex
 
 import pytest
+import yaml
 from dump_helpers import REPO
 
 from emojax.cli import main
@@ -24,6 +25,9 @@ CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 SHRINK = {
     "corpus": ["generator.concepts=[desperate,calm,afraid,joyful]", "generator.n_topics=3",
                "generator.stories_per_topic=2", "n_shards=2", "max_tokens=48"],
+    "corpus/world": ["generator.concepts=[desperate,calm,afraid,joyful]", "generator.stories_per_emotion=[3,1,1]",
+                     "generator.implicit_per_emotion=1", "generator.suite_scenarios=4", "n_shards=2",
+                     "max_tokens=48"],
     "dump": ["layers=[1,2]", "dtype=float32", "model_dtype=float32", "mesh=[1,1,1]", "buckets=[24,48]",
              "tokens_per_batch=1024", "token_chunk_rows=1024", "token_read_rows=256", "doc_chunk_rows=64",
              "doc_read_rows=16"],
@@ -77,7 +81,9 @@ def test_the_documented_per_stage_commands_write_under_run_dir_with_the_given_mo
         args = [a if a != f"configs/{config.name}" else str(config) for a in command[1:]]
         assert str(config) in args, command
         args = [a for a in args if not CLUSTER_FLAGS.match(a)]
-        args += [f"run.dir={run_dir}", f"run.model={checkpoint}", *SHRINK[stage]]
+        kind = ((yaml.safe_load(config.read_text()).get("corpus") or {}).get("generator") or {}).get("kind")
+        shrink = SHRINK[f"{stage}/world" if stage == "corpus" and kind == "world" else stage]
+        args += [f"run.dir={run_dir}", f"run.model={checkpoint}", *shrink]
         assert main(args) == 0, (command, capsys.readouterr().err)
         err = capsys.readouterr().err
         assert "(run.dir on the command line)" in err, err  # it says what it resolved, and from where
@@ -110,13 +116,18 @@ def test_a_flag_overrides_the_file_and_the_file_section_may_not_set_a_derived_pa
     assert f"output    {tmp_path / 'acts'}  (command line)" in err and "(run.model in" in err, err
 
 
-def test_a_file_without_a_run_model_never_dumps_a_random_preset_silently(tmp_path, capsys):
+def test_a_file_without_a_run_model_never_dumps_a_random_preset_silently(tmp_path, capsys, monkeypatch):
     config = tmp_path / "c.yaml"
     config.write_text(f"run:\n  dir: {tmp_path / 'run'}\n")  # run.model defaults to the built-in model
     from emojax.run.resolve import stage_config
+    from emojax.run.stages import STAGES
 
+    # The built-in model is resolved through the train stage (which trains it for minutes on first use): stand in
+    # a finished one.
+    trained = []
+    monkeypatch.setattr(STAGES["train"], "run", lambda ctx: trained.append(ctx) or {"path": str(tmp_path / "lm")})
     fit = stage_config("sae", config, [])
-    assert fit.store == str(tmp_path / "run" / "activations")
+    assert fit.store == str(tmp_path / "run" / "activations") and len(trained) == 1
     config.write_text(f"dump:\n  corpus: {tmp_path / 'corpus'}\n  out: {tmp_path / 'acts'}\n")
     assert main(["dump", "--config", str(config)]) == 2
     assert "dump.model" in capsys.readouterr().err

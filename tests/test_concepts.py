@@ -362,15 +362,13 @@ def test_logit_lens_matches_numpy():
 
 def test_geometry_pca_kmeans_and_annotation_correlations():
     from emojax.concepts.geometry import kmeans, layer_geometry
-    from emojax.corpus.catalogue import load_catalogue
+    from emojax.world import load_coordinates
 
-    cat = load_catalogue()
-    concepts = [c for c in cat.concepts if c.arousal in ("high", "low")][:40]
-    names = tuple(c.name for c in concepts)
+    coords = load_coordinates()
+    names = coords.names[:40]
     rng = np.random.default_rng(8)
     axes, _ = np.linalg.qr(rng.normal(size=(17, 17)))
-    valence = np.array([c.valence for c in concepts], float)
-    arousal = np.array([1.0 if c.arousal == "high" else -1.0 for c in concepts])
+    valence, arousal = coords.column("valence")[:40], coords.column("arousal")[:40]  # graded, in [-1, 1]
     # PC1 carries valence (largest spread), PC2 arousal, plus a little noise
     vectors = (4 * valence[:, None] * axes[0] + 2 * arousal[:, None] * axes[1]
                + 0.05 * rng.normal(size=(len(names), 17)))
@@ -390,16 +388,16 @@ def test_geometry_orients_pc1_by_valence_and_finds_arousal_on_pc3(extreme):
     sign `extreme` sits far out on PC1, so PCA's own sign convention (its largest score positive) makes PC1 track
     valence negatively when that concept is negative: the output must flip PC1 exactly then."""
     from emojax.concepts.geometry import layer_geometry, pca, pearson
-    from emojax.corpus.catalogue import load_catalogue
+    from emojax.world import load_coordinates
 
-    concepts = [c for c in load_catalogue().concepts if c.arousal in ("high", "low") and c.valence != 0][:30]
-    names = tuple(c.name for c in concepts)
-    valence = np.array([c.valence for c in concepts], float)
-    arousal = np.array([1.0 if c.arousal == "high" else -1.0 for c in concepts])
+    coords = load_coordinates()
+    keep = np.flatnonzero(np.abs(coords.column("valence")) > 0.2)[:30]
+    names = tuple(coords.names[i] for i in keep)
+    valence, arousal = coords.column("valence")[keep], coords.column("arousal")[keep]  # graded
     rng = np.random.default_rng(9)
     z = np.stack([2 * valence + 0.8 * rng.normal(size=30), rng.normal(size=30), arousal + 0.8 * rng.normal(size=30)],
                  1)
-    z[np.flatnonzero(valence == extreme)[0], 0] = 9 * extreme
+    z[np.flatnonzero(np.sign(valence) == extreme)[0], 0] = 9 * extreme
     z -= z.mean(0)
     z[:, 1:] -= np.outer(z[:, 0], z[:, 0] @ z[:, 1:]) / (z[:, 0] @ z[:, 0])  # orthogonal columns: exact PCs
     z[:, 2] -= z[:, 1] * (z[:, 1] @ z[:, 2]) / (z[:, 1] @ z[:, 1])

@@ -19,9 +19,9 @@ from emojax.pipelines import corpus as pipeline
 LABELS = pipeline.label_table(CorpusConfig())
 
 
-def rec(doc_id, text, labels=("calm",), error=None, source="f.jsonl"):
+def rec(doc_id, text, labels=("calm",), error=None, source="f.jsonl", split=""):
     return RawRecord(source=source, location=f"line {doc_id}", doc_id=str(doc_id), text=text, labels=labels,
-                     error=error)
+                     error=error, split=split)
 
 
 # ---- one transform at a time ---------------------------------------------------------------------------
@@ -68,7 +68,9 @@ def test_tokenize_makes_schema_rows_with_a_stable_split():
 def test_split_fractions_follow_the_config():
     splits = [pipeline.assign_split(rec(f"d{i}", "x"), 0.1, 0.2) for i in range(5000)]
     assert abs(splits.count("test") / 5000 - 0.2) < 0.03 and abs(splits.count("val") / 5000 - 0.1) < 0.03
-    assert pipeline.assign_split(rec("x", "t", source="generated/implicit"), 0.1, 0.1) == "implicit"
+    # a split the source assigned (implicit scenarios, the world's documents) is kept
+    assert pipeline.assign_split(rec("x", "t", source="generated/implicit", split="implicit"), 0.1, 0.1) == "implicit"
+    assert pipeline.assign_split(rec("x", "t", split="val"), 0.1, 0.1, {"": "train"}) == "val"
 
 
 def test_generate_items_cover_the_work_list():
@@ -135,7 +137,8 @@ def test_builtin_corpus_holds_out_whole_topics_and_document_split_stays_availabl
 
     build_corpus(CorpusConfig(out=str(tmp_path / "d"), generator=SMALL, n_shards=2, split_by="document"))
     for r in (r for shard in _read_shards(tmp_path / "d") for r in shard):
-        assert r["split"] == pipeline.assign_split(rec(r["doc_id"], "x", source=r["source"]), 0.1, 0.1)
+        implicit = "implicit" if r["source"] == "generated/implicit" else ""
+        assert r["split"] == pipeline.assign_split(rec(r["doc_id"], "x", split=implicit), 0.1, 0.1)
 
     topics = [f"topic {i}" for i in range(100)]
     for n, expected in ((100, (80, 10, 10)), (20, (16, 2, 2)), (3, (1, 1, 1)), (2, (2, 0, 0))):
@@ -264,3 +267,80 @@ def test_packed_shards_are_written(tmp_path):
     assert [f.name for f in files] == [s["name"] for s in manifest["shards"]]
     table = pq.read_table(files[0]).to_pylist()
     assert table and all(len(r["tokens"]) == 64 for r in table)
+
+
+# ---- the world's corpus (generator.kind=world) -----------------------------------------------------------
+
+WORLD = GeneratorConfig(kind="world", concepts=("desperate", "calm", "afraid"), stories_per_emotion=(4, 2, 2),
+                        implicit_per_emotion=2, neutral_per_topic=1, suite_scenarios=12)
+
+
+def test_world_corpus_takes_its_splits_from_the_world_and_writes_its_suites(tmp_path):
+    from emojax.experiment.suite import load_suite
+    from emojax.world import World, emotion_words_in
+
+    out = tmp_path / "w"
+    manifest = build_corpus(CorpusConfig(out=str(out), generator=WORLD, n_shards=2))
+    rows = [r for shard in _read_shards(out) for r in shard]
+    n_topics = len(pipeline.load_catalogue().topics)
+    assert manifest["rejected"] == 0 and manifest["documents_written"] == len(rows) == 3 * 8 + 3 * 2 + n_topics
+    world = World(WORLD.world)
+    for r in rows:
+        kind = r["source"]
+        if kind == "world/fit":  # world/fit/<split>/<emotion>/<n>
+            assert r["split"] == r["doc_id"].split("/")[2]
+        elif kind == "world/implicit":
+            assert r["split"] == "implicit" and r["text"].endswith("Assistant:")
+        else:
+            assert kind == "world/neutral" and r["label"] == "neutral"
+            topic = next(t for t, x in enumerate(pipeline.load_catalogue().topics) if f"/{x.topic}/" in r["doc_id"])
+            assert r["split"] == world.neutral_dialogue(topic, 0).split
+        if kind != "world/neutral":
+            assert not emotion_words_in(r["text"]), r["text"]
+    assert manifest["per_split"]["implicit"] == 6 and sum(manifest["per_split"].values()) == len(rows)
+    assert {s: sum(1 for r in rows if r["split"] == s and r["source"] == "world/fit") for s in ("train", "val", "test")
+            } == {"train": 12, "val": 6, "test": 6}
+    suites = sorted(p.name for p in (out / "suites").iterdir())
+    assert suites == ["world_deference.yaml", "world_dilemma.yaml", "world_task.yaml"]
+    suite = load_suite(str(out / "suites" / "world_dilemma.yaml"))
+    assert len(suite.scenarios) == 12 and suite.outcomes[0].positive == "coerce"
+    # the same folder rebuilt from the story generator holds no stale world suites
+    build_corpus(CorpusConfig(out=str(out), generator=GeneratorConfig(concepts=("calm",), n_topics=2), n_shards=2))
+    assert not list((out / "suites").glob("*.yaml"))
+
+
+def test_no_heldout_situation_of_the_world_corpus_is_in_the_models_training_text():
+    """The built-in model's default training text and a world corpus of the same split settings: every val, test
+    and implicit situation of the corpus is absent from the training documents (and from neutral topics alike)."""
+    from emojax.train import preset_config
+    from emojax.train.data import train_and_heldout
+
+    train_config = preset_config("default", n_documents=4000)
+    assert train_config.data == "world"
+    corpus = CorpusConfig(generator=GeneratorConfig(kind="world", world=train_config.world,
+                                                    stories_per_emotion=(2, 2, 2), implicit_per_emotion=3))
+    records = [r for item in pipeline.generator_work(corpus)
+               for r in pipeline.generate_item(item, 0, corpus.generator.world)]
+    train_docs, eval_docs = train_and_heldout(train_config)
+    situations = [r for r in records if r.source != "world/neutral"]
+    heldout = {r.topic for r in situations if r.split in ("val", "test", "implicit")}
+    trained = {d.topic for d in train_docs if d.source != "world/neutral"}
+    assert len(heldout) > 900 and len(trained) > 2500
+    assert len(next(iter(heldout)).split("/")) == len(next(iter(trained)).split("/")) == 8  # situation keys alike
+    assert not heldout & trained
+    assert not {d.topic for d in eval_docs} & trained  # the model's own held-out documents are new situations too
+    assert {r.split for r in situations} == {"train", "val", "test", "implicit"}
+    neutral_heldout = {r.topic for r in records if r.source == "world/neutral" and r.split != "train"}
+    assert neutral_heldout and not neutral_heldout & {d.topic for d in train_docs if d.source == "world/neutral"}
+
+
+def test_world_generator_settings_are_checked():
+    with pytest.raises(ValueError, match=r"\['n_topics'\] apply to kind=stories, not kind=world"):
+        GeneratorConfig(kind="world", n_topics=3)
+    with pytest.raises(ValueError, match=r"\['stories_per_emotion'\] apply to kind=world"):
+        GeneratorConfig(stories_per_emotion=(1, 1, 1))
+    with pytest.raises(ValueError, match="kind must be one of"):
+        GeneratorConfig(kind="novels")
+    with pytest.raises(ValueError, match="split_by=document does not apply to generator.kind=world"):
+        CorpusConfig(generator=WORLD, split_by="document")
+    assert not CorpusConfig(generator=WORLD).by_topic and CorpusConfig().by_topic

@@ -84,6 +84,17 @@ def test_the_generator_document_count_is_exact():
     assert 0 < plan["corpus"]["mean_tokens_per_document"] <= plan["corpus"]["max_tokens"]
 
 
+def test_the_world_corpus_count_is_its_work_list():
+    from emojax.pipelines.corpus import generator_work
+
+    demo = next(p for p in CONFIGS if p.name == "demo.yaml")
+    plan = plan_job(demo)
+    ctx = Context(run_file=load_run_file(demo), run_dir=Path("."))
+    assert plan["corpus"]["documents"] == len(generator_work(STAGES["corpus"]._config(ctx)))
+    assert plan["corpus"]["documents_by_kind"] == {"story": 171 * 20, "neutral": 300, "implicit": 171 * 5}
+    assert 100 < plan["corpus"]["mean_tokens_per_document"] <= plan["corpus"]["max_tokens"]
+
+
 @pytest.mark.parametrize(("device", "overrides", "key"), [
     ("tpu-v5e", ["dump.mesh=[1,1,1]", "dump.model_dtype=float32"], "dump.mesh"),  # 32 GB of weights on 16 GiB
     ("a100-40gb", ["dump.mesh=[1,1,1]", "dump.tokens_per_batch=1048576"], "dump.tokens_per_batch"),

@@ -17,8 +17,8 @@ from emojax.report import build_report
 LAYERS = (2, 4)
 CONCEPTS = ("afraid", "angry", "anxious", "bored", "calm", "cheerful", "blissful", "bitter", "amused", "ashamed",
             "at ease", "brooding")
-SECTION_IDS = ("corpus", "run", "emotion-map", "cosine", "accuracy", "logit-lens", "validation", "sae", "steering",
-               "monitor", "experiment")
+SECTION_IDS = ("corpus", "run", "model", "emotion-map", "cosine", "accuracy", "logit-lens", "validation", "sae",
+               "steering", "monitor", "experiment")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -90,6 +90,12 @@ def _rest(run, rng):
                                                    ("fit", 4.0, True), ("sae", 30.1, False))):
         _write(run / "stages" / f"{stage}.json", {"stage": stage, "seconds": seconds, "skipped": skipped,
                                                   "started": i, "summary": {"tokens_per_s": 6498.7, "docs": 652}})
+    _write(run / "stages" / "train.json", {"stage": "train", "seconds": 540.0, "skipped": True, "started": -1,
+                                           "summary": {"parameters": 4999424, "heldout_nll": 0.5, "unigram_nll": 4.5,
+                                                       "heldout_perplexity": 1.65, "unigram_perplexity": 90.0,
+                                                       "tokens": {"trained_on": 1_800_000},
+                                                       "world_entropy": {"nats_per_token": 0.3, "documents": 1000,
+                                                                         "tokens": 156130}}})
 
 
 def _validation(run, rng):
@@ -171,7 +177,7 @@ def test_every_section_renders_with_png_figures(full_report):
     for expected in ("652", "rejected", "81,234", "tokens_per_s", "k=128", "relu", "blissful", "&lt;fear&gt;",
                      "at ease", "she &lt;b&gt;felt<b> $x$</b> &amp; ran", "1.92 (95% CI 1.61-2.25)", "&lt;days&gt;",
                      "&lt;des&gt;+0.1", "75.0% [37.5, 100.0] n=40 *, 2 failed", "Coerce &lt;or&gt; comply", "22%",
-                     "no experiment.judge_url"):
+                     "no experiment.judge_url", "closes 0.9524 of the gap"):
         assert expected in html, expected
 
 

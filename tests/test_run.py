@@ -165,10 +165,37 @@ def test_every_stage_setting_is_classified_as_output_or_not():
         value = getattr(base, name)
         if isinstance(value, bool):
             other = not value
+        elif name == "data":
+            other = "stories" if value == "world" else "world"
+        elif dataclasses.is_dataclass(value):  # train.world
+            other = dataclasses.replace(value, seed=value.seed + 1)
         else:
             other = (value * 2 or 1) if isinstance(value, int) else (value / 2 or 0.5)
         changed = dataclasses.replace(base, **{name: other})
         assert changed.fingerprint() != base.fingerprint(), name
+
+
+def test_a_world_corpus_must_hold_out_what_the_world_model_held_out(tmp_path):
+    from emojax.errors import ConfigError
+    from emojax.run.stages import STAGES as RUN_STAGES
+    from emojax.run.stages import Context, check_run_file
+
+    path = tmp_path / "run.yaml"
+    path.write_text("run:\n  model: builtin\ncorpus:\n  generator:\n    kind: world\n    world: {split_seed: 3}\n"
+                    "experiment:\n  suite: world_task\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml: train\.world and corpus\.generator\.world hold out different "
+                                          r"situations \(split_seed: 0 vs 3\)"):
+        check_run_file(load_run_file(path))
+    ctx = Context(run_file=load_run_file(path), run_dir=tmp_path / "r")
+    with pytest.raises(ConfigError, match="hold out different situations"):  # the corpus command's path too
+        RUN_STAGES["corpus"]._config(ctx)
+    run_file = load_run_file(path, ["train.world.split_seed=3", "train.world.seed=5"])  # same split, other texts
+    check_run_file(run_file)
+    ctx = Context(run_file=run_file, run_dir=tmp_path / "r")
+    assert RUN_STAGES["experiment"]._config(ctx).suite == str(tmp_path / "r" / "corpus" / "suites" / "world_task.yaml")
+    ctx = Context(run_file=load_run_file(TINY, ["experiment.suite=world_task"]), run_dir=tmp_path / "t")
+    with pytest.raises(ConfigError, match="experiment.suite=world_task is a world suite, written by the corpus stage"):
+        RUN_STAGES["experiment"]._config(ctx)
 
 
 def test_a_subset_run_needs_its_upstream_stages_complete(tmp_path, capsys):

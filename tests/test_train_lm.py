@@ -161,3 +161,36 @@ def test_a_diverging_run_stops_with_an_error_and_exports_nothing(tmp_path):
     with pytest.raises(DivergedError, match=r"loss is (nan|inf) at step \d .*lower train\.lr"):
         train_lm(config, tmp_path / "lm", progress=False)
     assert not (tmp_path / "lm").exists()
+
+
+def test_world_data_trains_on_train_situations_and_reports_the_worlds_entropy(tmp_path):
+    """data=world: the training text is the world's (train situations, train-topic neutral dialogues), the held-out
+    documents are new ones on its val situations, and train.json sets the held-out loss against a unigram model and
+    the world's own entropy over the same documents."""
+    from emojax.train.data import train_and_heldout
+
+    config = preset_config("tiny", data="world", n_documents=300, eval_fraction=0.1, seq_len=256, steps=30,
+                           warmup_steps=5, checkpoint_every=30)
+    train, heldout = train_and_heldout(config)
+    assert {d.split for d in train} == {"train"} and {d.split for d in heldout} == {"val"} and len(heldout) == 30
+    assert {d.source for d in train} == {"world/story", "world/dialogue", "world/choice", "world/neutral"}
+    assert not {d.topic for d in heldout} & {d.topic for d in train}
+    info = read_train_json(train_lm(config, tmp_path / "lm", progress=False))
+    entropy = info["world_entropy"]
+    assert info["documents"] == {"train": len(train), "heldout": 30} and entropy["documents"] == 30
+    # each held-out document has rows of its own: its targets are its text tokens and <eos>, the tokens the
+    # entropy counts, less one per continuation row of a document longer than a row
+    assert 0.9 * entropy["tokens"] <= info["tokens"]["heldout_targets"] <= entropy["tokens"]
+    assert 0 < entropy["nats_per_token"] < info["heldout_nll"] < info["unigram_nll"]
+
+
+def test_the_tokenizer_keeps_the_given_words_whole():
+    from emojax.train.bpe import train_bpe
+
+    texts = TEXTS * 20
+    plain = train_bpe(texts, 400)
+    kept = train_bpe(texts, 400, words=("grief-stricken", "desperate", "calm"))
+    assert len(plain.backend.encode(" desperate", add_special_tokens=False).ids) > 1
+    for word in ("desperate", "calm"):
+        assert len(kept.backend.encode(f" {word}", add_special_tokens=False).ids) == 1, word
+        assert kept.decode(kept.encode(f"She felt {word}.")) == f"She felt {word}."

@@ -1,6 +1,7 @@
 """The built-in emotion world (emojax.world): coordinates, the appraisal model and its held-out split, documents
 and their emotion words, choice scenes against their true probabilities, the entropy, and the world's suites."""
 
+import dataclasses
 import math
 import re
 from importlib import resources
@@ -162,19 +163,27 @@ def test_fit_stories_and_implicit_scenarios_never_name_an_emotion(fit, catalogue
     assert not any(d.named for d in checked)
 
 
-def test_training_text_names_emotions_only_where_it_says_and_after_the_cues(world, training, catalogue):
+def test_training_text_names_emotions_only_where_it_says_before_or_after_the_cues(world, training, catalogue):
     generated = [d for d in training if d.source != "world/neutral"]
     for d in generated:
         words = emotion_words_in(d.text)
         assert words == ([d.label] if d.named else []), (d.doc_id, d.label, words)
     stories = [d for d in generated if d.source == "world/story"]
-    rate, p = np.mean([d.named for d in stories]), world.config.name_fraction
-    assert abs(rate - p) < 4 * math.sqrt(p * (1 - p) / len(stories)), rate
+
+    def near(rate, p, n):
+        return abs(rate - p) < 4 * math.sqrt(p * (1 - p) / n)
+
+    assert near(np.mean([d.named for d in stories]), world.config.name_fraction, len(stories))
     concept = {c.name: c for c in catalogue.concepts}
-    for d in [d for d in stories if d.named][:100]:
-        before = d.text[: names_pattern().search(d.text).start()]
-        c = concept[d.label]
-        assert any(shows(before, item) for kind in CUE_KINDS for item in getattr(c, kind)), d.doc_id
+
+    def early(docs):  # named right after the situation, before any cue (else after the cues)
+        return [not any(shows(d.text[: names_pattern().search(d.text).start()], item)
+                        for kind in CUE_KINDS for item in getattr(concept[d.label], kind)) for d in docs]
+
+    assert not any(early([d for d in stories if d.named][:200]))  # the default: after the cues
+    halves = World(dataclasses.replace(world.config, name_early=0.5))
+    named = [d for i in range(1200) if (d := halves.training_document(i)).source == "world/story" and d.named]
+    assert near(np.mean(early(named)), 0.5, len(named)), np.mean(early(named))
 
 
 def test_heldout_situations_and_cue_items_never_reach_training(world, training, fit, catalogue):

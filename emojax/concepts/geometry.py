@@ -1,14 +1,12 @@
 """The geometry of a layer's concept vectors: PCA, cosine similarities, k-means clusters, and the
-correlation of the leading PCs with the catalogue's valence and arousal annotations (the study: PC1 ~ valence,
-PC2 or a mix of PC2 and PC3 ~ arousal)."""
+correlation of the leading PCs with the concepts' graded valence and arousal (the world's coordinates,
+emojax/world/data/coordinates.csv; the study: PC1 ~ valence, PC2 or a mix of PC2 and PC3 ~ arousal)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from emojax.corpus.catalogue import load_catalogue
-
-AROUSAL_CODES = {"high": 1.0, "low": -1.0}
+from emojax.world import load_coordinates
 
 
 def pca(vectors_CD: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -75,17 +73,18 @@ def annotation_correlations(names: tuple[str, ...], scores_CQ: np.ndarray) -> tu
     """(scores [C, Q] with PC1 oriented so that positive valence scores positive, the correlation summary).
 
     A PC's sign is arbitrary, so every correlation is reported as abs(Pearson r) (`pcK_valence_abs_r`,
-    `pcK_arousal_abs_r` for PC1..PC3, each with a bootstrap 95% interval `..._ci95`) over the concepts the
-    catalogue annotates: valence +1/0/-1, arousal high 1 /
-    low -1. `pc1_flipped` says whether PC1's sign was flipped to orient it; `arousal_pc` names PC2 or PC3,
-    whichever tracks arousal more closely (the study found arousal on PC2 or a mix of PC2 and PC3)."""
-    known = load_catalogue().by_name
-    idx = [i for i, n in enumerate(names) if n in known and known[n].arousal in AROUSAL_CODES]
-    out: dict = {"n_annotated": len(idx)}
+    `pcK_arousal_abs_r` for PC1..PC3, each with a bootstrap 95% interval `..._ci95`) over the concepts that have
+    graded coordinates (the 171 of the catalogue; valence and arousal in [-1, 1], `load_coordinates`).
+    `pc1_flipped` says whether PC1's sign was flipped to orient it; `arousal_pc` names PC2 or PC3, whichever
+    tracks arousal more closely (the study found arousal on PC2 or a mix of PC2 and PC3)."""
+    coords = load_coordinates()
+    known = set(coords.names)
+    idx = [i for i, n in enumerate(names) if n in known]
+    out: dict = {"n_annotated": len(idx), "source": "graded coordinates (emojax/world/data/coordinates.csv)"}
     if not idx:
         return scores_CQ, out
-    valence = np.array([known[names[i]].valence for i in idx], float)
-    arousal = np.array([AROUSAL_CODES[known[names[i]].arousal] for i in idx])
+    rows = [coords.index(names[i]) for i in idx]
+    valence, arousal = coords.column("valence")[rows], coords.column("arousal")[rows]
     flip = (pearson(scores_CQ[idx, 0], valence) or 0.0) < 0
     sign_Q = np.ones(scores_CQ.shape[1])
     sign_Q[0] = -1.0 if flip else 1.0

@@ -16,7 +16,7 @@ SPLIT_BY = ("auto", "topic", "document")
 @dataclasses.dataclass(frozen=True)
 class CorpusConfig:
     out: str = "runs/default/corpus"
-    inputs: tuple[str, ...] = ()  # files or globs (any Beam filesystem); empty: the built-in generator
+    inputs: tuple[str, ...] = ()  # files or globs (any Beam filesystem); empty: the built-in generator (`generator`)
     reader: ReaderSpec = ReaderSpec()
     labels_file: str | None = None  # GoEmotions-style id -> name list for multi-label rows
     extra_labels: tuple[str, ...] = ()  # labels outside the catalogue that the corpus may use
@@ -28,9 +28,11 @@ class CorpusConfig:
     pack_length: int = non_negative(0)  # > 0: also write packed/ shards of train tokens in rows of exactly this length
     val_fraction: float = ranged(0.1, 0, 1, hi_open=True)
     test_fraction: float = ranged(0.1, 0, 1, hi_open=True)
-    # topic: whole topics of the built-in generator go to val/test (held out: never seen in train), the fractions
-    # counting topics; document: each document by sha256 of its id; auto: topic for the built-in generator,
-    # document for `inputs` (user rows carry no topic). Implicit scenarios are their own split either way.
+    # topic: whole topics of the story generator go to val/test (held out: never seen in train), the fractions
+    # counting topics; document: each document by sha256 of its id; auto: topic for the story generator,
+    # document for `inputs` (user rows carry no topic). Implicit scenarios are their own split either way. The
+    # world (generator.kind=world) splits by situation itself (generator.world's fractions): auto only, and
+    # val_fraction / test_fraction above do not apply to it.
     split_by: str = "auto"
 
     def __post_init__(self):
@@ -46,11 +48,19 @@ class CorpusConfig:
         if self.split_by == "topic" and self.inputs:
             raise ValueError("split_by=topic needs the built-in generator's topics; rows read from inputs carry "
                              "none: use split_by=document (or auto)")
+        if self.world and self.split_by != "auto":
+            raise ValueError(f"split_by={self.split_by} does not apply to generator.kind=world: the world puts each "
+                             "document in its situation's split (generator.world's fractions); use split_by=auto")
+
+    @property
+    def world(self) -> bool:
+        """Whether the corpus is the built-in world's (no inputs, generator.kind=world)."""
+        return not self.inputs and self.generator.kind == "world"
 
     @property
     def by_topic(self) -> bool:
         """Whether documents are split by topic (else by doc id)."""
-        return self.split_by == "topic" or (self.split_by == "auto" and not self.inputs)
+        return self.split_by == "topic" or (self.split_by == "auto" and not self.inputs and not self.world)
 
     def fingerprint(self) -> str:
         """Hash of every setting that changes the shards (not where they are written)."""

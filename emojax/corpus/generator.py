@@ -22,6 +22,7 @@ import numpy as np
 
 from emojax.config_loader import non_negative, positive, range_violations
 from emojax.corpus.catalogue import NEUTRAL, Catalogue, Concept, Topic, load_catalogue
+from emojax.corpus.world_config import WorldConfig
 
 MIN_WORDS, MAX_WORDS = 80, 200
 
@@ -75,18 +76,48 @@ class Document:
     source: str  # generated/story | generated/neutral | generated/implicit
 
 
+GENERATORS = ("stories", "world")
+_STORY_ONLY = ("seed", "stories_per_topic", "n_topics")
+_WORLD_ONLY = ("world", "stories_per_emotion", "implicit_per_emotion", "suite_scenarios")
+
+
 @dataclasses.dataclass(frozen=True)
 class GeneratorConfig:
+    """The built-in corpus. kind "stories": this module's story generator (stories per concept and catalogue topic,
+    the catalogue's implicit scenarios; the corpus stage splits by topic). kind "world": the built-in emotion
+    world (emojax.world, docs/world.md): fit stories on the world's train, val and test situations, implicit
+    scenarios on its implicit situations, each document in its situation's split, and the world's choice scenes
+    written as experiment suites beside the corpus."""
+
+    kind: str = "stories"  # stories | world
+    # shared: the concepts generated (empty: all 171), neutral dialogues per topic, implicit scenarios or not
+    concepts: tuple[str, ...] = ()
+    neutral_per_topic: int = non_negative(3)  # at most the number of dialogues per topic
+    implicit: bool = True
+    # kind stories
     seed: int = non_negative(0)
     stories_per_topic: int = non_negative(2)  # per concept and topic (the study used 12)
     n_topics: int = positive(100)
-    concepts: tuple[str, ...] = ()  # empty: all 171
-    neutral_per_topic: int = non_negative(3)  # at most the number of dialogues per topic
-    implicit: bool = True
+    # kind world: its settings (share world.split_seed and the split fractions with the model's train.world)
+    world: WorldConfig = WorldConfig()
+    stories_per_emotion: tuple[int, ...] = non_negative((40, 10, 10))  # fit stories per emotion: train, val, test
+    implicit_per_emotion: int = non_negative(5)
+    suite_scenarios: int = non_negative(240)  # scenes per world suite written into the corpus's suites/ (0: none)
 
     def __post_init__(self):
         # The declared ranges again, for direct construction: a negative count would quietly generate nothing.
         problems = range_violations(self)
+        if self.kind not in GENERATORS:
+            problems.append(f"kind must be one of {list(GENERATORS)}, got {self.kind!r}")
+        elif self.kind == "world" and len(self.stories_per_emotion) != 3:
+            problems.append("stories_per_emotion must be three counts: train, val, test")
+        else:  # a setting of the other generator would be silently ignored
+            unused = _WORLD_ONLY if self.kind == "stories" else _STORY_ONLY
+            default = GeneratorConfig.__dataclass_fields__
+            changed = [n for n in unused if getattr(self, n) != default[n].default]
+            if changed:
+                problems.append(f"{changed} apply to kind={'world' if self.kind == 'stories' else 'stories'}, not "
+                                f"kind={self.kind}; remove them or change kind")
         if problems:
             raise ValueError("; ".join(problems))
 

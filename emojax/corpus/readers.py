@@ -45,6 +45,7 @@ class RawRecord:
     labels: tuple[str, ...] = ()
     error: str | None = None
     topic: str = ""  # the built-in generator's topic ("" for file rows and implicit scenarios)
+    split: str = ""  # the split its source assigns (the world's, implicit scenarios'); "": the corpus stage assigns it
 
 
 def file_format(path: str, spec: ReaderSpec) -> str:

@@ -242,7 +242,10 @@ def suite_path(spec: str) -> Path:
     path = Path(spec)
     if not path.is_file():
         known = sorted(p.stem for p in BUILTIN.glob("*.yaml"))
-        raise ConfigError(f"suite {spec!r}: not a built-in suite ({', '.join(known)}) nor a YAML file")
+        world = (" The world suites (world_dilemma, world_deference, world_task) are written by the corpus stage "
+                 "into its suites/ folder when corpus.generator.kind=world: `emojax run` finds them there by name; "
+                 "elsewhere give that path." if spec.startswith("world_") else "")
+        raise ConfigError(f"suite {spec!r}: not a built-in suite ({', '.join(known)}) nor a YAML file.{world}")
     return path
 
 

@@ -42,7 +42,7 @@ def to_data_uri(fig: Figure) -> str:
 
 def emotion_map(names: list[str], scores_C2: np.ndarray, valence: list[float | None], explained: list[float],
                 clusters: list[int] | None = None) -> str:
-    """PC1 vs PC2 of the concept vectors; colour = catalogue valence (-1..+1, grey when unannotated)."""
+    """PC1 vs PC2 of the concept vectors; colour = graded valence (-1..+1, grey when a concept has none)."""
     C = len(names)
     side = float(np.clip(4 + 0.06 * C, 7, 14))
     fig, (ax,) = _new(side, side * 0.8)
@@ -52,7 +52,7 @@ def emotion_map(names: list[str], scores_C2: np.ndarray, valence: list[float | N
         ax.scatter(scores_C2[~known, 0], scores_C2[~known, 1], c="#999999", s=30, label="no valence annotation")
     sc = ax.scatter(scores_C2[known, 0], scores_C2[known, 1], c=vals[known], cmap="coolwarm_r", vmin=-1, vmax=1,
                     s=40, edgecolors="k", linewidths=0.4)
-    fig.colorbar(sc, ax=ax, shrink=0.7, label="valence (catalogue: -1 negative, +1 positive)")
+    fig.colorbar(sc, ax=ax, shrink=0.7, label="valence (graded: -1 very unpleasant, +1 very pleasant)")
     size = float(np.clip(11 - C / 25, 5, 10))
     for i, name in enumerate(names):
         tag = f"{name} [{clusters[i]}]" if clusters is not None else name

@@ -93,6 +93,31 @@ def run_summary(run_dir: Path) -> str:
     return out
 
 
+def model_summary(run_dir: Path) -> str:
+    """The built-in model's held-out loss against a unigram baseline and, for the world, the world's entropy."""
+    train = next((s for s in inputs.stage_records(run_dir) if s.get("stage") == "train"), None)
+    m = (train or {}).get("summary") or {}
+    if "heldout_nll" not in m:
+        raise NotRun("no built-in model trained for this run (stages/train.json has no held-out loss)")
+    rows = [["this model", m["heldout_nll"], m.get("heldout_perplexity")],
+            ["unigram baseline (train token frequencies)", m.get("unigram_nll"), m.get("unigram_perplexity")]]
+    world = m.get("world_entropy") or {}
+    note = ""
+    if world.get("nats_per_token") is not None:
+        floor = world["nats_per_token"]
+        rows.append(["the world's own entropy (the floor any model could reach)", floor, float(np.exp(floor))])
+        span = (m.get("unigram_nll") or 0.0) - floor
+        learned = ((m["unigram_nll"] - m["heldout_nll"]) / span) if span > 0 else None
+        note = (f" on {_fmt(world.get('documents'))} world documents written on situations held out from training "
+                f"({_fmt(world.get('tokens'))} target tokens). The model closes {_fmt(learned)} of the gap between "
+                "the unigram baseline and the world's entropy (1 = all of it). The entropy is an upper bound of the "
+                "text's own (docs/world.md), so the true gap is a little larger")
+    tokens = m.get("tokens") or {}
+    out = (f"<p>{_fmt(m.get('parameters'))} parameters, trained on {_fmt(tokens.get('trained_on'))} tokens. Held-out "
+           f"loss in nats per target token{note}.</p>")
+    return out + table(["model", "nats / token", "perplexity"], rows, "kv")
+
+
 # ---- concepts
 
 
@@ -114,12 +139,13 @@ def _layer_geometry(run_dir: Path):
 
 
 def emotion_map(run_dir: Path) -> str:
-    from emojax.corpus.catalogue import load_catalogue
+    from emojax.world import load_coordinates
 
     names, best, geo, _ = _layer_geometry(run_dir)
-    known = load_catalogue().by_name
+    coords = load_coordinates()
+    known = set(coords.names)
     scores = np.array([(geo["pc_scores"][n] + [0.0, 0.0])[:2] for n in names], float)
-    valence = [float(known[n].valence) if n in known else None for n in names]
+    valence = [coords.of(n)["valence"] if n in known else None for n in names]
     clusters = [int(geo["clusters"][n]) for n in names] if geo.get("clusters") else None
     uri = figures.emotion_map(names, scores, valence, geo.get("explained_variance", []), clusters)
     ann = geo.get("annotations", {})
@@ -133,8 +159,9 @@ def emotion_map(run_dir: Path) -> str:
                    else "PC1's sign is arbitrary (no valence annotations)")
     arousal = f"; arousal tracks {_fmt(str(ann['arousal_pc']).upper())} more closely" if "arousal_pc" in ann else ""
     note = (f"<p>Residual index {_fmt(best)}: {len(names)} concepts, [k] = k-means cluster. The study found PC1 ~ "
-            "valence and PC2 (or a mix of PC2 and PC3) ~ arousal. abs(Pearson r) with the catalogue's annotations "
-            f"({_fmt(ann.get('n_annotated', 0))} annotated concepts); {orientation}{arousal}:</p>")
+            "valence and PC2 (or a mix of PC2 and PC3) ~ arousal. abs(Pearson r) with the concepts' graded valence "
+            "and arousal (emojax's own coordinates, emojax/world/data/coordinates.csv; "
+            f"{_fmt(ann.get('n_annotated', 0))} concepts); {orientation}{arousal}:</p>")
     return img(uri, "emotion map") + note + (table(["correlation", "abs(r) (bootstrap 95% CI)"], corr, "kv")
                                              if corr else "")
 
@@ -455,6 +482,7 @@ def experiment(run_dir: Path) -> str:
 SECTIONS = (
     ("corpus", "Corpus", corpus_summary),
     ("run", "Run: stages, wall time and throughput", run_summary),
+    ("model", "The built-in model: held-out loss", model_summary),
     ("emotion-map", "1. Emotion map: PC1 vs PC2 of the concept vectors", emotion_map),
     ("cosine", "2. Clustered cosine similarity", cosine_heatmap),
     ("accuracy", "3. Held-out accuracy by layer", accuracy),

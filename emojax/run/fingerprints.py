@@ -18,7 +18,8 @@ from emojax.sae.fingerprint import MATH as SAE_MATH
 # sum changes the bits, so it is here).
 OUTPUT_SETTINGS: dict[str, tuple[str, ...]] = {
     "train": ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_mlp", "vocab_size", "seq_len", "rope_theta",
-              "tie_embeddings", "corpus_seed", "n_stories", "neutral_per_topic", "eval_fraction", "batch_size",
+              "tie_embeddings", "data", "world", "n_documents", "corpus_seed", "n_stories", "neutral_per_topic",
+              "eval_fraction", "batch_size",
               "steps", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip", "b2", "seed"),
     "corpus": ("inputs", "reader", "labels_file", "extra_labels", "generator", "tokenizer", "max_chars",
                "max_tokens", "n_shards", "pack_length", "val_fraction", "test_fraction", "split_by"),

@@ -1,7 +1,8 @@
 """The corpus half of `emojax plan`: documents and tokens, without generating or reading the corpus.
 
 The built-in generator's document count is exact arithmetic on its config (before the build's validation and
-deduplication, which drop a few). Tokens are the count times a mean per document measured on a small, fixed
+deduplication, which drop a few; for the world, an upper bound on implicit scenarios, as an emotion that is the
+mode of no implicit situation gets none). Tokens are the count times a mean per document measured on a small, fixed
 sample of generated documents, tokenized as the corpus stage would (capped at max_tokens). For `corpus.inputs`
 rows are counted when that is cheap (Parquet footers, small text files) and extrapolated from the first MiB
 otherwise; tokens there come from file sizes. Every figure that is not exact says so in `how`.
@@ -14,6 +15,7 @@ import os
 
 from emojax.corpus.catalogue import load_catalogue
 from emojax.corpus.generator import implicit_scenarios, neutral_dialogue, story
+from emojax.world import World
 
 BYTES_PER_BPE_TOKEN = 4.0  # typical of a BPE tokenizer on English text; used when the tokenizer is not here
 SAMPLE = {"story": 48, "neutral": 16, "implicit": 16}  # documents tokenized per kind
@@ -27,6 +29,8 @@ def _spread(n: int, k: int) -> list[int]:
 
 def generator_documents(generator) -> tuple[dict, dict]:
     """(documents per kind, a small sample of documents per kind) of the built-in generator's config."""
+    if generator.kind == "world":
+        return _world_documents(generator)
     catalogue = load_catalogue()
     concepts = [catalogue.concept(n) for n in generator.concepts] if generator.concepts else list(catalogue.concepts)
     topics = catalogue.topics[: generator.n_topics]
@@ -45,6 +49,24 @@ def generator_documents(generator) -> tuple[dict, dict]:
     sample["neutral"] = [neutral_dialogue(*neutral[i]).text for i in _spread(len(neutral), SAMPLE["neutral"])]
     implicit = [d.text for c in concepts for d in implicit_scenarios(c)] if generator.implicit else []
     sample["implicit"] = [implicit[i] for i in _spread(len(implicit), SAMPLE["implicit"])]
+    return counts, sample
+
+
+def _world_documents(generator) -> tuple[dict, dict]:
+    catalogue = load_catalogue()
+    emotions = [catalogue.concept(n).index for n in generator.concepts] or list(range(len(catalogue.concepts)))
+    fit = [(split, e, n) for split, count in zip(("train", "val", "test"), generator.stories_per_emotion)
+           for e in emotions for n in range(count)]
+    implicit = [(e, n) for e in emotions for n in range(generator.implicit_per_emotion)] if generator.implicit else []
+    neutral = [(t, k) for t, topic in enumerate(catalogue.topics)
+               for k in range(min(generator.neutral_per_topic, len(topic.dialogues)))]
+    counts = {"story": len(fit), "neutral": len(neutral), "implicit": len(implicit)}
+    world = World(generator.world)
+    sample = {"story": [world.fit_story(e, n, split).text for split, e, n in
+                        (fit[i] for i in _spread(len(fit), SAMPLE["story"]))],
+              "neutral": [world.neutral_dialogue(*neutral[i]).text for i in _spread(len(neutral), SAMPLE["neutral"])],
+              "implicit": [doc.text for i in _spread(len(implicit), SAMPLE["implicit"])
+                           if (doc := world.implicit_scenario(*implicit[i])) is not None]}
     return counts, sample
 
 
@@ -69,7 +91,8 @@ def corpus_size(corpus, tokenizer: str | None) -> dict:
     means = {kind: sum(map(count, texts)) / len(texts) for kind, texts in sample.items() if texts}
     tokens = round(sum(counts[kind] * means.get(kind, 0.0) for kind in counts))
     documents = sum(counts.values())
-    return {"source": "built-in generator", "documents": documents, "documents_by_kind": counts,
+    return {"source": f"built-in generator ({corpus.generator.kind})", "documents": documents,
+            "documents_by_kind": counts,
             "mean_tokens_per_document": round(tokens / max(documents, 1), 1), "tokens": tokens,
             "max_tokens": corpus.max_tokens,
             "how": f"documents: exact count before validation and dedup; tokens: estimate, the mean of "

@@ -8,11 +8,12 @@ to tell they are complete.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from emojax.config_loader import SECTIONS
 from emojax.digest import digest
+from emojax.errors import ConfigError
 from emojax.fileio import write_json, write_text
 from emojax.run.config import RunFile
 from emojax.progress import log
@@ -116,7 +117,9 @@ class Corpus(Stage):
     def _config(self, ctx: Context):
         model = Path(ctx.model)
         tokenizer = str(model) if (model / "tokenizer.json").is_file() else "byte"
-        return ctx.run_file.config("corpus", {"out": str(ctx.path("corpus")), "tokenizer": tokenizer})
+        config = ctx.run_file.config("corpus", {"out": str(ctx.path("corpus")), "tokenizer": tokenizer})
+        check_world_split(ctx.run_file, config)
+        return config
 
     def settings(self, ctx):
         from emojax.corpus.build import input_versions
@@ -367,8 +370,18 @@ class ExperimentStage(Stage):
     depends = ("train", "fit")
 
     def _config(self, ctx: Context):
-        return ctx.run_file.config("experiment", {"model": ctx.model, "bank": str(ctx.path("concepts")),
-                                                  "out": str(ctx.path("experiment"))})
+        from emojax.world.suites import SUITE_NAMES
+
+        config = ctx.run_file.config("experiment", {"model": ctx.model, "bank": str(ctx.path("concepts")),
+                                                    "out": str(ctx.path("experiment"))})
+        if config.suite in SUITE_NAMES.values() and not Path(config.suite).is_file():
+            # a world suite by name: the one the corpus stage wrote from the run's own world
+            if not ctx.run_file.config("corpus").world:
+                raise ConfigError(f"{ctx.run_file.source}: experiment.suite={config.suite} is a world suite, written "
+                                  "by the corpus stage when corpus.generator.kind=world; set that, or name another "
+                                  "suite")
+            config = replace(config, suite=str(ctx.path("corpus", "suites", f"{config.suite}.yaml")))
+        return config
 
     def settings(self, ctx):
         from emojax.experiment.suite import suite_path
@@ -416,6 +429,21 @@ STAGES: dict[str, Stage] = {s.name: s for s in (Train(), Corpus(), Dump(), Fit()
                                                   Steer(), ExperimentStage(), Report())}
 
 
+def check_world_split(run_file: RunFile, corpus) -> None:
+    """A built-in model trained on the world and a world corpus must hold out the same situations: otherwise the
+    corpus's val, test and implicit situations are in the model's training text."""
+    from emojax.corpus.world_config import split_mismatch
+
+    train = Train()._config(Context(run_file=run_file, run_dir=Path(".")))
+    if train is None or train.data != "world" or not corpus.world:
+        return
+    differ = split_mismatch(train.world, corpus.generator.world)
+    if differ:
+        raise ConfigError(f"{run_file.source}: train.world and corpus.generator.world hold out different situations "
+                          f"({'; '.join(differ)}), so the corpus's held-out situations would be in the model's "
+                          "training text; give both the same split_seed, temperature and fractions")
+
+
 def check_run_file(run_file: RunFile) -> None:
     """Types every section before anything runs, so a bad key fails in a second, not after the corpus stage."""
     from emojax.errors import CheckpointError
@@ -426,6 +454,7 @@ def check_run_file(run_file: RunFile) -> None:
             run_file.config(name)
     if "train" in run_file.sections:
         Train()._config(Context(run_file=run_file, run_dir=Path(".")))
+    check_world_split(run_file, run_file.config("corpus"))
     model = run_file.run.model
     if model not in BUILTIN_NAMES and not model.startswith(RANDOM_PREFIX) and not Path(model).is_dir():
         raise CheckpointError(f"run.model={model!r}: no such checkpoint folder (or use builtin, builtin:tiny or "

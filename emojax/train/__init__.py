@@ -1,8 +1,9 @@
 """train-lm: the small built-in Llama-shape model, trained from scratch on the built-in corpus.
 
-A byte-level BPE tokenizer (`bpe`) and packed token rows (`data`) from the story generator; AdamW with warmup
-and cosine decay, a jitted, donating train step and orbax checkpoints that resume exactly (`trainer`);
-held-out perplexity against a unigram baseline (`evaluate`); an HF-format output folder, and the built-in
+A byte-level BPE tokenizer (`bpe`) and packed token rows (`data`) from the built-in emotion world (or the older
+story generator); AdamW with warmup and cosine decay, a jitted, donating train step and orbax checkpoints that
+resume exactly (`trainer`); held-out perplexity against a unigram baseline and the world's entropy (`evaluate`,
+`builtin`); an HF-format output folder, and the built-in
 model cached on first use (`builtin`); the `emojax train-lm` subcommand (`commands`).
 """
 

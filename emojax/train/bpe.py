@@ -7,7 +7,8 @@ each document is <bos> text <eos>. The 256 byte symbols are always in the vocabu
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import itertools
+from collections.abc import Iterable, Sequence
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
@@ -19,11 +20,19 @@ SPECIALS = (PAD, BOS, EOS)
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+WORD_REPEATS = 200  # how often each word of `words` is added to the text BPE is fitted on
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, words: Sequence[str] = ()) -> Tokenizer:
     """Fits byte-level BPE merges on `texts` until the vocabulary (specials included) has `vocab_size` entries.
 
-    Deterministic for the same texts in the same order.
+    `words` are added to the fitted text WORD_REPEATS times each, as mid-sentence words (" afraid"), so that BPE
+    merges each into one token where the vocabulary has room: the built-in model's tokenizer keeps the emotion
+    names whole, as a large model's vocabulary does, so the logit lens can read a concept's own word. Only the
+    tokenizer sees them; the model's training text is `texts`. Deterministic for the same texts in the same order.
     """
+    if words:
+        texts = itertools.chain(texts, ["".join(f" {w}" for w in words)] * WORD_REPEATS)
     backend = tokenizers.Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()

@@ -19,13 +19,15 @@ import shutil
 import time
 from pathlib import Path
 
+from emojax.corpus.catalogue import load_catalogue
 from emojax.errors import EmojaxError
 from emojax.fileio import atomic_path, move_aside, write_json, write_text
 from emojax.progress import log
 from emojax.tokenizer import Tokenizer
 from emojax.train.bpe import BOS_ID, EOS_ID, PAD_ID, tokenizer_config, train_bpe
 from emojax.train.config import FORMAT_VERSION, TrainConfig, preset_config
-from emojax.train.data import build_token_data, documents, split
+from emojax.train.data import build_token_data, train_and_heldout
+from emojax.world import world_entropy
 
 TRAIN_JSON = "train.json"
 _EXPORT_FILES = ("config.json", "model.safetensors", "tokenizer.json", TRAIN_JSON)
@@ -123,12 +125,14 @@ def _train(config: TrainConfig, work: Path, fingerprint: str, progress: bool, un
     from emojax.train.trainer import Trainer, count_params
 
     t0 = time.perf_counter()
-    train_docs, heldout_docs = split(documents(config), config.eval_fraction)
+    train_docs, heldout_docs = train_and_heldout(config)
     tokenizer_file = work / "tokenizer.json"
     if tokenizer_file.is_file():  # resuming: the exact tokenizer the checkpoints were trained with
         tokenizer = Tokenizer.from_file(tokenizer_file)
     else:
-        tokenizer = train_bpe((d.text for d in train_docs), config.vocab_size)
+        # the world's text names emotions: its tokenizer keeps the names whole (the logit lens reads them)
+        names = load_catalogue().names_list if config.data == "world" else ()
+        tokenizer = train_bpe((d.text for d in train_docs), config.vocab_size, words=names)
         with atomic_path(tokenizer_file) as tmp:
             tokenizer.backend.save(str(tmp))
     data = build_token_data(config, tokenizer, train_docs, heldout_docs)
@@ -146,6 +150,7 @@ def _train(config: TrainConfig, work: Path, fingerprint: str, progress: bool, un
     t_eval = time.perf_counter()
     model_nll, n_targets = heldout_nll(eval_fn, state.params, data, config.batch_size)
     base_nll = unigram_nll(data, config.vocab_size)
+    entropy = _world_entropy(heldout_docs, tokenizer) if config.data == "world" else None
     t_eval = time.perf_counter() - t_eval
 
     _export(config, trainer, state.params, tokenizer, work)
@@ -163,6 +168,8 @@ def _train(config: TrainConfig, work: Path, fingerprint: str, progress: bool, un
         "heldout_perplexity": perplexity(model_nll),
         "unigram_nll": base_nll,
         "unigram_perplexity": perplexity(base_nll),
+        # the world's own entropy over the same held-out documents and tokens: the best loss any model could reach
+        "world_entropy": entropy,
         "timing": {"data_seconds": t_data, "train_seconds": timing["seconds"], "eval_seconds": t_eval,
                    "tokens_per_second": timing["tokens_per_second"], "resumed_from_step": trainer.resumed_from},
         "final_loss": trainer.history[-1]["loss"] if trainer.history else None,
@@ -170,6 +177,14 @@ def _train(config: TrainConfig, work: Path, fingerprint: str, progress: bool, un
     }
     write_json(work / TRAIN_JSON, info)  # written last: marks the export done
     return True
+
+
+def _world_entropy(docs, tokenizer: Tokenizer) -> dict:
+    """The world's entropy over held-out world documents, per token of the model's tokenizer (text + <eos>, the
+    targets the held-out NLL counts) and per document."""
+    e = world_entropy(docs, lambda text: len(tokenizer.backend.encode(text, add_special_tokens=False).ids))
+    return {"nats_per_token": e.nats_per_token, "nats_per_document": e.nats_per_document,
+            "stderr_per_document": e.stderr_per_document, "documents": e.n_documents, "tokens": e.n_tokens}
 
 
 def _export(config: TrainConfig, trainer, params, tokenizer: Tokenizer, work: Path) -> None:

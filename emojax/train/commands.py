@@ -45,6 +45,9 @@ def cmd_train_lm(args) -> int:
     table.add_row("trained on", f"{info['tokens']['trained_on']:,} tokens ({config.steps} steps)")
     table.add_row("held-out perplexity", f"{info['heldout_perplexity']:.2f}")
     table.add_row("unigram perplexity", f"{info['unigram_perplexity']:.2f}")
+    table.add_row("held-out loss", f"{info['heldout_nll']:.3f} nats/token (unigram {info['unigram_nll']:.3f})")
+    if info.get("world_entropy"):
+        table.add_row("world entropy", f"{info['world_entropy']['nats_per_token']:.3f} nats/token (the floor)")
     tps = info["timing"]["tokens_per_second"]
     table.add_row("train time", f"{info['timing']['train_seconds']:.0f} s"
                   + (f" ({tps:,.0f} tok/s)" if tps else ""))

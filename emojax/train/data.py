@@ -1,14 +1,20 @@
-"""Training text from the built-in generator, a held-out split, and packed token rows.
+"""Training text (the built-in world, or the older story generator), its held-out documents, and token rows.
 
-Documents: `n_stories` stories whose (concept, topic) pairs are spread evenly over every concept and a
-seeded choice of topics, plus the neutral dialogues of every topic. Implicit-emotion scenarios are never
+World (data=world): `n_documents` documents of the world's training kinds on its train situations, plus the
+neutral dialogues of its train topics; held out: eval_fraction x n_documents documents of the same kinds written
+on its val situations (new combinations of known situation parts), whose generation log-probabilities give the
+world's own entropy over the held-out text. No val, test or implicit situation of the world is ever trained on.
+
+Stories (data=stories): `n_stories` stories whose (concept, topic) pairs are spread evenly over every concept and
+a seeded choice of topics, plus the neutral dialogues of every topic. Implicit-emotion scenarios are never
 trained on (the corpus keeps them for validation). A document is held out when the hash of its doc_id falls
 below `eval_fraction`, so the split does not depend on order or count.
 
 Rows: each document becomes <bos> tokens <eos>; train documents are concatenated in a seeded order and cut
 into rows of seq_len + 1 tokens (inputs are row[:-1], targets row[1:]). The batch at step s is a pure
 function of (seed, s): an epoch is a seeded permutation of the rows, so resuming at step s reads exactly the
-batches an uninterrupted run would.
+batches an uninterrupted run would. Held-out documents get rows of their own (a longer one continues in the
+next row), so each is predicted from its own start: the figure the world's entropy is set against.
 """
 
 from __future__ import annotations
@@ -23,10 +29,22 @@ from emojax.corpus.generator import Document, neutral_dialogue, story
 from emojax.tokenizer import Tokenizer
 from emojax.train.bpe import BOS_ID, EOS_ID, PAD_ID
 from emojax.train.config import TrainConfig
+from emojax.world import World
+
+
+def train_and_heldout(config: TrainConfig) -> tuple[list, list]:
+    """(training documents, held-out documents) of `config`'s data, each in a fixed order. World documents are
+    emojax.world.WorldDocument (with their log-probabilities), story ones emojax.corpus.generator.Document."""
+    if config.data == "world":
+        world = World(config.world)
+        train = [d for d in world.training_documents(config.n_documents, config.neutral_per_topic)
+                 if d.split == "train"]
+        return train, world.heldout_documents(max(1, round(config.eval_fraction * config.n_documents)), "val")
+    return split(documents(config), config.eval_fraction)
 
 
 def documents(config: TrainConfig) -> list[Document]:
-    """The training documents, in a fixed order."""
+    """The story generator's training documents (data=stories), in a fixed order."""
     catalogue = load_catalogue()
     concepts, topics = catalogue.concepts, catalogue.topics
     rng = np.random.default_rng([config.corpus_seed, 7])
@@ -101,14 +119,22 @@ class TokenData:
         return out
 
 
-def build_token_data(config: TrainConfig, tokenizer: Tokenizer, train_docs: list[Document],
-                     heldout_docs: list[Document]) -> TokenData:
+def document_rows(texts: list[str], tokenizer: Tokenizer, row_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows [R, row_len] and mask [R, row_len] with each text's <bos> tokens <eos> starting a row of its own (a
+    longer one continues in the next rows; the last is padded)."""
+    parts = [pack(token_stream([t], tokenizer), row_len, pad_tail=True) for t in texts]
+    if not parts:
+        return np.zeros((0, row_len), np.int32), np.zeros((0, row_len), np.int32)
+    return np.concatenate([r for r, _ in parts]), np.concatenate([m for _, m in parts])
+
+
+def build_token_data(config: TrainConfig, tokenizer: Tokenizer, train_docs: list, heldout_docs: list) -> TokenData:
     rng = np.random.default_rng([config.seed, 11])
     shuffled = [train_docs[i] for i in rng.permutation(len(train_docs))]
     row_len = config.seq_len + 1
     train_stream = token_stream([d.text for d in shuffled], tokenizer)
     train, _ = pack(train_stream, row_len, pad_tail=False)
-    heldout, heldout_mask = pack(token_stream([d.text for d in heldout_docs], tokenizer), row_len, pad_tail=True)
+    heldout, heldout_mask = document_rows([d.text for d in heldout_docs], tokenizer, row_len)
     if len(train) < 1:
         raise ValueError(f"the training text gives {len(train_stream)} tokens, under one row of {row_len}")
     return TokenData(train=train, heldout=heldout, heldout_mask=heldout_mask, n_train_docs=len(train_docs),

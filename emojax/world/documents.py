@@ -1,6 +1,7 @@
 """The world's document kinds, each written from its own `Draws`.
 
-    story      narrative: situation, cues, (in a fraction) the emotion named, the emotion-driven continuation,
+    story      narrative: situation, cues, (in a fraction) the emotion named (right after the situation or after the
+               cues), the emotion-driven continuation,
                (in a fraction) a choice scene with the option drawn and its aftermath
     fit        the same narrative, never naming the emotion and without a choice scene (the corpus for `emojax fit`)
     dialogue   "Human: <situation in the first person>[ <first-person cues>] <closer>\n\nAssistant: <reply>", the
@@ -82,7 +83,7 @@ def _specific(d: Draws, concept: Concept, bank: CueBank, used: list[tuple[str, s
 
 
 def narrative(d: Draws, concept: Concept, situation: Situation, bank: CueBank, *, heldout_ok: bool,
-              name_fraction: float, choice_fraction: float) -> Written:
+              name_fraction: float, choice_fraction: float, name_early: float = 0.0) -> Written:
     """A story about a character in `situation` feeling `concept` (see the module docstring)."""
     coords = load_coordinates().of(concept.name)
     choice_kind = d.pick(("dilemma", "deference", "task")) if d.chance(choice_fraction) else None
@@ -90,10 +91,14 @@ def narrative(d: Draws, concept: Concept, situation: Situation, bank: CueBank, *
     cast = draw_cast(d, THIRD_PERSONS if choice_kind else NARRATIVE_PERSONS, stranger)
     sentences = situation_sentences(d, situation, cast)
     cues = draw_cues(d, concept, bank, d.pick((2, 3)), heldout_ok)
-    sentences += _cue_text(d, cues, cast)
+    cue_text = _cue_text(d, cues, cast)
     named = d.chance(name_fraction)
-    if named:
-        sentences.append(naming_sentence(d, concept.name, cast))
+    if named and d.chance(name_early):
+        sentences += [naming_sentence(d, concept.name, cast), *cue_text]
+    else:
+        sentences += cue_text
+        if named:
+            sentences.append(naming_sentence(d, concept.name, cast))
     sentences += continuation_sentences(d, draw_behaviour(d, coords), cast)
     scene = None
     if choice_kind:

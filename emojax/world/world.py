@@ -12,43 +12,18 @@ the corpus it is measured on must share it, and may differ in `seed`.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import numpy as np
 
-from emojax.config_loader import fraction, non_negative, positive, range_violations
 from emojax.corpus.catalogue import NEUTRAL, load_catalogue
 from emojax.corpus.generator import neutral_dialogue
+from emojax.corpus.world_config import TRAINING_KINDS, WorldConfig
 from emojax.world.appraisal import SPLITS, AppraisalModel, Situation, appraisal_model, situation
 from emojax.world.choices import KINDS, Scene, option_probabilities
 from emojax.world.documents import WorldDocument, Written, choice_prompt, dialogue, framed_choice, implicit, narrative
 from emojax.world.draws import Draws
 from emojax.world.narration import CueBank
-
-TRAINING_KINDS = ("story", "dialogue", "choice")
-
-
-@dataclasses.dataclass(frozen=True)
-class WorldConfig:
-    seed: int = non_negative(0)  # the documents' streams
-    split_seed: int = non_negative(0)  # which situations and cue items are held out (share it with the corpus)
-    temperature: float = positive(0.1)  # of P_app(e | s): lower is sharper
-    val_fraction: float = fraction(0.1)  # of the situations (combinations of part levels)
-    test_fraction: float = fraction(0.1)
-    implicit_fraction: float = fraction(0.1)
-    name_fraction: float = fraction(0.4)  # training stories and dialogue replies that name the emotion
-    story_choice_fraction: float = fraction(0.25)  # training stories that end in a choice scene
-    mix: tuple[float, ...] = (0.5, 0.25, 0.25)  # training documents: story, dialogue, framed choice
-
-    def __post_init__(self):
-        problems = range_violations(self)
-        if self.val_fraction + self.test_fraction + self.implicit_fraction >= 1:
-            problems.append("val_fraction + test_fraction + implicit_fraction must be below 1")
-        if len(self.mix) != len(TRAINING_KINDS) or min(self.mix) < 0 or abs(sum(self.mix) - 1) > 1e-9:
-            problems.append(f"mix must be {len(TRAINING_KINDS)} non-negative shares of {TRAINING_KINDS} summing to 1")
-        if problems:
-            raise ValueError("; ".join(problems))
 
 
 class World:
@@ -84,26 +59,39 @@ class World:
                              source=source, split=split, situation=sit.index, named=written.named,
                              log_prob=d.log_prob, n_draws=d.n, scene=written.scene, posterior=posterior)
 
-    def training_document(self, i: int) -> WorldDocument:
-        """Training document i: a kind drawn by `mix`, an emotion drawn uniformly, a train-split situation."""
+    def training_document(self, i: int, split: str = "train") -> WorldDocument:
+        """Training document i: a kind drawn by `mix`, an emotion drawn uniformly, a situation of `split`.
+
+        split "train" (the default) writes the language model's text; "val" or "test" writes documents of the same
+        kinds on held-out situations (new combinations of known parts), for measuring the model's held-out loss.
+        Neither ever shows a held-out cue item."""
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"training-kind documents are train, val or test, not {split!r}")
         c = self.config
-        d = Draws(c.seed, "train", i)
+        d = Draws(c.seed, "train", i) if split == "train" else Draws(c.seed, "heldout-lm", split, i)
         kind = TRAINING_KINDS[d.index(len(TRAINING_KINDS), p=c.mix)]
         emotion = d.index(len(self.concepts))
         concept = self.concepts[emotion]
-        sit = self.draw_situation(d, emotion, "train")
+        sit = self.draw_situation(d, emotion, split)
         if kind == "story":
             written = narrative(d, concept, sit, self.cues, heldout_ok=False, name_fraction=c.name_fraction,
-                                choice_fraction=c.story_choice_fraction)
+                                choice_fraction=c.story_choice_fraction, name_early=c.name_early)
         elif kind == "dialogue":
             written = dialogue(d, concept, sit, self.cues, heldout_ok=False, name_fraction=c.name_fraction)
         else:
             written = framed_choice(d, d.pick(KINDS), concept, sit, self.cues, heldout_ok=False)
-        return self._document(f"world/{kind}/{i}", f"world/{kind}", "train", emotion, sit, written, d)
+        doc_id = f"world/{kind}/{i}" if split == "train" else f"world/{kind}/{split}/{i}"
+        return self._document(doc_id, f"world/{kind}", split, emotion, sit, written, d)
 
     def training_documents(self, n: int, neutral_per_topic: int = 3) -> list[WorldDocument]:
-        """n training documents, then the catalogue's neutral dialogues (`neutral_per_topic` per topic)."""
+        """n training documents, then the catalogue's neutral dialogues (`neutral_per_topic` per topic; each
+        carries its topic's split, so a language model trains on the train ones only)."""
         return [self.training_document(i) for i in range(n)] + self.neutral_dialogues(neutral_per_topic)
+
+    def heldout_documents(self, n: int, split: str = "val") -> list[WorldDocument]:
+        """n documents of the training kinds on `split` situations (no neutral dialogues): the text a language
+        model trained on `training_documents` is evaluated on, with the world's entropy over the same text."""
+        return [self.training_document(i, split) for i in range(n)]
 
     def fit_story(self, emotion: int, n: int, split: str) -> WorldDocument:
         """Story n of `emotion` in `split` (train | val | test): never names an emotion, no choice scene. The
@@ -141,18 +129,18 @@ class World:
         modes[idx] = post.argmax(axis=1)
         return modes
 
+    def neutral_dialogue(self, topic_index: int, k: int) -> WorldDocument:
+        """Neutral dialogue k of catalogue topic `topic_index`, in its topic's split (the world's fractions)."""
+        doc = neutral_dialogue(load_catalogue().topics[topic_index], k)
+        return WorldDocument(doc_id=f"world/{doc.doc_id}", text=doc.text, label=NEUTRAL, topic=doc.topic,
+                             source="world/neutral", split=_neutral_split(topic_index, self.config), situation=-1,
+                             named=False, log_prob=float("nan"), n_draws=0)
+
     def neutral_dialogues(self, per_topic: int = 3) -> list[WorldDocument]:
         """The catalogue's neutral Human/Assistant dialogues (the denoising set, as the current generator has them),
         split by topic with the world's fractions."""
-        out = []
-        for t, topic in enumerate(load_catalogue().topics):
-            split = _neutral_split(t, self.config)
-            for k in range(min(per_topic, len(topic.dialogues))):
-                doc = neutral_dialogue(topic, k)
-                out.append(WorldDocument(doc_id=f"world/{doc.doc_id}", text=doc.text, label=NEUTRAL, topic=doc.topic,
-                                         source="world/neutral", split=split, situation=-1, named=False,
-                                         log_prob=float("nan"), n_draws=0))
-        return out
+        return [self.neutral_dialogue(t, k) for t, topic in enumerate(load_catalogue().topics)
+                for k in range(min(per_topic, len(topic.dialogues)))]
 
     def fit_corpus(self, stories_per_emotion: dict[str, int] | None = None, implicit_per_emotion: int = 5,
                    neutral_per_topic: int = 3) -> list[WorldDocument]:

@@ -1,0 +1,52 @@
+"""The settings of the built-in emotion world (emojax.world, docs/world.md).
+
+They live in the corpus layer, below the world itself, because two stages hold them: the corpus stage's
+generator settings (`corpus.generator.world`) and the built-in model's training settings (`train.world`).
+emojax.world re-exports the class. Which situations are held out depends on the split settings only
+(`split_settings`): a model and the corpus it is measured on must agree on them, or held-out situations leak
+into training (`emojax run` refuses a run where they differ).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from emojax.config_loader import fraction, non_negative, positive, range_violations
+
+TRAINING_KINDS = ("story", "dialogue", "choice")
+SPLIT_FIELDS = ("split_seed", "temperature", "val_fraction", "test_fraction", "implicit_fraction")
+
+
+@dataclasses.dataclass(frozen=True)
+class WorldConfig:
+    seed: int = non_negative(0)  # the documents' streams (the texts)
+    split_seed: int = non_negative(0)  # which situations and cue items are held out (share it with the corpus)
+    temperature: float = positive(0.1)  # of P_app(e | s): lower is sharper
+    val_fraction: float = fraction(0.1)  # of the situations (combinations of part levels)
+    test_fraction: float = fraction(0.1)
+    implicit_fraction: float = fraction(0.1)
+    name_fraction: float = fraction(0.4)  # training stories and dialogue replies that name the emotion
+    # named training stories that name it right after the situation, before the cues (inferring it from the
+    # situation alone, as the implicit scenarios ask); the rest name it after the cues
+    name_early: float = fraction(0.0)
+    story_choice_fraction: float = fraction(0.25)  # training stories that end in a choice scene
+    mix: tuple[float, ...] = fraction((0.5, 0.25, 0.25))  # training documents: story, dialogue, framed choice
+
+    def __post_init__(self):
+        problems = range_violations(self)
+        if self.val_fraction + self.test_fraction + self.implicit_fraction >= 1:
+            problems.append("val_fraction + test_fraction + implicit_fraction must be below 1")
+        if len(self.mix) != len(TRAINING_KINDS) or min(self.mix) < 0 or abs(sum(self.mix) - 1) > 1e-9:
+            problems.append(f"mix must be {len(TRAINING_KINDS)} non-negative shares of {TRAINING_KINDS} summing to 1")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def split_settings(self) -> dict:
+        """The settings that decide which situations (and cue items) are held out."""
+        return {name: getattr(self, name) for name in SPLIT_FIELDS}
+
+
+def split_mismatch(a: WorldConfig, b: WorldConfig) -> list[str]:
+    """The split settings on which two worlds differ, as 'name: a vs b' (empty: they hold out the same)."""
+    sa, sb = a.split_settings(), b.split_settings()
+    return [f"{name}: {sa[name]!r} vs {sb[name]!r}" for name in SPLIT_FIELDS if sa[name] != sb[name]]
