@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# System programs some tests need (Chromium for the report's browser test): installed when missing, as root;
-# otherwise named. Under CI=true a test whose program is missing fails instead of skipping.
+# System programs some tests need (Chromium for the report's and the serve page's browser tests; Playwright drives
+# the system one, never a downloaded browser): installed when missing, as root; otherwise named. Under CI=true a test
+# whose program is missing fails instead of skipping.
 system-deps:
 	@.ci/system-deps
 

@@ -16,6 +16,7 @@ Layers. A module imports only from its own layer or the ones below it, never upw
     sae
     steer                                              (decode loop, readouts, steering harness)
     experiment                                         (behavioural experiments: suites, conditions, rates)
+    serve                                              (the HTTP server: engine, app, alerts)
     report
     run                                                (orchestration of the stages)
     cli, and every package's `commands` module         (argument parsing only)

@@ -253,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     from emojax.run.commands import register as register_run
     from emojax.run.plan import register as register_plan
     from emojax.sae.commands import register as register_sae
+    from emojax.serve.commands import register as register_serve
     from emojax.steer.commands import register as register_steer
     from emojax.train.commands import register as register_train_lm
 
@@ -261,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_sae(sub)
     register_steer(sub)
     register_experiment(sub)
+    register_serve(sub)
     register_report(sub)
     register_run(sub)
     register_plan(sub)

@@ -1,0 +1,689 @@
+"""The HTTP side of `emojax serve` (emojax.serve.app) over a FakeEngine (tests/serve_fakes.py): no model, so what
+is checked is the app: OpenAI shapes, the emojax field, steering and limits, errors as JSON naming the field,
+alerts (stream, audit log, webhook), metrics, draining on SIGTERM, streams never mixed, and the load test."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from serve_fakes import NAMES, FakeEngine, expected_readings, expected_tokens, live_server, transcript_readings
+from starlette.testclient import TestClient
+
+from emojax.config_loader import load_section
+from emojax.errors import ConfigError, InputError
+from emojax.serve import ServeConfig, create_app
+from emojax.serve.config import Limits, Webhook
+from emojax.serve.protocol import TextStream
+from emojax.serve.types import GenerationRequest
+from emojax.steer.monitor import AlertTracker, Rule
+from emojax.tokenizer import ByteTokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+TOK = ByteTokenizer()
+RULE = "desperate>2:2 critical"  # FakeEngine: "desperate" climbs 1 per token after a prompt saying "desperate"
+
+
+@pytest.fixture(autouse=True)
+def _no_api_key_from_the_environment(monkeypatch):
+    monkeypatch.delenv("EMOJAX_API_KEY", raising=False)
+
+
+def make(engine=None, **settings):
+    engine = engine or FakeEngine()
+    return engine, create_app(engine, TOK, ServeConfig(**settings))
+
+
+def sse(text: str) -> list:
+    """The data payloads of an event stream, JSON-decoded ("[DONE]" kept as is)."""
+    out = []
+    for event in text.split("\n\n"):
+        for line in event.splitlines():
+            if line.startswith("data: "):
+                out.append(line[6:] if line[6:] == "[DONE]" else json.loads(line[6:]))
+    return out
+
+
+def tokens_of(chunks: list) -> list[dict]:
+    return [t for c in chunks if isinstance(c, dict) for t in c.get("emojax", {}).get("tokens", [])]
+
+
+def error_of(response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param"}, body
+    return body["error"]
+
+
+# ---- shapes
+
+
+def test_completion_and_chat_responses_carry_openai_shapes_and_per_token_readings():
+    engine, app = make()
+    with TestClient(app) as client:
+        r = client.post("/v1/completions", json={"prompt": "Once upon", "max_tokens": 6, "temperature": 0})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        request = engine.requests[-1]
+        ids = expected_tokens(request)
+        assert body["object"] == "text_completion" and body["id"].startswith("cmpl-") and body["model"] == "emojax"
+        (choice,) = body["choices"]
+        assert choice["text"] == TOK.decode(ids) and choice["finish_reason"] == "length"
+        assert body["usage"] == {"prompt_tokens": len(TOK.encode("Once upon")), "completion_tokens": 6,
+                                 "total_tokens": len(TOK.encode("Once upon")) + 6}
+        e = body["emojax"]
+        assert e["concepts"] == list(NAMES) and e["request_id"] == body["id"] == request.request_id
+        P = len(request.prompt_ids)
+        assert [t["position"] for t in e["tokens"]] == list(range(P, P + 6))
+        assert [t["token"] for t in e["tokens"]] == ids
+        for i, t in enumerate(e["tokens"]):
+            want = expected_readings(request, i)
+            assert len(t["top"]) == 5 and "readings" not in t  # serve.top_k, no full vector unless asked
+            assert t["top"][0][0] == NAMES[int(np.argmax(want))]
+            assert t["top"][0][1] == pytest.approx(float(want.max()), abs=1e-4)
+
+        r = client.post("/v1/chat/completions", json={
+            "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
+            "max_completion_tokens": 4, "seed": 7, "emojax": {"top_k": 2, "full": True, "prompt": True}})
+        body = r.json()
+        request = engine.requests[-1]
+        assert request.prompt_ids == tuple(TOK.encode("Be brief.\n\nHuman: Hello\n\nAssistant:"))
+        assert request.seed == 7 and request.max_new_tokens == 4
+        assert body["object"] == "chat.completion"
+        assert body["choices"][0]["message"] == {"role": "assistant", "content": TOK.decode(expected_tokens(request))}
+        e = body["emojax"]
+        assert len(e["prompt"]) == len(request.prompt_ids)
+        np.testing.assert_allclose([t["readings"] for t in e["prompt"]], transcript_readings(request.prompt_ids),
+                                   atol=1e-4)
+        for i, t in enumerate(e["tokens"]):
+            assert len(t["top"]) == 2
+            np.testing.assert_allclose(t["readings"], expected_readings(request, i), atol=1e-4)
+
+
+def test_streams_are_server_sent_events_ending_with_done():
+    engine, app = make(FakeEngine(delay_s=0.002))
+    with live_server(app) as url:
+        for chat in (False, True):
+            path = "/v1/chat/completions" if chat else "/v1/completions"
+            payload = {"messages": [{"role": "user", "content": "Hi"}]} if chat else {"prompt": "Hi"}
+            with httpx.stream("POST", url + path, json={**payload, "stream": True, "max_tokens": 5,
+                                                        "stream_options": {"include_usage": True},
+                                                        "emojax": {"full": True}}, timeout=30) as r:
+                assert r.status_code == 200
+                assert r.headers["content-type"].startswith("text/event-stream")
+                chunks = sse(r.read().decode())
+            request = engine.requests[-1]
+            assert chunks[-1] == "[DONE]"
+            first, *middle, final, usage, _ = chunks
+            assert first["emojax"]["concepts"] == list(NAMES) and first["emojax"]["alerts"] == []
+            if chat:
+                assert first["object"] == "chat.completion.chunk"
+                assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+                text = "".join(c["choices"][0]["delta"].get("content", "") for c in middle)
+            else:
+                text = "".join(c["choices"][0]["text"] for c in middle)
+            assert text == TOK.decode(expected_tokens(request))
+            assert [len(c["emojax"]["tokens"]) for c in middle] == [1] * 5
+            for i, t in enumerate(tokens_of(middle)):
+                np.testing.assert_allclose(t["readings"], expected_readings(request, i), atol=1e-4)
+            assert final["choices"][0]["finish_reason"] == "length"
+            assert all(c["choices"][0]["finish_reason"] is None for c in [first, *middle])
+            assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 5
+            assert len({c["id"] for c in chunks[:-1]}) == 1
+
+
+def test_a_single_token_stop_ends_the_reply_without_its_text():
+    engine, app = make()
+    with TestClient(app) as client:
+        probe = GenerationRequest("x", tuple(TOK.encode("stop here")), 30, temperature=0.0)
+        stop = chr(expected_tokens(probe)[3])
+        body = client.post("/v1/completions", json={"prompt": "stop here", "max_tokens": 30, "temperature": 0,
+                                                    "stop": stop}).json()
+        assert body["choices"][0]["finish_reason"] == "stop"
+        ids = [t["token"] for t in body["emojax"]["tokens"]]
+        assert chr(ids[-1]) == stop and stop not in body["choices"][0]["text"]
+        assert error_of(client.post("/v1/completions", json={"prompt": "x", "stop": "two"}))["param"] == "stop"
+
+
+def test_text_stream_holds_back_an_unfinished_character():
+    stream = TextStream(TOK)
+    assert [stream.add(b) for b in "aé".encode()] == ["a", "", "é"]
+    assert [stream.add(b) for b in "b€".encode()[:3]] == ["b", "", ""] and stream.flush() == "\ufffd"
+    assert stream.flush() == "" and stream.add(ord("c")) == "c"
+
+
+# ---- bad input
+
+
+@pytest.mark.parametrize("payload,param,fragment", [
+    ({"prompt": "x", "emojax": {"steer": {"angrry": 0.1}}}, "emojax.steer.angrry", "not a concept"),
+    ({"prompt": "x", "emojax": {"steer": {"calm": 5}}}, "emojax.steer.calm", "out of range"),
+    ({"prompt": "x", "emojax": {"steer": {"calm": "lots"}}}, "emojax.steer.calm", "finite number"),
+    ({"prompt": "x", "emojax": {"steer": ["calm"]}}, "emojax.steer", "concept: strength"),
+    ({"prompt": "x", "emojax": {"top_k": 99}}, "emojax.top_k", "out of range"),
+    ({"prompt": "x", "emojax": {"colour": 1}}, "emojax.colour", "not a setting"),
+    ({"prompt": "x", "max_tokens": 65}, "max_tokens", "limit of 64"),
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens", "out of range"),
+    ({"prompt": "x" * 40}, "prompt", "limit is 32"),
+    ({"prompt": ["a", "b"]}, "prompt", "one prompt per request"),
+    ({"prompt": [1, 2, 999]}, "prompt", "not a token id"),
+    ({}, "prompt", "must be text"),
+    ({"prompt": "x", "temperature": -1}, "temperature", "out of range"),
+    ({"prompt": "x", "top_p": 0}, "top_p", "out of range"),
+    ({"prompt": "x", "n": 2}, "n", "n must be 1"),
+    ({"prompt": "x", "stream": "yes"}, "stream", "true or false"),
+    ({"prompt": "x", "seed": 1.5}, "seed", "whole number"),
+])
+def test_bad_fields_are_400s_naming_the_field(payload, param, fragment):
+    engine, app = make(limits=Limits(max_new_tokens=64, max_prompt_tokens=32))
+    with TestClient(app) as client:
+        r = client.post("/v1/completions", json=payload)
+        assert r.status_code == 400, r.text
+        error = error_of(r)
+        assert error["param"] == param and fragment in error["message"], error
+        assert error["type"] == "invalid_request_error"
+        assert not engine.requests  # refused before the engine saw anything
+        assert client.get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("raw,fragment", [(b"{not json", "not valid JSON"), (b"[1, 2]", "JSON object"),
+                                          (b"\xff\xfe", "not valid JSON"), (b"", "not valid JSON")])
+def test_malformed_json_is_a_400(raw, fragment):
+    _, app = make()
+    with TestClient(app) as client:
+        for path in ("/v1/completions", "/v1/chat/completions", "/v1/monitor"):
+            r = client.post(path, content=raw, headers={"content-type": "application/json"})
+            assert r.status_code == 400 and fragment in error_of(r)["message"]
+
+
+def test_chat_messages_are_checked_field_by_field():
+    _, app = make()
+    with TestClient(app) as client:
+        for messages, param in (([], "messages"), ([{"role": "robot", "content": "x"}], "messages[0].role"),
+                                ([{"role": "user", "content": 3}], "messages[0].content"),
+                                ([{"role": "user", "content": [{"type": "image_url"}]}], "messages[0].content[0]")):
+            r = client.post("/v1/chat/completions", json={"messages": messages})
+            assert r.status_code == 400 and error_of(r)["param"] == param
+        r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [
+            {"type": "text", "text": "Hi"}]}], "max_tokens": 2})
+        assert r.status_code == 200
+
+
+def test_engine_input_errors_and_failures_are_json():
+    engine, app = make(FakeEngine(max_context=40))
+    with TestClient(app) as client:
+        r = client.post("/v1/completions", json={"prompt": "x" * 30, "max_tokens": 20})
+        assert r.status_code == 400 and error_of(r)["param"] == "max_tokens"
+    engine, app = make(FakeEngine(fail_at=2))
+    with TestClient(app) as client:
+        r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 5})
+        assert r.status_code == 500 and error_of(r)["type"] == "server_error"
+        assert "device lost" in error_of(r)["message"]
+        r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 5, "stream": True})
+        chunks = sse(r.text)
+        assert len(tokens_of(chunks)) == 2 and chunks[-2]["error"]["message"] == "device lost"
+        assert chunks[-1] == "[DONE]"
+        assert client.get("/healthz").status_code == 200  # the app keeps serving
+        assert client.get("/nowhere").status_code == 404 and error_of(client.get("/nowhere"))["type"]
+        assert client.get("/v1/completions").status_code == 405
+
+
+def test_a_client_that_goes_away_ends_its_request():
+    engine, app = make(FakeEngine(delay_s=0.02))
+    state = app.state.serve
+    with live_server(app) as url:
+        with httpx.stream("POST", url + "/v1/completions", json={"prompt": "x", "max_tokens": 500, "stream": True},
+                          timeout=30) as r:
+            assert r.headers["x-request-id"] == engine.requests[-1].request_id
+            lines = r.iter_lines()
+            while not next(lines).startswith("data: "):
+                pass
+            assert engine.active == 1 and state.in_flight == 1
+        deadline = time.monotonic() + 10
+        while engine.active or state.in_flight:  # the engine's stream is closed and the slot counted free
+            assert time.monotonic() < deadline, (engine.active, state.in_flight)
+            time.sleep(0.02)
+        assert engine.tokens < 500
+
+
+# ---- auth and limits
+
+
+def test_bearer_token(monkeypatch):
+    _, app = make(api_key="s3cret")
+    with TestClient(app) as client:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}, headers=headers)
+            assert r.status_code == 401 and error_of(r)["type"] == "authentication_error"
+            assert r.headers["www-authenticate"] == "Bearer"
+        ok = {"Authorization": "Bearer s3cret"}
+        assert client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}, headers=ok).status_code == 200
+        assert client.get("/v1/models").status_code == 401
+        assert client.get("/v1/models", headers=ok).json()["data"][0]["emojax"]["concepts"] == list(NAMES)
+        for open_path in ("/healthz", "/metrics", "/"):  # probes, scrapers and the page itself
+            assert client.get(open_path).status_code == 200
+    assert "s3cret" not in repr(ServeConfig(api_key="s3cret"))
+    monkeypatch.setenv("EMOJAX_API_KEY", "from-env")
+    _, app = make()
+    with TestClient(app) as client:
+        assert client.post("/v1/monitor", json={"text": "x"}).status_code == 401
+        r = client.post("/v1/monitor", json={"text": "x"}, headers={"Authorization": "Bearer from-env"})
+        assert r.status_code == 200
+
+
+def test_a_body_over_the_limit_is_a_413():
+    _, app = make(limits=Limits(max_body_bytes=300))
+    with TestClient(app) as client:
+        r = client.post("/v1/completions", json={"prompt": "x" * 400})
+        assert r.status_code == 413 and error_of(r)["param"] == "body" and "max_body_bytes" in error_of(r)["message"]
+
+        def chunked():  # no Content-Length: counted as it arrives
+            for _ in range(10):
+                yield b" " * 50
+        r = client.post("/v1/completions", content=chunked(), headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        assert client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}).status_code == 200
+
+
+def test_over_max_concurrent_or_a_full_engine_queue_is_a_429():
+    engine, app = make(FakeEngine(delay_s=0.05), limits=Limits(max_concurrent=2))
+
+    async def scenario(url):
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            started = asyncio.Event()
+            body = {"prompt": "long", "max_tokens": 20, "stream": True}
+
+            async def hold():
+                async with client.stream("POST", "/v1/completions", json=body) as r:
+                    assert r.status_code == 200
+                    async for _ in r.aiter_lines():
+                        started.set()
+            holders = [asyncio.create_task(hold()) for _ in range(2)]
+            await started.wait()
+            while engine.active < 2:
+                await asyncio.sleep(0.01)
+            r = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
+            assert r.status_code == 429 and error_of(r)["param"] == "max_concurrent"
+            assert r.headers["retry-after"] == "1"
+            assert (await client.post("/v1/monitor", json={"text": "x"})).status_code == 429
+            assert (await client.get("/healthz")).status_code == 200  # probes are never limited
+            await asyncio.gather(*holders)
+            assert (await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})).status_code == 200
+            engine.busy = True
+            r = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+            assert r.status_code == 429 and error_of(r)["param"] == "queue" and "queue full" in error_of(r)["message"]
+            engine.busy = False
+            metrics = (await client.get("/metrics")).text
+            assert 'emojax_requests_total{endpoint="completions",status="429"} 1.0' in metrics
+            assert 'emojax_requests_in_flight 0.0' in metrics
+
+    with live_server(app) as url:
+        asyncio.run(scenario(url))
+
+
+# ---- monitor, health, metrics, page
+
+
+def test_monitor_scores_a_transcript_without_generating():
+    engine, app = make(rules=(RULE,))
+    with TestClient(app) as client:
+        r = client.post("/v1/monitor", json={"text": "so desperate now", "emojax": {"full": True, "top_k": 1}})
+        body = r.json()
+        ids = TOK.encode("so desperate now")
+        assert body["object"] == "emojax.monitor" and body["usage"] == {"prompt_tokens": len(ids)}
+        assert [t["token"] for t in body["tokens"]] == ids and not engine.requests
+        readings = transcript_readings(ids)
+        np.testing.assert_allclose([t["readings"] for t in body["tokens"]], readings, atol=1e-4)
+        assert body["alerts"] == []  # the fake transcript readings stay below 0.3
+        r = client.post("/v1/monitor", json={"messages": [{"role": "user", "content": "hi"},
+                                                          {"role": "assistant", "content": "hello"}],
+                                             "rules": ["calm>0.1:2", "angry<-0.25"]})
+        body = r.json()
+        ids = TOK.encode("Human: hi\n\nAssistant: hello")
+        assert [t["token"] for t in body["tokens"]] == ids
+        want = AlertTracker([Rule.parse("calm>0.1:2"), Rule.parse("angry<-0.25")], NAMES)
+        want.feed(np.arange(len(ids))[None], transcript_readings(ids)[None])
+        assert [(a["concept"], a["start"], a["trigger"], a["end"]) for a in body["alerts"]] == \
+            [(a.concept, a.start, a.trigger, a.end) for a in want.alerts()] and body["alerts"]
+        assert client.post("/v1/monitor", json={"tokens": [1, 2, 3]}).status_code == 200
+        for payload, param in (({"text": "a", "messages": []}, "messages"), ({}, "text"),
+                               ({"text": "a", "rules": ["joy>1"]}, "rules[0]"), ({"text": "a", "rules": ["?"]},
+                                                                                  "rules[0]"),
+                               ({"tokens": [-1]}, "tokens"), ({"text": "a", "emojax": {"steer": {}}}, "emojax.steer")):
+            r = client.post("/v1/monitor", json=payload)
+            assert r.status_code == 400 and error_of(r)["param"] == param, (payload, r.text)
+
+
+def test_healthz_reports_the_engine_and_draining():
+    engine, app = make()
+    with TestClient(app) as client:
+        r = client.get("/healthz")
+        assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["engine"]["slots"] == 8
+        engine.healthy = False
+        assert client.get("/healthz").status_code == 503
+        engine.healthy = True
+        client.portal.call(app.state.serve.drain, 1.0)
+        r = client.get("/healthz")
+        assert r.status_code == 503 and r.json()["status"] == "shutting down"
+        r = client.post("/v1/completions", json={"prompt": "x"})
+        assert r.status_code == 503 and error_of(r)["type"] == "unavailable_error"
+        assert engine.shut_down
+
+
+def _metric(text: str, name: str) -> float:
+    """The value of sample `name` (labels included, as exposed) in Prometheus text; 0 when absent."""
+    for line in text.splitlines():
+        key, _, value = line.rpartition(" ")
+        if key == name:
+            return float(value)
+    return 0.0
+
+
+def test_metrics_move():
+    engine, app = make(rules=(RULE,))
+    with TestClient(app) as client:
+        before = client.get("/metrics").text
+        client.post("/v1/completions", json={"prompt": "desperate", "max_tokens": 5})
+        client.post("/v1/completions", json={"prompt": "x", "max_tokens": 3, "stream": True})
+        client.post("/v1/completions", json={"prompt": "x", "max_tokens": 10_000})
+        r = client.get("/metrics")
+        assert r.headers["content-type"].startswith("text/plain")
+        after = r.text
+    for name, delta in (('emojax_requests_total{endpoint="completions",status="200"}', 2),
+                        ('emojax_requests_total{endpoint="completions",status="400"}', 1),
+                        ("emojax_tokens_generated_total", 8),
+                        ('emojax_alerts_total{concept="desperate",severity="critical"}', 1),
+                        ("emojax_time_to_first_token_seconds_count", 2),
+                        ("emojax_time_per_token_seconds_count", 6),
+                        ('emojax_request_duration_seconds_count{endpoint="completions"}', 3)):
+        assert _metric(after, name) - _metric(before, name) == delta, name
+    assert _metric(after, "emojax_tokens_per_second") > 0
+    assert "emojax_engine_queued 0.0" in after and "emojax_engine_slots 8.0" in after
+
+
+def test_the_page_is_served_and_downloads_nothing():
+    _, app = make()
+    with TestClient(app) as client:
+        r = client.get("/")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    html = r.text
+    assert "emojax monitor" in html and "/v1/chat/completions" in html and "<canvas" in html
+    assert "http://" not in html and "https://" not in html and "cdn" not in html.lower()
+
+
+# ---- config and rules
+
+
+def test_serve_config_from_a_file_and_overrides(tmp_path):
+    path = tmp_path / "serve.yaml"
+    path.write_text("serve:\n  port: 9001\n  rules: ['desperate>2:3/8 critical']\n  limits: {max_concurrent: 4}\n"
+                    "  engine: {slots: 3}\n")
+    config = load_section(ServeConfig, path, ["webhook.retries=1", "strength_range=[-0.5, 0.5]"])
+    assert (config.port, config.limits.max_concurrent, config.engine.slots, config.webhook.retries) == (9001, 4, 3, 1)
+    assert config.parsed_rules() == (Rule("desperate", 2.0, 3, True, window=8, severity="critical"),)
+    for overrides, fragment in ((["limits.max_concurent=3"], "serve.limits.max_concurent"),
+                                (["rules=[calm>>1]"], "serve.rules[0]"), (["strength_range=[1, -1]"], "lo < hi"),
+                                (["alert_scope=prompt"], "alert_scope"), (["engine.slot=2"], "serve.engine.slot")):
+        with pytest.raises(ConfigError, match=fragment.replace("[", r"\[")):
+            load_section(ServeConfig, path, overrides)
+    with pytest.raises(InputError, match="not monitored"):
+        make(rules=("lonely>1",))
+
+
+def test_rules_with_a_window_and_a_severity():
+    rule = Rule.parse("desperate > 2 for 3 of 6 tokens critical")
+    assert rule == Rule.parse("desperate>2:3/6 critical") == Rule("desperate", 2.0, 3, True, 6, "critical")
+    assert Rule.parse(str(rule)).window == 6
+    for bad in ("d>1:3/2", "d>1 urgent"):
+        with pytest.raises(InputError):
+            Rule.parse(bad)
+    hits = np.array([3, 0, 3, 0, 0, 3, 3, 0, 0, 0, 0, 0, 0, 0, 3, 3, 3, 0], np.float32)
+    readings = hits[None, :, None]
+    tracker = AlertTracker([rule], ["desperate"])
+    for t in range(len(hits)):  # one token at a time, as a stream feeds it
+        tracker.feed(np.array([[t]]), readings[:, t:t + 1])
+    assert [(a.start, a.trigger, a.end, a.severity) for a in tracker.alerts()] == \
+        [(0, 5, 6, "critical"), (14, 16, 16, "critical")]
+    consecutive = AlertTracker([Rule.parse("desperate>2:3/3"), Rule.parse("desperate>2:3")], ["desperate"])
+    consecutive.feed(np.arange(len(hits))[None], readings)
+    a, b = consecutive.alerts()
+    assert (a.start, a.trigger, a.end) == (b.start, b.trigger, b.end) == (14, 16, 16)
+
+
+# ---- alerts: stream, audit log, webhook
+
+
+class _Hook:
+    """A local webhook receiver: fails the first `fail` posts with 500, each post taking `delay_s`."""
+
+    def __init__(self, fail: int, delay_s: float):
+        self.fail, self.delay_s, self.posts = fail, delay_s, []
+        hook = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                time.sleep(hook.delay_s)
+                hook.posts.append(body)
+                status = 500 if len(hook.posts) <= hook.fail else 204
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("fail", [2, 99])
+def test_alerts_go_to_the_stream_the_audit_log_and_a_webhook_that_never_blocks(tmp_path, fail):
+    hook = _Hook(fail=fail, delay_s=0.2)
+    log = tmp_path / "logs" / "audit.jsonl"
+    engine, app = make(rules=(RULE, "calm>5"), audit_log=str(log),
+                       webhook=Webhook(url=hook.url, retries=2, backoff_s=0.05, timeout_s=5))
+    try:
+        with TestClient(app) as client:
+            t0 = time.perf_counter()
+            r = client.post("/v1/completions", json={"prompt": "so desperate", "max_tokens": 6, "stream": True})
+            elapsed = time.perf_counter() - t0
+            chunks = sse(r.text)
+            request = engine.requests[-1]
+            assert elapsed < 0.2  # the receiver takes 0.2 s per post (and fails): the stream never waited for it
+            raised = [(i, a) for i, c in enumerate(chunks[1:-2]) for a in c["emojax"]["alerts"]]
+            P = len(request.prompt_ids)
+            desperate = [float(expected_readings(request, i)[1]) for i in range(6)]  # 1.0 * i + noise
+            trigger = next(i for i in range(1, 6) if desperate[i - 1] > 2 and desperate[i] > 2)
+            ((index, alert),) = raised
+            assert index == trigger and alert["position"] == P + trigger and alert["start"] == P + trigger - 1
+            assert alert["concept"] == "desperate" and alert["severity"] == "critical"
+            assert alert["value"] == pytest.approx(desperate[trigger], abs=1e-4)
+            assert alert["request_id"] == request.request_id and alert["endpoint"] == "completions"
+            (summary,) = chunks[-2]["emojax"]["summary"]
+            assert (summary["start"], summary["trigger"], summary["end"]) == (P + trigger - 1, P + trigger, P + 5)
+            assert len(hook.posts) <= 1  # still being delivered after the response has ended
+        # leaving the client ran the lifespan's end: drain, deliver the queue, fsync the log
+        lines = [json.loads(line) for line in log.read_text().splitlines()]
+        assert lines == [alert]
+        assert hook.posts[-1] == alert and len(hook.posts) == 3  # 2 failures then success, or 3 failures
+        metrics = app.state.serve.metrics.exposition()[0].decode()
+        outcome = "failed" if fail == 99 else "delivered"
+        assert f'emojax_webhook_deliveries_total{{outcome="{outcome}"}} 1.0' in metrics
+    finally:
+        hook.close()
+
+
+def test_alert_scope_all_reads_the_prompt_too():
+    engine, app = make(rules=("calm>0.2",), alert_scope="all")
+    with TestClient(app) as client:
+        body = client.post("/v1/completions", json={"prompt": "abcdefgh", "max_tokens": 1}).json()
+    ids = TOK.encode("abcdefgh")
+    calm = transcript_readings(ids)[:, 0]
+    assert body["emojax"]["alerts"] and body["emojax"]["alerts"][0]["trigger"] == int(np.argmax(calm > 0.2))
+
+
+# ---- shutdown
+
+
+def test_sigterm_drains_finishes_in_flight_refuses_new_and_flushes_the_audit_log(tmp_path):
+    log = tmp_path / "audit.jsonl"
+    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "serve_fakes.py"), "--audit", str(log),
+                             "--delay", "0.05", "--rule", RULE], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO / "tests")})
+    watchdog = threading.Timer(120, proc.kill)
+    watchdog.start()
+    try:
+        url = f"http://127.0.0.1:{int(proc.stdout.readline())}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.1)
+        first_token, chunks = threading.Event(), []
+
+        def in_flight():
+            body = {"prompt": "desperate times", "max_tokens": 40, "stream": True}
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        chunks.append(line[6:] if line[6:] == "[DONE]" else json.loads(line[6:]))
+                        if len(chunks) >= 2:
+                            first_token.set()
+
+        reader = threading.Thread(target=in_flight)
+        reader.start()
+        assert first_token.wait(30)
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while True:  # the signal is handled within a moment; the listening socket stays open meanwhile
+            r = httpx.post(url + "/v1/completions", json={"prompt": "new", "max_tokens": 1}, timeout=5)
+            if r.status_code == 503:
+                break
+            assert time.monotonic() < deadline, r.text
+            time.sleep(0.05)
+        assert error_of(r)["type"] == "unavailable_error"
+        assert httpx.get(url + "/healthz", timeout=5).status_code == 503
+        assert not chunks or chunks[-1] != "[DONE]"  # still streaming while new requests are refused
+        reader.join(60)
+        assert chunks[-1] == "[DONE]" and len(tokens_of(chunks)) == 40
+        assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+        assert proc.wait(60) == 0
+        lines = [json.loads(line) for line in log.read_text().splitlines()]
+        assert lines and {a["request_id"] for a in lines} == {chunks[0]["id"]}
+        assert [a for c in chunks[1:-2] for a in c["emojax"]["alerts"]] == lines
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+# ---- streams are never mixed
+
+
+def _body(i: int) -> dict:
+    concept = NAMES[i % len(NAMES)]
+    body = {"prompt": f"request {i}: " + "desperate " * (i % 3), "max_tokens": 12 + i % 5, "stream": i % 2 == 0,
+            "emojax": {"steer": {concept: round((i - 16) / 40, 3)}, "full": True}}
+    if i % 4 == 1:
+        body.update(temperature=0.8, seed=1000 + i)
+    else:
+        body.update(temperature=0)
+    return body
+
+
+async def _ask(client: httpx.AsyncClient, body: dict, stagger_s: float = 0.0):
+    await asyncio.sleep(stagger_s)
+    if body["stream"]:
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            chunks = sse((await r.aread()).decode())
+        assert chunks[-1] == "[DONE]"
+        tokens = tokens_of(chunks)
+        alerts = [a for c in chunks[1:-2] for a in c["emojax"]["alerts"]]
+        return chunks[0]["id"], "".join(c["choices"][0]["text"] for c in chunks[1:-2]), tokens, alerts
+    r = await client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    return body["id"], body["choices"][0]["text"], body["emojax"]["tokens"], body["emojax"]["alerts"]
+
+
+def test_32_concurrent_requests_with_different_steering_each_get_their_own_stream():
+    engine, app = make(FakeEngine(delay_s=0.004), rules=(RULE,), limits=Limits(max_concurrent=64))
+    bodies = [_body(i) for i in range(32)]
+
+    async def concurrently(url):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            return await asyncio.gather(*(_ask(client, b, stagger_s=0.003 * (i % 8)) for i, b in enumerate(bodies)))
+
+    async def alone(url):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            return [await _ask(client, b) for b in bodies]
+
+    with live_server(app) as url:
+        together = asyncio.run(concurrently(url))
+        by_id = {r.request_id: r for r in engine.requests}
+        single = asyncio.run(alone(url))
+    for i, ((rid, text, tokens, alerts), (_, text1, tokens1, alerts1)) in enumerate(zip(together, single)):
+        request = by_id[rid]
+        assert dict(request.steering) == bodies[i]["emojax"]["steer"]
+        assert [t["token"] for t in tokens] == expected_tokens(request), i
+        assert text == text1 and [t["token"] for t in tokens] == [t["token"] for t in tokens1], i
+        np.testing.assert_allclose([t["readings"] for t in tokens], [t["readings"] for t in tokens1], atol=0)
+        for k, t in enumerate(tokens):
+            np.testing.assert_allclose(t["readings"], expected_readings(request, k), atol=1e-4)
+        strip = lambda alerts: [{k: v for k, v in a.items() if k not in ("time", "request_id")}  # noqa: E731
+                                for a in alerts]
+        assert strip(alerts) == strip(alerts1), i
+    assert any(a for _, _, _, a in together)  # the prompts saying "desperate" raise alerts
+
+
+# ---- load test
+
+
+def test_the_load_test_script_against_a_fake_engine():
+    spec = importlib.util.spec_from_file_location("load_test_serve", REPO / "scripts" / "load_test_serve.py")
+    load_test = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = load_test  # its dataclass resolves annotations through sys.modules
+    spec.loader.exec_module(load_test)
+    _, app = make(FakeEngine(delay_s=0.01))
+    with live_server(app) as url:
+        result = load_test.run_load(url, clients=4, duration_s=1.0, max_tokens=6)
+    concurrent, sequential = result["concurrent"], result["sequential"]
+    assert concurrent["errors"] == 0 and sequential["errors"] == 0, result
+    assert concurrent["requests"] >= 4 and sequential["requests"] >= 1
+    assert concurrent["tokens"] == 6 * concurrent["requests"]
+    for key in ("requests_per_s", "tokens_per_s", "ttft_p50_s", "ttft_p99_s", "per_token_p50_s", "per_token_p99_s"):
+        assert concurrent[key] is not None and math.isfinite(concurrent[key]) and concurrent[key] > 0, key
+    assert concurrent["ttft_p50_s"] <= concurrent["ttft_p99_s"]
+    assert result["throughput_ratio"] > 1  # four clients over a sleeping engine beat one
+
+
+def test_the_serve_command_is_registered_and_refuses_a_bad_setting_before_loading_anything(capsys):
+    from emojax.cli import main
+
+    assert main(["serve", "--model", "nowhere", "--bank", "nowhere", "limits.max_concurent=1"]) == 2
+    assert "serve.limits.max_concurent" in capsys.readouterr().err
