@@ -15,6 +15,32 @@ import time
 from collections.abc import Callable
 
 
+# --model-shape choices of the benches -> emojax.models.presets.SHAPES names
+SHAPE_NAMES = {"tiny": "tiny", "56m": "llama-56m", "1b": "tinyllama-1.1b"}
+
+
+def start_against_torch(device: str, model_shape: str):
+    """The start of a bench against PyTorch: JAX on the CPU for device "cpu" (before jax is first imported),
+    no downloads, torch and transformers imported (env_info reports them), a CUDA check for device "gpu".
+    Returns (the SHAPES name, its ModelConfig)."""
+    if device == "cpu":
+        os.environ["JAX_PLATFORMS"] = "cpu"  # must precede the first jax import
+    offline()
+    import jax
+    import torch
+    import transformers  # noqa: F401  (imported for env_info)
+
+    from emojax.models.presets import SHAPES
+
+    if device == "gpu":
+        if jax.default_backend() != "gpu":
+            log(f"warning: --device gpu but jax's default backend is {jax.default_backend()!r}")
+        if not torch.cuda.is_available():
+            raise SystemExit("--device gpu: torch has no CUDA device")
+    shape = SHAPE_NAMES[model_shape]
+    return shape, SHAPES[shape]
+
+
 def offline() -> None:
     """Forbids Hugging Face downloads for the rest of the process (call before importing transformers)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -31,9 +31,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import emit, env_info, log, offline, timed_rounds  # noqa: E402
+from bench_common import SHAPE_NAMES, emit, env_info, log, start_against_torch, timed_rounds  # noqa: E402
 
-SHAPE_NAMES = {"tiny": "tiny", "56m": "llama-56m", "1b": "tinyllama-1.1b"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -134,21 +133,12 @@ def divergences(prompts, emo_tokens, base_tokens, next_logits, dtype: str) -> di
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.device == "cpu":
-        os.environ["JAX_PLATFORMS"] = "cpu"  # must precede the first jax import
-    offline()
-
+    shape, cfg = start_against_torch(args.device, args.model_shape)
     import numpy as np
     import torch
-    import transformers  # noqa: F401  (imported for env_info)
 
     import emojax
-    from emojax.models.presets import SHAPES
 
-    if args.device == "gpu" and not torch.cuda.is_available():
-        raise SystemExit("--device gpu: torch has no CUDA device")
-    shape = SHAPE_NAMES[args.model_shape]
-    cfg = SHAPES[shape]
     lm = emojax.random_model(cfg, dtype=args.dtype, seed=args.seed)
     layer = cfg.n_layers // 2
     rng = np.random.default_rng(args.seed)

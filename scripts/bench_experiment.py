@@ -68,9 +68,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import emit, env_info, log, offline, time_fn, timed_rounds  # noqa: E402
+from bench_common import SHAPE_NAMES, emit, env_info, log, start_against_torch, time_fn, timed_rounds  # noqa: E402
 
-SHAPE_NAMES = {"tiny": "tiny", "56m": "llama-56m", "1b": "tinyllama-1.1b"}
 TASKS = ("choice", "generate")
 CONCEPTS = ("alpha", "beta", "gamma")
 # Fractions of the mean residual norm at the layer; large, since random weights barely move a choice at the
@@ -443,21 +442,12 @@ def run_generate(args, common: dict, lm, bank, model, steer, config, root: Path)
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.device == "cpu":
-        os.environ["JAX_PLATFORMS"] = "cpu"  # must precede the first jax import
-    offline()
-
+    shape, cfg = start_against_torch(args.device, args.model_shape)
     import torch
-    import transformers  # noqa: F401  (imported for env_info)
 
     import emojax
     from emojax.experiment import ExperimentConfig
-    from emojax.models.presets import SHAPES
 
-    if args.device == "gpu" and not torch.cuda.is_available():
-        raise SystemExit("--device gpu: torch has no CUDA device")
-    shape = SHAPE_NAMES[args.model_shape]
-    cfg = SHAPES[shape]
     layer = cfg.n_layers // 2
     with tempfile.TemporaryDirectory(prefix="bench_experiment-") as tmp:
         root = Path(tmp)

@@ -29,9 +29,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import emit, env_info, log, offline, timed_rounds  # noqa: E402
+from bench_common import SHAPE_NAMES, emit, env_info, log, start_against_torch, timed_rounds  # noqa: E402
 
-SHAPE_NAMES = {"tiny": "tiny", "56m": "llama-56m", "1b": "tinyllama-1.1b"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -144,25 +143,10 @@ def baseline_step(cfg, tokens, capture, dtype: str, device: str, seed: int):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.device == "cpu":
-        os.environ["JAX_PLATFORMS"] = "cpu"  # must precede the first jax import
-    offline()
-
-    import jax
+    shape, cfg = start_against_torch(args.device, args.model_shape)
     import numpy as np
     import torch
-    import transformers  # noqa: F401  (imported for env_info)
 
-    from emojax.models.presets import SHAPES
-
-    if args.device == "gpu":
-        if jax.default_backend() != "gpu":
-            log(f"warning: --device gpu but jax's default backend is {jax.default_backend()!r}")
-        if not torch.cuda.is_available():
-            raise SystemExit("--device gpu: torch has no CUDA device")
-
-    shape = SHAPE_NAMES[args.model_shape]
-    cfg = SHAPES[shape]
     B, T = args.batch, args.seq
     capture = capture_layers(cfg.n_layers)
     tokens = np.random.default_rng(args.seed).integers(0, cfg.vocab_size, size=(B, T), dtype=np.int32)
