@@ -9,13 +9,14 @@ Layers. A module imports only from its own layer or the ones below it, never upw
     models                                             (the decoder, interventions, loading, sharding)
     corpus                                             (catalogue, generator, readers, corpus configs)
     world                                              (the built-in emotion world: situations, stories, choices)
-    pipelines                                          (the Beam corpus pipeline and its driver)
+    pipelines                                          (the Beam pipelines: the corpus's with its driver, screening's)
     train                                              (the built-in model; registers itself with models)
     store                                              (the activation dump and store)
     concepts                                           (statistics, fit, bank, evaluation, layer choice)
     sae
     steer                                              (decode loop, readouts, steering harness)
     experiment                                         (behavioural experiments: suites, conditions, rates)
+    screen                                             (data screening: concept scores of prompt/response samples)
     serve                                              (the HTTP server: engine, app, alerts)
     report
     run                                                (orchestration of the stages)

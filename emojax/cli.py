@@ -253,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     from emojax.run.commands import register as register_run
     from emojax.run.plan import register as register_plan
     from emojax.sae.commands import register as register_sae
+    from emojax.screen.commands import register as register_screen
     from emojax.serve.commands import register as register_serve
     from emojax.steer.commands import register as register_steer
     from emojax.train.commands import register as register_train_lm
@@ -262,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_sae(sub)
     register_steer(sub)
     register_experiment(sub)
+    register_screen(sub)
     register_serve(sub)
     register_report(sub)
     register_run(sub)
@@ -277,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = [*args.overrides, *(u for u in unknown if "=" in u and not u.startswith("-"))]
         unknown = [u for u in unknown if not ("=" in u and not u.startswith("-"))]
     if unknown:
-        if getattr(args, "func", None) is not cmd_corpus_build or not all(u.startswith("--") for u in unknown):
+        if not hasattr(args, "beam_args") or not all(u.startswith("--") for u in unknown):
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         args.beam_args = unknown
     try:

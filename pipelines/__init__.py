@@ -1,4 +1,4 @@
-"""Apache Beam pipeline definitions (corpus sharding), importable as `emojax.pipelines`.
+"""Apache Beam pipeline definitions (corpus sharding, data screening), importable as `emojax.pipelines`.
 
 Each pipeline is runnable on any Beam runner (DirectRunner locally; Flink, Spark or Dataflow on a cluster).
 """

@@ -337,7 +337,7 @@ def pack(rows: list[dict], length: int, pad_id: int) -> list[dict]:
     return packed
 
 
-def _parquet_bytes(rows: list[dict], schema: pa.Schema) -> bytes:
+def parquet_bytes(rows: list[dict], schema: pa.Schema) -> bytes:
     buffer = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), buffer, compression="zstd")
     return buffer.getvalue()
@@ -348,19 +348,19 @@ def write_shard(item: tuple[int, dict], out: str, n_shards: int, pack_length: in
     returns the shard's name, row count and checksum."""
     index, grouped = item
     rows = sorted(grouped["rows"], key=lambda r: r["doc_id"])
-    data = _parquet_bytes(rows, SHARD_SCHEMA)
+    data = parquet_bytes(rows, SHARD_SCHEMA)
     path = shard_path(out, index, n_shards)
-    _write_atomic(path, data)
+    write_atomic(path, data)
     info = {"name": path.rsplit("/", 1)[-1], "rows": len(rows), "tokens": sum(r["n_tokens"] for r in rows),
             "sha256": hashlib.sha256(data).hexdigest()}
     if pack_length:
-        packed = _parquet_bytes(pack(rows, pack_length, pad_id), PACKED_SCHEMA)
-        _write_atomic(FileSystems.join(out, "packed", info["name"]), packed)
+        packed = parquet_bytes(pack(rows, pack_length, pad_id), PACKED_SCHEMA)
+        write_atomic(FileSystems.join(out, "packed", info["name"]), packed)
         info["packed_sha256"] = hashlib.sha256(packed).hexdigest()
     return info
 
 
-def _write_atomic(path: str, data: bytes) -> None:
+def write_atomic(path: str, data: bytes) -> None:
     if "://" not in path:  # a local file: temp + fsync + rename, a full disk is a DiskFullError naming it
         write_bytes(path, data)
         return
@@ -374,7 +374,7 @@ def _write_atomic(path: str, data: bytes) -> None:
 
 def write_rejected(rejected: list[dict], out: str) -> int:
     rejected = sorted(rejected, key=lambda r: (*location_key(r["source"], r["location"]), r["doc_id"], r["reason"]))
-    _write_atomic(FileSystems.join(out, "rejected.jsonl"),
+    write_atomic(FileSystems.join(out, "rejected.jsonl"),
                   "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejected).encode())
     return len(rejected)
 
@@ -409,7 +409,7 @@ def write_manifest(_, out: str, config: CorpusConfig, tokenizer_fingerprint: str
         "per_split": dict(sorted(per_split.items())), "per_label": per_label,
         "shards": sorted(shards, key=lambda s: s["name"]),
     }
-    _write_atomic(FileSystems.join(out, "manifest.json"),
+    write_atomic(FileSystems.join(out, "manifest.json"),
                   (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
     return manifest
 
@@ -476,7 +476,7 @@ def build(p: beam.Pipeline, config: CorpusConfig, tokenizer_fingerprint: str, pa
                n_in=beam.pvalue.AsSingleton(n_in), n_truncated=beam.pvalue.AsSingleton(n_truncated)))
 
 
-def _disk_full_in(error: BaseException, out: str) -> DiskFullError | None:
+def disk_full_in(error: BaseException, out: str) -> DiskFullError | None:
     """The full disk behind an error a Beam runner re-raised (it wraps what a transform raised)."""
     e = disk_full_cause(error)
     if e is None or isinstance(e, DiskFullError):
@@ -496,7 +496,7 @@ def _write_suites(config: CorpusConfig) -> None:
         if stale:
             FileSystems.delete(stale)
     for name, text in texts.items():
-        _write_atomic(FileSystems.join(folder, name), text.encode("utf-8"))
+        write_atomic(FileSystems.join(folder, name), text.encode("utf-8"))
 
 
 def build_corpus(config: CorpusConfig, beam_args: Sequence[str] = ()) -> dict:
@@ -519,7 +519,7 @@ def build_corpus(config: CorpusConfig, beam_args: Sequence[str] = ()) -> dict:
             with beam.Pipeline(options=options) as p:
                 build(p, config, tokenizer.fingerprint, pad_id)
         except Exception as e:
-            full = _disk_full_in(e, config.out)
+            full = disk_full_in(e, config.out)
             if full is None:
                 raise
             raise full from None

@@ -61,14 +61,21 @@ def file_format(path: str, spec: ReaderSpec) -> str:
 
 def read_records(path: str, data: bytes, spec: ReaderSpec) -> Iterator[RawRecord]:
     """All rows of one file, given its bytes."""
-    fmt = file_format(path, spec)
+    for location, default_id, row, error in read_rows(path, data, file_format(path, spec)):
+        yield (RawRecord(path, location, default_id, error=error) if error is not None
+               else _record(path, location, default_id, row, spec))
+
+
+def read_rows(path: str, data: bytes, fmt: str) -> Iterator[tuple[str, str, dict | None, str | None]]:
+    """(location, default id, row, error) for every row of one file in format `fmt` (jsonl, csv, parquet): the
+    row as a dict, or None with the reason it cannot be read. Only a file unreadable as a whole raises."""
     name = PurePath(path).name
     if fmt == "jsonl":
-        yield from _jsonl(path, name, data, spec)
+        yield from _jsonl(name, data)
     elif fmt == "csv":
-        yield from _csv(path, name, data, spec)
+        yield from _csv(path, name, data)
     elif fmt == "parquet":
-        yield from _parquet(path, name, data, spec)
+        yield from _parquet(path, name, data)
     else:
         raise CorpusError(f"{path}: unknown format {fmt!r} (jsonl, csv or parquet)")
 
@@ -109,29 +116,29 @@ def _labels(value, spec: ReaderSpec) -> tuple[str, ...]:
     return tuple(labels)
 
 
-def _jsonl(path: str, name: str, data: bytes, spec: ReaderSpec) -> Iterator[RawRecord]:
+def _jsonl(name: str, data: bytes) -> Iterator[tuple[str, str, dict | None, str | None]]:
     for i, raw in enumerate(data.splitlines(), start=1):
         location = f"line {i}"
         if not raw.strip():
-            yield RawRecord(path, location, f"{name}:{i}", error="empty line")
+            yield location, f"{name}:{i}", None, "empty line"
             continue
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            yield RawRecord(path, location, f"{name}:{i}", error=f"invalid UTF-8 at byte {e.start}")
+            yield location, f"{name}:{i}", None, f"invalid UTF-8 at byte {e.start}"
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            yield RawRecord(path, location, f"{name}:{i}", error=f"not JSON ({e.msg})")
+            yield location, f"{name}:{i}", None, f"not JSON ({e.msg})"
             continue
         if not isinstance(row, dict):
-            yield RawRecord(path, location, f"{name}:{i}", error="not a JSON object")
+            yield location, f"{name}:{i}", None, "not a JSON object"
             continue
-        yield _record(path, location, f"{name}:{i}", row, spec)
+        yield location, f"{name}:{i}", row, None
 
 
-def _csv(path: str, name: str, data: bytes, spec: ReaderSpec) -> Iterator[RawRecord]:
+def _csv(path: str, name: str, data: bytes) -> Iterator[tuple[str, str, dict | None, str | None]]:
     delimiter = "\t" if PurePath(path).suffix == ".tsv" else ","
     lines = data.splitlines(keepends=True)
     if not lines:
@@ -150,7 +157,7 @@ def _csv(path: str, name: str, data: bytes, spec: ReaderSpec) -> Iterator[RawRec
             first = lines[i].decode("utf-8")
         except UnicodeDecodeError as e:
             row_number += 1
-            yield RawRecord(path, location, f"{name}:{row_number}", error=f"invalid UTF-8 at byte {e.start}")
+            yield location, f"{name}:{row_number}", None, f"invalid UTF-8 at byte {e.start}"
             i += 1
             continue
         if not first.strip():
@@ -160,7 +167,7 @@ def _csv(path: str, name: str, data: bytes, spec: ReaderSpec) -> Iterator[RawRec
         default_id = f"{name}:{row_number}"
         values, used, problem = _csv_row(lines, i, delimiter)
         if problem is None and len(values) == len(header):
-            yield _record(path, location, default_id, dict(zip(header, values)), spec)
+            yield location, default_id, dict(zip(header, values)), None
             i += used
             continue
         if problem is None and used == 1:
@@ -170,7 +177,7 @@ def _csv(path: str, name: str, data: bytes, spec: ReaderSpec) -> Iterator[RawRec
                        f"{len(header)} fields (only this line is rejected)")
         else:
             problem = f"bad CSV row ({problem})"
-        yield RawRecord(path, location, default_id, error=problem)
+        yield location, default_id, None, problem
         i += 1
 
 
@@ -189,7 +196,7 @@ def _csv_row(lines: list[bytes], start: int, delimiter: str) -> tuple[list[str],
         return [], reader.line_num, str(e)
 
 
-def _parquet(path: str, name: str, data: bytes, spec: ReaderSpec) -> Iterator[RawRecord]:
+def _parquet(path: str, name: str, data: bytes) -> Iterator[tuple[str, str, dict | None, str | None]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -198,7 +205,7 @@ def _parquet(path: str, name: str, data: bytes, spec: ReaderSpec) -> Iterator[Ra
     except (pa.ArrowException, OSError) as e:
         raise CorpusError(f"{path}: not a readable Parquet file ({e})") from None
     for i, row in enumerate(table.to_pylist(), start=1):
-        yield _record(path, f"row {i}", f"{name}:{i}", row, spec)
+        yield f"row {i}", f"{name}:{i}", row, None
 
 
 def read_label_names(path: str) -> tuple[str, ...]:

@@ -1,10 +1,10 @@
 """Assembles the report: one self-contained HTML file (inline CSS, figures as PNG data URIs, no external URL)
 at run_dir/report/index.html.
 
-A section whose inputs are absent shows "not run"; one whose inputs exist but cannot be read shows the reason
-(and the rest of the report still renders). A small inline script records on <body>, once the page has loaded,
-how many images decoded (data-images-loaded="N/M") and any script error (data-error), so a headless browser
-can check the page.
+A section whose inputs are absent shows "not run" (an optional one, data screening, is left out); one whose inputs
+exist but cannot be read shows the reason (and the rest of the report still renders). A small inline script records
+on <body>, once the page has loaded, how many images decoded (data-images-loaded="N/M") and any script error
+(data-error), so a headless browser can check the page.
 
 Safety: every value from the run directory is HTML-escaped where it is placed (sections.py); anything inside the
 <script> element has `</` written as `<\\/`, so no text can close it. The page is written atomically
@@ -20,7 +20,12 @@ from pathlib import Path
 
 from emojax.errors import EmojaxError
 from emojax.fileio import DiskFullError, write_text
-from emojax.report.sections import SECTIONS, NotRun
+from emojax.report import screening, sections
+from emojax.report.sections import NotRun, Omitted
+
+# The run's sections, then the optional ones (left out of the page when their inputs are absent).
+SECTIONS = (*sections.SECTIONS,
+            ("screening", "10. Data screening: concept scores of prompt/response samples", screening.screening))
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 auto;max-width:1200px;padding:1em 2em;
@@ -38,6 +43,7 @@ img{max-width:100%;height:auto;display:block;margin:.5em 0}
 .not-run{background:#f1f1f1;color:#777}.failed{background:#fde8e8;color:#a12}
 blockquote{background:#fafafa;border-left:4px solid #ccc;margin:.5em 0;padding:.5em 1em;white-space:pre-wrap}
 nav a{margin-right:1em}
+.tokens{font:12px/1.9 ui-monospace,monospace;white-space:pre-wrap;margin:.2em 0 1em;max-width:100%}
 """
 
 SCRIPT = """
@@ -61,11 +67,13 @@ def script_text(code: str) -> str:
 
 
 def _section(anchor: str, title: str, render: Callable[[Path], str], run_dir: Path, log) -> tuple[str, str]:
-    """(status, html) of one section; status is ok, not-run or failed."""
+    """(status, html) of one section; status is ok, not-run, failed or omitted (html empty)."""
     try:
         body, status = render(run_dir), "ok"
     except DiskFullError:  # not a malformed input: stop, so the rerun after freeing space redoes the report
         raise
+    except Omitted:
+        return "omitted", ""
     except NotRun as e:
         body, status = f'<p><span class="status not-run">not run</span> {escape(str(e))}</p>', "not-run"
     except (EmojaxError, KeyError, ValueError, TypeError, IndexError) as e:  # malformed inputs: say so, go on
@@ -87,7 +95,8 @@ def build_report(run_dir: str | Path, log: Callable[[str], None] | None = None) 
     for anchor, title, render in SECTIONS:
         statuses[anchor], html = _section(anchor, title, render, run_dir, log)
         parts.append(html)
-    nav = "".join(f'<a href="#{escape(a)}">{escape(t.split(":")[0])}</a>' for a, t, _ in SECTIONS)
+    nav = "".join(f'<a href="#{escape(a)}">{escape(t.split(":")[0])}</a>' for a, t, _ in SECTIONS
+                  if statuses[a] != "omitted")
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     page = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
@@ -97,7 +106,8 @@ def build_report(run_dir: str | Path, log: Callable[[str], None] | None = None) 
         f"<nav>{nav}</nav>{''.join(parts)}<script>{script_text(SCRIPT)}</script></body></html>\n"
     )
     out = write_text(run_dir / "report" / "index.html", page)
-    done = sum(s == "ok" for s in statuses.values())
-    log(f"report: wrote {out} ({done}/{len(statuses)} sections; not run: "
+    shown = {a: s for a, s in statuses.items() if s != "omitted"}
+    done = sum(s == "ok" for s in shown.values())
+    log(f"report: wrote {out} ({done}/{len(shown)} sections; not run: "
         f"{[a for a, s in statuses.items() if s == 'not-run']})")
     return out

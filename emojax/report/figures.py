@@ -214,3 +214,26 @@ def template_curves(templates: list[dict], unit: str, per_row: int = 3) -> str:
     for ax in axes[n:]:
         ax.set_visible(False)
     return to_data_uri(fig)
+
+
+def score_histograms(panels: list[dict], score: str, per_row: int = 3) -> str:
+    """One panel per screened concept: the histogram of every sample's `score` (log counts) with the flag cutoff.
+    `panels`: [{"concept", "scores", "cutoff", "flagged"}]."""
+    n = len(panels)
+    cols = min(per_row, max(n, 1))
+    rows = -(-n // cols)
+    fig = Figure(figsize=(4.6 * cols, 3.4 * rows), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, p in zip(axes, panels):
+        scores = np.asarray(p["scores"], float)
+        ax.hist(scores, bins=int(np.clip(np.sqrt(len(scores)), 10, 60)), color="#4c72b0", log=True)
+        if np.isfinite(p["cutoff"]):
+            ax.axvline(p["cutoff"], color="#d62728", lw=1.5, label=f"flag cutoff ({p['flagged']:,} flagged)")
+            ax.legend(fontsize=7)
+        ax.set_title(literal(p["concept"]), fontsize=10)
+        ax.set_xlabel(f"{score} (projection on the unit vector)")
+        ax.set_ylabel("samples")
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return to_data_uri(fig)

@@ -10,6 +10,7 @@ the file.
     run_dir/validate/top_tokens.json, templates.json   top-activating tokens and numeric templates
     run_dir/steer/curves.json, monitor.json      steering curves and a monitored generation
     run_dir/stages/*.json                        {"stage", "seconds", "skipped", "summary"} per stage
+    run_dir/screen/manifest.json, scores.parquet data screening (emojax/screen/run.py)
 """
 
 from __future__ import annotations
@@ -17,8 +18,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from emojax.concepts.layer import choose_layer
 from emojax.errors import EmojaxError
+from emojax.screen.score import column
 
 SAE_REQUIRED = ("name", "l0", "fvu", "dead_fraction")
 
@@ -163,3 +168,24 @@ def experiment_results(run_dir: Path) -> dict | None:
         if key not in results:
             raise ReportError(f"{run_dir / 'experiment' / 'results.json'}: missing key {key!r}")
     return results
+
+
+def screen_output(run_dir: Path) -> tuple[dict, pa.Table] | None:
+    """screen/manifest.json and screen/scores.parquet (emojax screen --out RUN_DIR/screen), or None when the run
+    has no screen; the scores must hold every screened concept's columns."""
+    folder = run_dir / "screen"
+    manifest = read_json(folder / "manifest.json")
+    if manifest is None:
+        return None
+    _require(manifest, folder / "manifest.json", ("concepts", "flags", "settings", "samples", "layer"))
+    path = folder / "scores.parquet"
+    try:
+        scores = pq.read_table(path)
+    except (OSError, pa.ArrowException) as e:
+        raise ReportError(f"{path}: unreadable ({e})") from None
+    by = manifest["settings"].get("flag", {}).get("by", "diff")
+    needed = ["sample_id", "tokens"] + [column(k, c) for c in manifest["concepts"] for k in (by, "tokens")]
+    missing = [c for c in needed if c not in scores.column_names]
+    if missing:
+        raise ReportError(f"{path}: missing column(s) {missing}")
+    return manifest, scores

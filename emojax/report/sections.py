@@ -22,6 +22,10 @@ class NotRun(Exception):
     """The section's inputs are absent; the message says which files."""
 
 
+class Omitted(NotRun):
+    """The inputs of an optional section are absent: the section is left out of the page (not shown as "not run")."""
+
+
 def _need(value, what: str):
     if value is None or (hasattr(value, "__len__") and not len(value)):
         raise NotRun(what)

@@ -6,13 +6,18 @@ The intervention vocabulary itself (add, ablate, patch, SAE clamp) is emojax.mod
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from emojax.concepts.bank import ConceptBank
 from emojax.errors import InputError
 from emojax.models.interventions import Interventions, Positions
+
+if TYPE_CHECKING:
+    from emojax.models.lm import LanguageModel
+    from emojax.train.finetune import Steer, Steering
 
 
 def bank_direction(bank: ConceptBank, concept: str, layer: int, unit: Literal["norm", "absolute"]) -> np.ndarray:
@@ -54,3 +59,31 @@ def from_bank(bank: ConceptBank, n_layers: int, concepts: Sequence[str], strengt
         for i in layers:
             iv = iv.add(bank_direction(bank, name, i, unit), layers=(i,), strengths=s[:, c], positions=positions)
     return iv
+
+
+def bank_steering(bank: str | Path, lm: LanguageModel, steers: Sequence[Steer]) -> Steering:
+    """Steering during a fine-tune of `lm` from `--bank` and the parsed `--steer` arguments: each concept's bank
+    vector in the study's "norm" unit at its residual index, on every position. A bank fitted on another model,
+    an unknown concept or a layer the bank lacks is an InputError naming the argument.
+
+    Here rather than in emojax.train.finetune: it reads a concept bank, and train sits below concepts."""
+    from emojax.concepts.bank import BankError, check_model, load_bank
+    from emojax.progress import log
+    from emojax.train.finetune import Steering
+
+    try:
+        concept_bank = load_bank(bank)
+        warning = check_model(concept_bank, lm.identity, str(lm.source))
+    except BankError as e:
+        raise InputError(f"--bank: {e}") from None
+    if warning:
+        log(f"train-lm: warning: --bank: {warning}")
+    iv = Interventions.empty(1, lm.config.n_layers, lm.config.d_model)
+    for s in steers:
+        try:
+            iv = iv.add(bank_direction(concept_bank, s.concept, s.layer, "norm"), layers=(s.layer,),
+                        strengths=s.strength, positions="all")
+        except (BankError, InputError) as e:
+            raise InputError(f"--steer {s}: {e}") from None
+    fitted_on = (concept_bank.model_identity or {}).get("id")
+    return Steering(iv, tuple(steers), {"path": str(bank), "model_identity": fitted_on})

@@ -6,6 +6,7 @@ checkpoints); only a finished run is renamed to out/, so a folder under the real
 Rerunning after a crash resumes from the last checkpoint; rerunning a finished configuration returns at once.
 A finished folder of another configuration is never replaced: activation stores and concept banks were made
 from it. The built-in models therefore live in one folder per training fingerprint (builtin-NAME-<fp[:16]>).
+`train_into` (the work folder, the lock, the rename) and `export_params` serve the fine-tune too (`finetune`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from emojax.corpus.catalogue import load_catalogue
@@ -81,8 +83,18 @@ def train_lm(config: TrainConfig, out: str | Path | None = None, progress: bool 
     out.partial/; the next call resumes from there. A folder holding another configuration's finished run is
     an error, never replaced.
     """
-    out = Path(out if out is not None else config.out)
     fingerprint = config.fingerprint()
+    return train_into(Path(out if out is not None else config.out), fingerprint,
+                      lambda work: _train(config, work, fingerprint, progress, until))
+
+
+def train_into(out: Path, fingerprint: str, train: Callable[[Path], bool]) -> Path:
+    """Runs `train(work)` in out.partial/ under a lock and renames the finished folder to `out`, which it returns.
+
+    `train` writes the export and train.json (with `fingerprint`) last, and returns False when it stopped early
+    with only its checkpoint written: then the work folder is returned, to be resumed by the next call. `out`
+    holding this fingerprint's finished run returns at once; holding another's is an error, never replaced.
+    """
     if is_complete(out, fingerprint):
         return out
     _refuse_other_model(out, fingerprint)
@@ -94,7 +106,7 @@ def train_lm(config: TrainConfig, out: str | Path | None = None, progress: bool 
             _refuse_other_model(out, fingerprint)
             work = out.with_name(out.name + ".partial")
             _reset_if_stale(work, fingerprint)
-            if not _train(config, work, fingerprint, progress, until):
+            if not train(work):
                 return work
             _replace(work, out)
     except EmojaxError:  # DiskFullError is an OSError too: keep its own message
@@ -121,6 +133,7 @@ def _refuse_other_model(out: Path, fingerprint: str) -> None:
 
 def _train(config: TrainConfig, work: Path, fingerprint: str, progress: bool, until: int | None) -> bool:
     # Heavy imports here: `emojax --help` and config validation should not load JAX and orbax.
+    from emojax.models.hf_config import config_to_hf_dict
     from emojax.train.evaluate import heldout_nll, make_eval_fn, perplexity, unigram_nll
     from emojax.train.trainer import Trainer, count_params
 
@@ -138,7 +151,7 @@ def _train(config: TrainConfig, work: Path, fingerprint: str, progress: bool, un
     data = build_token_data(config, tokenizer, train_docs, heldout_docs)
     t_data = time.perf_counter() - t0
 
-    trainer = Trainer(config, data, work / "checkpoints", fingerprint)
+    trainer = Trainer(config.optimization(), config.model_config(), data, work / "checkpoints", fingerprint)
     try:
         state, timing = trainer.run(until=until, progress=progress)
     finally:
@@ -153,7 +166,10 @@ def _train(config: TrainConfig, work: Path, fingerprint: str, progress: bool, un
     entropy = _world_entropy(heldout_docs, tokenizer) if config.data == "world" else None
     t_eval = time.perf_counter() - t_eval
 
-    _export(config, trainer, state.params, tokenizer, work)
+    hf = config_to_hf_dict(trainer.model_config) | {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID,
+                                                    "pad_token_id": PAD_ID}
+    export_params(trainer.model_config, state.params, tokenizer, hf, work)
+    write_json(work / "tokenizer_config.json", tokenizer_config(config.seq_len), indent=2)
     info = {
         "fingerprint": fingerprint,
         "format_version": FORMAT_VERSION,
@@ -187,20 +203,18 @@ def _world_entropy(docs, tokenizer: Tokenizer) -> dict:
             "stderr_per_document": e.stderr_per_document, "documents": e.n_documents, "tokens": e.n_tokens}
 
 
-def _export(config: TrainConfig, trainer, params, tokenizer: Tokenizer, work: Path) -> None:
+def export_params(model_config, params: dict, tokenizer: Tokenizer, hf_config: dict | None, folder: Path) -> None:
+    """Writes trained parameters (an nnx pure dict) as a Hugging Face folder: config.json (`hf_config`, None: made
+    from `model_config`), model.safetensors and tokenizer.json."""
     from flax import nnx
 
-    from emojax.models.hf_config import config_to_hf_dict
     from emojax.models.lm import LanguageModel, abstract_model
     from emojax.models.sharding import single_device_mesh
 
-    mc = trainer.model_config
-    graphdef, state = nnx.split(abstract_model(mc))
+    graphdef, state = nnx.split(abstract_model(model_config))
     nnx.replace_by_pure_dict(state, params)
-    hf = config_to_hf_dict(mc) | {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}
-    lm = LanguageModel(mc, graphdef, state, single_device_mesh(), tokenizer, source="train-lm", hf_config=hf)
-    lm.save(work)
-    write_json(work / "tokenizer_config.json", tokenizer_config(config.seq_len), indent=2)
+    LanguageModel(model_config, graphdef, state, single_device_mesh(), tokenizer, source="train-lm",
+                  hf_config=hf_config).save(folder)
 
 
 def _reset_if_stale(work: Path, fingerprint: str) -> None:

@@ -1,4 +1,5 @@
-"""Settings of `train-lm`: one frozen dataclass, plus named presets that change only what differs.
+"""Settings of `train-lm`: the `train:` section (training from scratch) with named presets that change only what
+differs, the `finetune:` section (`train-lm --finetune`), and `Optimization`, what the trainer reads of either.
 
 The defaults are the built-in default model (a ~5M-parameter Llama shape trained on the built-in emotion world,
 about eight and a half minutes on two CPU cores). The `tiny` preset is the suite's model (seconds, on the older story
@@ -8,6 +9,7 @@ generator). A YAML `train:` section may name a preset (`preset: tiny`) and overr
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from emojax.config_loader import (config_section, fraction, merge, non_negative, positive, range_violations, ranged,
                                   section_of)
@@ -22,6 +24,29 @@ FORMAT_VERSION = 3  # 2: the world as training text, held-out documents one per 
 
 
 DATA = ("world", "stories")
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimization:
+    """What the trainer reads of a run's settings: AdamW's, the schedule (steps resolved), the data order and the
+    checkpoint spacing. `section` ("train" or "finetune") is where messages point for a setting."""
+
+    steps: int = positive()
+    batch_size: int = positive()
+    lr: float = positive()
+    warmup_steps: int = non_negative()
+    min_lr_ratio: float = fraction()
+    weight_decay: float = non_negative()
+    grad_clip: float = positive()
+    b2: float = ranged(lo=0, hi=1, hi_open=True)
+    seed: int = non_negative()
+    checkpoint_every: int = positive()
+    section: str
+
+    def __post_init__(self):
+        failed = range_violations(self)
+        if failed:
+            raise ValueError("; ".join(failed))
 
 
 def _preset_values(values: dict, source: str) -> dict:
@@ -101,6 +126,10 @@ class TrainConfig:
             max_position_embeddings=self.seq_len,
         )
 
+    def optimization(self) -> Optimization:
+        return Optimization(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Optimization)
+                               if f.name != "section"}, section="train")
+
     def fingerprint(self) -> str:
         """Hash of every setting that changes the trained model (not where it is written)."""
         d = dataclasses.asdict(self)
@@ -108,6 +137,37 @@ class TrainConfig:
         d.pop("checkpoint_every")  # resuming is exact, so checkpoint spacing never changes the result
         d["format_version"] = FORMAT_VERSION
         return digest(d)
+
+
+@config_section("finetune")
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """`train-lm --finetune`: all parameters of a loaded model, AdamW, the loss on response tokens only
+    (docs/finetune.md). Defaults suit the built-in model's size; a larger model wants a lower lr."""
+
+    epochs: int = positive(3)  # passes over the training samples (steps = ceil(epochs x samples / batch_size))
+    batch_size: int = positive(8)  # whole samples per step, each in a row of its own
+    lr: float = positive(1e-4)
+    warmup_fraction: float = fraction(0.1)  # share of the steps warming up linearly, then cosine decay
+    min_lr_ratio: float = fraction(0.1)
+    weight_decay: float = non_negative(0.0)  # decay toward zero would pull the model from where it starts
+    grad_clip: float = positive(1.0)  # global norm
+    b2: float = ranged(0.95, 0, 1, hi_open=True)
+    seed: int = non_negative(0)  # data order (the parameters start from the loaded model)
+    eval_fraction: float = ranged(0.1, 0, 0.5, lo_open=True)  # samples held out, by hash of their id
+    checkpoint_every: int = positive(50)  # steps between orbax checkpoints
+
+    def optimization(self, n_train: int) -> Optimization:
+        """The trainer's settings for `n_train` training samples."""
+        steps = max(1, math.ceil(self.epochs * n_train / self.batch_size))
+        return Optimization(steps=steps, batch_size=self.batch_size, lr=self.lr,
+                            warmup_steps=min(int(self.warmup_fraction * steps), steps - 1),
+                            min_lr_ratio=self.min_lr_ratio, weight_decay=self.weight_decay, grad_clip=self.grad_clip,
+                            b2=self.b2, seed=self.seed, checkpoint_every=self.checkpoint_every, section="finetune")
+
+    def settings(self) -> dict:
+        """The settings that change the fine-tuned model (resuming is exact: checkpoint spacing does not)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "checkpoint_every"}
 
 
 # Each preset lists only what differs from the defaults above.

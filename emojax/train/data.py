@@ -15,6 +15,9 @@ into rows of seq_len + 1 tokens (inputs are row[:-1], targets row[1:]). The batc
 function of (seed, s): an epoch is a seeded permutation of the rows, so resuming at step s reads exactly the
 batches an uninterrupted run would. Held-out documents get rows of their own (a longer one continues in the
 next row), so each is predicted from its own start: the figure the world's entropy is set against.
+
+Fine-tuning samples (prompt/response, emojax.corpus.samples): one row per sample, padded to the longest, the loss
+mask on the response's tokens; held out by hash of the sample id (`sample_token_data`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import numpy as np
 
 from emojax.corpus.catalogue import load_catalogue
 from emojax.corpus.generator import Document, neutral_dialogue, story
+from emojax.corpus.samples import Sample
+from emojax.errors import InputError
 from emojax.tokenizer import Tokenizer
 from emojax.train.bpe import BOS_ID, EOS_ID, PAD_ID
 from emojax.train.config import TrainConfig
@@ -97,7 +102,8 @@ def pack(stream: np.ndarray, row_len: int, pad_tail: bool) -> tuple[np.ndarray, 
 
 @dataclasses.dataclass(frozen=True)
 class TokenData:
-    """Packed rows of seq_len + 1 tokens: train [R, T+1] and held-out [E, T+1] with mask [E, T+1]."""
+    """Rows of T + 1 tokens: train [R, T+1] and held-out [E, T+1], with masks [., T+1] where token j >= 1 of a row
+    is a counted target when its mask is 1. train_mask None: every target of the packed rows counts."""
 
     train: np.ndarray
     heldout: np.ndarray
@@ -105,18 +111,20 @@ class TokenData:
     n_train_docs: int
     n_heldout_docs: int
     train_tokens_dropped: int  # the tail of the train stream shorter than one row
+    train_mask: np.ndarray | None = None
 
-    def batch(self, step: int, batch_size: int, seed: int) -> np.ndarray:
-        """Rows of step `step` [batch_size, T+1]: a pure function of (step, seed)."""
+    def batch(self, step: int, batch_size: int, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Rows of step `step` [batch_size, T+1] and their mask (None when train_mask is): a pure function of
+        (step, seed)."""
         n = len(self.train)
         idx = np.arange(step * batch_size, (step + 1) * batch_size)
         epochs, pos = idx // n, idx % n
-        out = np.empty((batch_size, self.train.shape[1]), np.int32)
+        rows = np.empty(batch_size, np.int64)
         for e in np.unique(epochs):
             perm = np.random.default_rng([seed, int(e)]).permutation(n)
             sel = epochs == e
-            out[sel] = self.train[perm[pos[sel]]]
-        return out
+            rows[sel] = perm[pos[sel]]
+        return self.train[rows], None if self.train_mask is None else self.train_mask[rows]
 
 
 def document_rows(texts: list[str], tokenizer: Tokenizer, row_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -139,3 +147,36 @@ def build_token_data(config: TrainConfig, tokenizer: Tokenizer, train_docs: list
         raise ValueError(f"the training text gives {len(train_stream)} tokens, under one row of {row_len}")
     return TokenData(train=train, heldout=heldout, heldout_mask=heldout_mask, n_train_docs=len(train_docs),
                      n_heldout_docs=len(heldout_docs), train_tokens_dropped=len(train_stream) % row_len)
+
+
+def sample_token_data(samples: list[Sample], tokenizer: Tokenizer, eos_id: int | None, eval_fraction: float,
+                      max_positions: int) -> TokenData:
+    """Fine-tuning rows: each sample's prompt + response ids (+ `eos_id`) in a row of its own, right-padded to the
+    longest sample; the mask is 1 on the response's tokens (and the <eos>), the only targets the loss counts.
+    A sample is held out when the hash of its id falls below `eval_fraction` (as is_heldout). Raises InputError
+    naming the sample that does not fit the model's `max_positions`, or when either side of the split is empty."""
+    encoded = []
+    for sample in samples:
+        ids, n_prompt = sample.token_ids(tokenizer)
+        ids = ids + ([eos_id] if eos_id is not None else [])
+        if len(ids) - 1 > max_positions:
+            raise InputError(f"{sample.where}: sample {sample.sample_id!r} is {len(ids)} tokens; the model reads at "
+                             f"most {max_positions} (max_position_embeddings) plus the last target: shorten it")
+        encoded.append((is_heldout(sample.sample_id, eval_fraction), ids, n_prompt))
+    row_len = max(len(ids) for _, ids, _ in encoded)
+
+    def rows(part: list) -> tuple[np.ndarray, np.ndarray]:
+        tokens, mask = np.full((len(part), row_len), PAD_ID, np.int32), np.zeros((len(part), row_len), np.int32)
+        for k, (_, ids, n_prompt) in enumerate(part):
+            tokens[k, :len(ids)] = ids
+            mask[k, n_prompt:len(ids)] = 1
+        return tokens, mask
+
+    train, heldout = [e for e in encoded if not e[0]], [e for e in encoded if e[0]]
+    if not train or not heldout:
+        raise InputError(f"finetune.eval_fraction={eval_fraction} holds out {len(heldout)} of {len(samples)} "
+                         "samples (by hash of their ids); both the training and the held-out part must be non-empty: "
+                         "change eval_fraction or give more samples")
+    (train_rows, train_mask), (heldout_rows, heldout_mask) = rows(train), rows(heldout)
+    return TokenData(train=train_rows, heldout=heldout_rows, heldout_mask=heldout_mask, n_train_docs=len(train),
+                     n_heldout_docs=len(heldout), train_tokens_dropped=0, train_mask=train_mask)

@@ -1,7 +1,7 @@
 """Held-out perplexity of the model, and of a unigram model for comparison.
 
-Both are measured on the same targets: every real (unmasked) token of the held-out rows after the first of
-its row, i.e. exactly the tokens the model is asked to predict.
+Both are measured on the same targets: the tokens of the held-out rows after the first of their row where the
+row's mask is 1 (every real token of a built-in model's held-out document; a fine-tune's response tokens).
 """
 
 from __future__ import annotations
@@ -15,24 +15,28 @@ import numpy as np
 import optax
 from flax import nnx
 
+from emojax.models.interventions import Interventions
 from emojax.train.data import TokenData
 
 
-def token_nll(graphdef: nnx.GraphDef, params, rows_BT1: jax.Array) -> jax.Array:
-    """Next-token negative log-likelihood [B, T] (nats) of rows [B, T + 1]: inputs row[:-1], targets row[1:]."""
+def token_nll(graphdef: nnx.GraphDef, params, rows_BT1: jax.Array,
+              interventions: Interventions | None = None) -> jax.Array:
+    """Next-token negative log-likelihood [B, T] (nats) of rows [B, T + 1]: inputs row[:-1], targets row[1:].
+    Rows are right-padded, so no attention mask: a real token never attends to the padding after it."""
     model = nnx.merge(graphdef, params)
-    logits_BTV = model(rows_BT1[:, :-1]).logits
+    logits_BTV = model(rows_BT1[:, :-1], interventions=interventions).logits
     return optax.softmax_cross_entropy_with_integer_labels(logits_BTV, rows_BT1[:, 1:])
 
 
 @functools.lru_cache(maxsize=8)
 def make_eval_fn(graphdef: nnx.GraphDef):
-    """jitted (params, rows [B, T+1], mask [B, T+1]) -> (sum of target NLL, number of targets)."""
+    """jitted (params, rows [B, T+1], mask [B, T+1]) -> (sum of target NLL, number of targets): token j >= 1 is a
+    target where mask[:, j] is 1."""
 
     @jax.jit
     def evaluate(params, rows, mask):
         nll_BT = token_nll(graphdef, params, rows)
-        target_mask = (mask[:, 1:] * mask[:, :-1]).astype(jnp.float32)
+        target_mask = mask[:, 1:].astype(jnp.float32)
         return jnp.sum(nll_BT * target_mask), jnp.sum(target_mask)
 
     return evaluate
@@ -56,7 +60,7 @@ def unigram_nll(data: TokenData, vocab_size: int) -> float:
     """Mean held-out NLL (nats) of a unigram model fitted on the training targets with add-one smoothing."""
     counts = np.bincount(data.train[:, 1:].ravel(), minlength=vocab_size).astype(np.float64) + 1.0
     log_p = np.log(counts) - np.log(counts.sum())
-    mask = (data.heldout_mask[:, 1:] * data.heldout_mask[:, :-1]).astype(bool)
+    mask = data.heldout_mask[:, 1:].astype(bool)
     return float(-log_p[data.heldout[:, 1:][mask]].mean())
 
 
