@@ -25,7 +25,6 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 
 import emojax
@@ -33,6 +32,7 @@ from emojax.concepts.bank import load_bank
 from emojax.concepts.layer import bank_layer
 from emojax.experiment.config import ExperimentConfig
 from emojax.experiment.runner import run_experiment
+from emojax.experiment.stats import bootstrap_mean
 from emojax.fileio import write_json
 from emojax.screen.config import ScreenConfig
 from emojax.screen.run import screen
@@ -69,12 +69,6 @@ def write_data(out: Path, world: World, concept: str, n: int) -> tuple[Path, Pat
     return data, prompts, coerced / n
 
 
-def bootstrap_mean(x: np.ndarray, seed: int = 0, n: int = 2000) -> list[float]:
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, len(x), (n, len(x)))].mean(1)
-    return [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
-
-
 def measure(model: str, name: str, args, run: Path, out: Path, neutral: Path, layer: int) -> dict:
     suite = run / "corpus" / "suites" / "world_dilemma.yaml"
     results = run_experiment(ExperimentConfig(suite=str(suite), model=model, out=str(out / name / "experiment"),
@@ -87,7 +81,7 @@ def measure(model: str, name: str, args, run: Path, out: Path, neutral: Path, la
     own = pq.read_table(out / name / "screen" / "scores.parquet").column(f"own_{args.concept}").to_numpy()
     return {"coercion_rate": rate["rate"], "coercion_rate_ci95": rate["ci95"], "n": rate["n"],
             "p_coerce": p["mean_p_positive"], "p_coerce_ci95": p["ci95"],
-            "projection": float(own.mean()), "projection_ci95": bootstrap_mean(own), "n_prompts": len(own)}
+            "projection": float(own.mean()), "projection_ci95": bootstrap_mean(own, n_boot=2000), "n_prompts": len(own)}
 
 
 def main() -> None:

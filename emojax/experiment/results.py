@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from emojax.experiment.stats import elo, logistic_fit, wilson
+from emojax.experiment.stats import bootstrap_mean, elo, logistic_fit, wilson
 
 MIN_SAMPLES = 200  # METHOD.md section 8: a rate claim needs at least this many samples per condition
 
@@ -60,7 +60,7 @@ def summarise(experiment, records: list[dict]) -> dict:
         for c in conds:
             p = np.array([r["choice"][o.name]["p_positive"] for r in by_cond[c.id] if o.name in r.get("choice", {})])
             table[c.id] = {"mean_p_positive": float(p.mean()) if len(p) else None, "n": int(len(p)),
-                           "ci95": _bootstrap_mean(p)}
+                           "ci95": bootstrap_mean(p)}
         choice[o.name] = table
     dose = {}
     for key, _ in outcome_keys(experiment):
@@ -107,14 +107,6 @@ def summarise(experiment, records: list[dict]) -> dict:
             "outcomes": {key: what for key, what in outcome_keys(experiment)},
             "rates": rates, "choice": choice, "dose_response": dose, "elo": ratings, "not_measured": not_measured,
             "published": published_beside(experiment.suite.name, conds, rates)}
-
-
-def _bootstrap_mean(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> list[float] | None:
-    if len(values) < 2:
-        return None
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), (n_boot, len(values)))].mean(axis=1)
-    return [float(v) for v in np.percentile(means, [2.5, 97.5])]
 
 
 def published_beside(suite: str, conds, rates: dict) -> list[dict]:

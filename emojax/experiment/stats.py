@@ -23,6 +23,15 @@ def wilson(k: int, n: int, z: float = Z95) -> list[float] | None:
     return [float(lo), float(hi)]
 
 
+def bootstrap_mean(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> list[float] | None:
+    """95% percentile-bootstrap interval of the mean of `values` (None under two values)."""
+    if len(values) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (n_boot, len(values)))].mean(axis=1)
+    return [float(v) for v in np.percentile(means, [2.5, 97.5])]
+
+
 def _log_lik(X, y, w) -> float:
     z = X @ w
     return float(np.sum(y * z - np.logaddexp(0.0, z)))

@@ -187,16 +187,24 @@ def monitor_heatmap(tokens: list[str], concepts: list[str], readings_TC: np.ndar
     return to_data_uri(fig)
 
 
+def panel_grid(n: int, per_row: int, height: float) -> tuple[Figure, np.ndarray]:
+    """A figure of n panels, `per_row` to a row (4.6 wide, `height` high each): the figure and its n axes (the
+    grid's unused cells hidden)."""
+    cols = min(per_row, max(n, 1))
+    rows = -(-n // cols)
+    fig = Figure(figsize=(4.6 * cols, height * rows), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n]
+
+
 def template_curves(templates: list[dict], unit: str, per_row: int = 3) -> str:
     """One panel per numeric template: each listed concept's readout against the template's value. `templates`:
     [{"name", "values", "curves": {label: readings}, "expected": {label: +1 or -1}}]; an expected concept is drawn
     solid (its label marks the direction), the others dashed. A log x axis when the values span over 20x."""
-    n = len(templates)
-    cols = min(per_row, max(n, 1))
-    rows = -(-n // cols)
-    fig = Figure(figsize=(4.6 * cols, 3.6 * rows), dpi=DPI, layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    fig, axes = panel_grid(len(templates), per_row, 3.6)
     for ax, t in zip(axes, templates):
         values = np.asarray(t["values"], float)
         for label, ys in t["curves"].items():
@@ -211,20 +219,13 @@ def template_curves(templates: list[dict], unit: str, per_row: int = 3) -> str:
         ax.set_xlabel("value of {x}")
         ax.set_ylabel(unit)
         ax.legend(fontsize=7)
-    for ax in axes[n:]:
-        ax.set_visible(False)
     return to_data_uri(fig)
 
 
 def score_histograms(panels: list[dict], score: str, per_row: int = 3) -> str:
     """One panel per screened concept: the histogram of every sample's `score` (log counts) with the flag cutoff.
     `panels`: [{"concept", "scores", "cutoff", "flagged"}]."""
-    n = len(panels)
-    cols = min(per_row, max(n, 1))
-    rows = -(-n // cols)
-    fig = Figure(figsize=(4.6 * cols, 3.4 * rows), dpi=DPI, layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    fig, axes = panel_grid(len(panels), per_row, 3.4)
     for ax, p in zip(axes, panels):
         scores = np.asarray(p["scores"], float)
         ax.hist(scores, bins=int(np.clip(np.sqrt(len(scores)), 10, 60)), color="#4c72b0", log=True)
@@ -234,6 +235,4 @@ def score_histograms(panels: list[dict], score: str, per_row: int = 3) -> str:
         ax.set_title(literal(p["concept"]), fontsize=10)
         ax.set_xlabel(f"{score} (projection on the unit vector)")
         ax.set_ylabel("samples")
-    for ax in axes[n:]:
-        ax.set_visible(False)
     return to_data_uri(fig)
