@@ -196,6 +196,28 @@ def test_the_bag_of_words_baseline_reads_words_and_nothing_else():
     assert none["top1_ci95"][0] < 1 / C < none["top1_ci95"][1] + 0.05
 
 
+def test_the_bag_of_words_baseline_holds_a_bounded_sample_and_scores_in_chunks():
+    """A fit split larger than max_docs is sampled (and says so); scoring in chunks changes no figure."""
+    from emojax.concepts.baselines import bag_of_tokens, token_counts
+
+    rng = np.random.default_rng(6)
+    n, C = 400, 4
+    labels = np.tile(np.arange(C), n // C)
+    splits = ["train"] * (n // 2) + ["test"] * (n // 2)
+    store = _TokenStore([np.concatenate([rng.integers(100, 500, 20), [10 + c] * 3]) for c in labels], labels, splits)
+    names = tuple(f"c{i}" for i in range(C))
+    whole = bag_of_tokens(store, names, "train", ("test",), chunk_docs=1000)
+    chunked = bag_of_tokens(store, names, "train", ("test",), chunk_docs=7)
+    assert chunked["test"] == whole["test"] and whole["fit_docs"] == n // 2 and "sample" not in whole["method"]
+    capped = bag_of_tokens(store, names, "train", ("test",), max_docs=40)
+    assert capped["fit_docs"] == 40 and "a seeded sample of 40 of train's 200" in capped["method"]
+    assert capped["test"]["n"] == n // 2 and capped["test"]["top1"] > 0.9
+    counts = token_counts(store, np.array([0, 3]), 64)  # log counts folded mod 64, rows at unit norm
+    expected = np.zeros(64)
+    np.add.at(expected, store.token_ids(0, 23) % 64, 1.0)
+    np.testing.assert_allclose(counts[0], np.log1p(expected) / np.linalg.norm(np.log1p(expected)), rtol=1e-6)
+
+
 def test_implicit_scenarios_are_also_read_at_the_assistant_colon(tmp_path):
     """An implicit scenario's emotion shows only at its last token (the ':' after "Assistant"): the fit reports
     both readings, and only the one at the colon finds it."""

@@ -173,7 +173,8 @@ def fit(config: FitConfig, log: Callable[[str], None] | None = None) -> ConceptB
               "readout": "nearest: cos(x - center, v_c) with the bank's center and vectors; probe: x . w_c + b_c "
                          "(probes.safetensors)",
               "per_layer": {str(k): v for k, v in per_layer.items()},
-              "baselines": {"bag_of_tokens": bag_of_tokens(store, names, config.fit_split, config.eval_splits)},
+              "baselines": {"bag_of_tokens": bag_of_tokens(store, names, config.fit_split, config.eval_splits,
+                                                                 chunk_docs=config.chunk_docs)},
               "settings": settings}
     write_text(out / "eval.json", json.dumps(report, indent=1, default=_json_default) + "\n")
     if all(p is not None for p in probes):

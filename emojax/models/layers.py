@@ -159,13 +159,14 @@ class LayerCache:
     """One layer's slot in a KV cache, as the attention reads and writes it.
 
     keys [Ls, B, K, H, S] and values [Ls, B, K, S, H] of a segment of Ls layers (the layouts the score and value
-    products read); `layer` this layer's row in them (an int for an unrolled layer, traced inside a scan);
-    `start` the cache column of the first new token.
+    products read); `layer` this layer's row in them (an int for an unrolled layer, traced inside a scan), or None
+    for one layer's keys [B, K, H, S] and values [B, K, S, H] without the layer axis; `start` the cache column of
+    the first new token.
     """
 
     keys: jax.Array
     values: jax.Array
-    layer: jax.Array | int
+    layer: jax.Array | int | None
     start: jax.Array | int
 
 
@@ -261,13 +262,16 @@ class Attention(nnx.Module):
     def _attend_cached(self, q, k, v, mask_BTS, cache: LayerCache, kernel: str):
         """Attention of T new tokens over a KV cache, writing their keys and values at column `start`.
 
-        An unrolled layer (an int `layer`) attends to the cache as it was (columns < start) and to the new keys
-        and values, which are written into the cache only for later passes. Reading the cache only before the
-        write halves what XLA's CPU backend copies per decode step: reading the updated cache made it fuse the
-        write into every reader and copy each layer's cache four times a step (~10% of a batch-32 step of the
-        56M model). Inside a scan over layers (a traced `layer`) that form copies the whole stacked cache
-        instead, so there the write comes first and the products read the updated cache; so does the fused
-        kernel, which reads keys as [B, S, K, H].
+        How the write and the reads are ordered decides what XLA's CPU backend copies on each step of a decode
+        loop, which carries the cache. A layer's own [B, K, ., .] arrays (`layer` None, the decode loop's layout):
+        the write comes first and the products read the updated cache, which XLA updates in place (no copy; on
+        the 56M model at batch 32 the unit-axis layout below copied every layer's cache twice a step, 45 of a
+        128-column step's 87 ms). An unrolled layer in a stacked [1, ...] array (an int `layer`: the server's
+        slots) attends to the cache as it was (columns < start) and to the new keys and values, written only for
+        later passes: reading the updated cache there made XLA fuse the write into every reader and copy the cache
+        four times a step, this form twice. Inside a scan over layers (a traced `layer`) the old-cache form copies
+        the whole stacked cache, so there too the write comes first; so does the fused kernel, which reads keys
+        as [B, S, K, H].
         """
         B, T, N, H = q.shape
         K, S = self.n_kv_heads, mask_BTS.shape[-1]
@@ -275,8 +279,11 @@ class Attention(nnx.Module):
         k_BKHT, v_BKTH = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
         if kernel != "blocked" or not isinstance(cache.layer, int):
             cache = _write(cache, k_BKHT, v_BKTH)
-            keys_BKHS = jax.lax.dynamic_index_in_dim(cache.keys, cache.layer, 0, keepdims=False)[..., :S]
-            values_BKSH = jax.lax.dynamic_index_in_dim(cache.values, cache.layer, 0, keepdims=False)[:, :, :S]
+            keys_BKHS, values_BKSH = cache.keys, cache.values
+            if cache.layer is not None:
+                keys_BKHS = jax.lax.dynamic_index_in_dim(keys_BKHS, cache.layer, 0, keepdims=False)
+                values_BKSH = jax.lax.dynamic_index_in_dim(values_BKSH, cache.layer, 0, keepdims=False)
+            keys_BKHS, values_BKSH = keys_BKHS[..., :S], values_BKSH[:, :, :S]
             if kernel != "blocked":
                 out = fused_attention(q, keys_BKHS.transpose(0, 3, 1, 2).astype(q.dtype),
                                       values_BKSH.transpose(0, 2, 1, 3).astype(q.dtype), mask_BTS, self.scale,
@@ -321,10 +328,11 @@ def _scores(q_BKGTH, k_BKHS):
 
 
 def _write(cache: LayerCache, k_BKHT: jax.Array, v_BKTH: jax.Array) -> LayerCache:
-    keys = jax.lax.dynamic_update_slice(cache.keys, k_BKHT[None].astype(cache.keys.dtype),
-                                        (cache.layer, 0, 0, 0, cache.start))
-    values = jax.lax.dynamic_update_slice(cache.values, v_BKTH[None].astype(cache.values.dtype),
-                                          (cache.layer, 0, 0, cache.start, 0))
+    k, v, at = k_BKHT.astype(cache.keys.dtype), v_BKTH.astype(cache.values.dtype), ()
+    if cache.layer is not None:
+        k, v, at = k[None], v[None], (cache.layer,)
+    keys = jax.lax.dynamic_update_slice(cache.keys, k, (*at, 0, 0, 0, cache.start))
+    values = jax.lax.dynamic_update_slice(cache.values, v, (*at, 0, 0, cache.start, 0))
     return cache.replace(keys=keys, values=values)
 
 

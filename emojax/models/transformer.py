@@ -41,17 +41,25 @@ class ForwardOutput:
 @struct.dataclass
 class KVCache:
     """Keys [Ls, B, K, H, S] and values [Ls, B, K, S, H] of each layer segment (the layouts the attention
-    products read), S cache columns; `segments` are the layer ranges [a, b) the passes run."""
+    products read), S cache columns; `segments` are the layer ranges [a, b) the passes run. With
+    `single_unstacked` a one-layer segment's arrays are [B, K, H, S] and [B, K, S, H], without the layer axis:
+    the decode loop's layout (a loop-carried cache with a unit axis is copied whole on every step by XLA's CPU
+    backend; see Attention._attend_cached)."""
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
     segments: tuple[tuple[int, int], ...] = struct.field(pytree_node=False)
 
     @classmethod
-    def empty(cls, cfg: ModelConfig, segments, batch: int, length: int, dtype) -> KVCache:
+    def empty(cls, cfg: ModelConfig, segments, batch: int, length: int, dtype,
+              single_unstacked: bool = False) -> KVCache:
         K, H = cfg.n_kv_heads, cfg.head_dim
-        return cls(k=tuple(jnp.zeros((b - a, batch, K, H, length), dtype) for a, b in segments),
-                   v=tuple(jnp.zeros((b - a, batch, K, length, H), dtype) for a, b in segments),
+
+        def lead(a: int, b: int) -> tuple[int, ...]:
+            return () if single_unstacked and b - a == 1 else (b - a,)
+
+        return cls(k=tuple(jnp.zeros((*lead(a, b), batch, K, H, length), dtype) for a, b in segments),
+                   v=tuple(jnp.zeros((*lead(a, b), batch, K, length, H), dtype) for a, b in segments),
                    segments=tuple(segments))
 
 
@@ -209,7 +217,7 @@ class Transformer(nnx.Module):
 
         for s, ((a, b), state) in enumerate(zip(segments, states)):
             if b - a == 1:  # one layer, static weights
-                kv = None if cache is None else LayerCache(ks[s], vs[s], 0, start)
+                kv = None if cache is None else LayerCache(ks[s], vs[s], 0 if ks[s].ndim == 5 else None, start)
                 x, kv = layer(x, jax.tree.map(lambda t: t[0], state), 0, int(windows[a]), int(rope_of_layer[a]), kv)
                 x = edit(b, x)
             else:

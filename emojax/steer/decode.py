@@ -249,7 +249,7 @@ class Decoder:
         prompt_len_B = jnp.sum(mask_BP, axis=1).astype(jnp.int32)
         valid_BP = mask_BP.astype(bool)
         positions_BP = jnp.maximum(jnp.cumsum(mask_BP, axis=1) - 1, 0).astype(jnp.int32)
-        cache = KVCache.empty(cfg, segments, B, S, lm.dtype)
+        cache = KVCache.empty(cfg, segments, B, S, lm.dtype, single_unstacked=True)
         logits_BV, reads_BPC, cache = forward(prompt_BP, positions_BP, 0.0, valid_BP, cache, 0, iv)
         tokens = jnp.zeros((B, S), jnp.int32).at[:, :P].set(prompt_BP)
         valid = jnp.zeros((B, S), bool).at[:, :P].set(valid_BP)
