@@ -4,7 +4,7 @@ Layers. A module imports only from its own layer or the ones below it, never upw
 (tests/test_layering.py parses every import, those inside functions included):
 
     errors
-    digest, fileio, locks, progress, config_loader    (utilities)
+    digest, fileio, locks, progress, config_loader, plotting    (utilities)
     tokenizer
     models                                             (the decoder, interventions, loading, sharding)
     corpus                                             (catalogue, generator, readers, corpus configs)

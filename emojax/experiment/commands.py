@@ -1,5 +1,5 @@
-"""`emojax experiment --config FILE [key=value ...]`: a thin shell over `run_experiment`, and
-`emojax experiment suites`: the built-in suites."""
+"""`emojax experiment --config FILE [key=value ...]`: a thin shell over `run_experiment` (`--list`: the built-in
+suites); `emojax episodes --config FILE [key=value ...]`: a thin shell over `run_episodes`."""
 
 from __future__ import annotations
 
@@ -20,6 +20,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", help="key=value settings of the experiment section, e.g. suite=blackmail")
     p.set_defaults(func=cmd_experiment)
 
+    p = subparsers.add_parser(
+        "episodes", help="multi-turn episodes: concept readouts over repeated failure, and when the shortcut comes",
+        description="Runs each scenario of a suite as an episode of `turns` turns (the model's attempt, then a "
+                    "scripted failure message), reading the bank's concepts at the assistant's ':' and over every "
+                    "reply; writes turns/ (a rerun resumes), episodes.jsonl, results.json (per-turn curves with "
+                    "intervals, slopes, the first shortcut and the readout before it) and episodes.png to "
+                    "episodes.out (docs/experiments.md).")
+    p.add_argument("--config", help="YAML config (its episodes: section)")
+    p.add_argument("--model", help="checkpoint folder or built-in name (episodes.model)")
+    p.add_argument("--bank", help="concept bank folder (episodes.bank)")
+    p.add_argument("--out", help="output folder (episodes.out)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("overrides", nargs="*", help="key=value settings of the episodes section, e.g. turns=8")
+    p.set_defaults(func=cmd_episodes)
+
 
 def cmd_experiment(args) -> int:
     from emojax.experiment import builtin_suites, load_suite
@@ -37,5 +52,21 @@ def cmd_experiment(args) -> int:
 
     config = stage_config("experiment", args.config, args.overrides)
     results = run_experiment(config, log=None if args.quiet else log, show_progress=not args.quiet)
+    print(summary_text(results))
+    return 0
+
+
+def cmd_episodes(args) -> int:
+    import dataclasses
+
+    from emojax.config_loader import load_section
+    from emojax.experiment.config import EpisodeConfig
+    from emojax.experiment.episodes import run_episodes, summary_text
+    from emojax.progress import log
+
+    config = load_section(EpisodeConfig, args.config, args.overrides)
+    flags = {k: v for k, v in {"model": args.model, "bank": args.bank, "out": args.out}.items() if v}
+    config = dataclasses.replace(config, **flags)
+    results = run_episodes(config, log=None if args.quiet else log, show_progress=not args.quiet)
     print(summary_text(results))
     return 0

@@ -66,6 +66,24 @@ def make_conditions(config: ExperimentConfig, layers: tuple[int, ...]) -> list[C
     return out
 
 
+def ending_logprobs(lm, seqs: list[tuple[list[int], int]], batch_size: int, bucket: Callable[[int, list[int]], int],
+                    interventions: Callable[[list[int]], Interventions | None] = lambda part: None) -> list[float]:
+    """log P(the last n tokens | the tokens before them) of each (ids, n) of `seqs` (a forced-choice option after
+    its prompt), in batches of `batch_size` rows left-padded to bucket(longest, rows of the batch) columns.
+    interventions(rows of the batch): the batch's steering (padded to batch_size rows), or None."""
+    out = []
+    for start in range(0, len(seqs), batch_size):
+        part = list(range(start, min(start + batch_size, len(seqs))))
+        T = bucket(max(len(seqs[i][0]) for i in part), part)
+        tokens, mask = left_pad([seqs[i][0] for i in part], T, rows=batch_size)  # a fixed shape per bucket
+        # Only the endings' columns are scored (left padding aligns them at the end); their span is bucketed
+        # like T, so a suite compiles one program per (T, span) pair.
+        span = min(1 << (max(seqs[i][1] for i in part) - 1).bit_length(), T - 1)
+        logp = lm.token_logprobs(tokens, mask, interventions=interventions(part), last=span)
+        out += [float(logp[b, T - seqs[i][1]:].sum()) for b, i in enumerate(part)]
+    return out
+
+
 def row_seed(seed: int, condition: str, scenario: str, sample: int) -> int:
     return zlib.crc32(f"{seed}|{condition}|{scenario}|{sample}".encode())
 
@@ -148,12 +166,7 @@ class Experiment:
         return outs
 
     def _scenarios(self) -> list[dict]:
-        scenarios = list(self.suite.scenarios)
-        n = self.config.scenarios
-        if n and n < len(scenarios):
-            pick = np.sort(np.random.default_rng(self.config.seed).choice(len(scenarios), n, replace=False))
-            scenarios = [scenarios[i] for i in pick]
-        return scenarios
+        return self.suite.sample(self.config.scenarios, self.config.seed)
 
     @property
     def tasks(self) -> list[str]:
@@ -313,20 +326,17 @@ class Experiment:
                         raise InputError(f"{self.suite.source}: outcome {o.name} option {label!r} encodes to no "
                                          f"tokens (scenario {self.scenarios[s]['id']!r})")
                     seqs.append((r, o.name, label, prompt + option, len(option)))
-        scores: dict = {}
         B = self.config.batch_size
-        for start in range(0, len(seqs), B):
-            part = seqs[start:start + B]
-            T = self._bucket(max(len(x[3]) for x in part), shard, part[0][0])
-            tokens, mask = left_pad([x[3] for x in part], T, rows=B)  # a fixed shape: one program per bucket
-            conds = [shard.rows[x[0]][0] for x in part] + [shard.rows[part[0][0]][0]] * (B - len(part))
-            # Only the options' columns are scored (left padding aligns them at the end); their span is bucketed
-            # like T, so a suite compiles one program per (T, span) pair.
-            span = min(1 << (max(x[4] for x in part) - 1).bit_length(), T - 1)
-            logp = self.lm.token_logprobs(tokens, mask, interventions=self.interventions(shard.group, conds),
-                                          last=span)
-            for b, (r, name, label, _, n) in enumerate(part):
-                scores[(r, name, label)] = (float(logp[b, T - n:].sum()), n)
+
+        def interventions(part: list[int]) -> Interventions | None:
+            conds = [shard.rows[seqs[i][0]][0] for i in part]
+            return self.interventions(shard.group, conds + [conds[0]] * (B - len(conds)))
+
+        def bucket(n: int, part: list[int]) -> int:
+            return self._bucket(n, shard, seqs[part[0]][0])
+
+        logps = ending_logprobs(self.lm, [(x[3], x[4]) for x in seqs], B, bucket, interventions)
+        scores = {(r, name, label): (lp, n) for (r, name, label, _, n), lp in zip(seqs, logps)}
         records = []
         for r, (c, s, _) in enumerate(shard.rows):
             rec = self._base(c, s, None) | {"choice": {}, "outcomes": {}}

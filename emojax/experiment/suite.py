@@ -13,6 +13,7 @@ import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from emojax.errors import ConfigError
@@ -90,6 +91,14 @@ class Suite:
         """The scenario's prompt (emojax.tokenizer.chat_prompt: the tokenizer's chat template when it has one,
         else the study's Human/Assistant frame); a last assistant message is a prefill the reply continues."""
         return chat_prompt(self.messages_for(scenario), tokenizer)
+
+    def sample(self, n: int, seed: int) -> list[dict]:
+        """Every scenario (n = 0 or n >= their number), else a seeded sample of n in the suite's order."""
+        scenarios = list(self.scenarios)
+        if n and n < len(scenarios):
+            pick = np.sort(np.random.default_rng(seed).choice(len(scenarios), n, replace=False))
+            scenarios = [scenarios[i] for i in pick]
+        return scenarios
 
     def user_text(self, scenario: dict) -> str:
         """The last user message, filled (the judge rubric's {prompt})."""

@@ -17,7 +17,7 @@ from matplotlib import ticker
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-DPI = 100
+from emojax.plotting import DPI, panel_grid
 
 
 def literal(text) -> str:
@@ -185,19 +185,6 @@ def monitor_heatmap(tokens: list[str], concepts: list[str], readings_TC: np.ndar
         ax.set_xticks(range(hi - lo), [literal(repr(t)[1:-1]) for t in tokens[lo:hi]], rotation=90, fontsize=7)
     fig.colorbar(im, ax=list(axes), shrink=0.8, label=f"reading / {scale:.3g} (99th pct |reading|)")
     return to_data_uri(fig)
-
-
-def panel_grid(n: int, per_row: int, height: float) -> tuple[Figure, np.ndarray]:
-    """A figure of n panels, `per_row` to a row (4.6 wide, `height` high each): the figure and its n axes (the
-    grid's unused cells hidden)."""
-    cols = min(per_row, max(n, 1))
-    rows = -(-n // cols)
-    fig = Figure(figsize=(4.6 * cols, height * rows), dpi=DPI, layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax in axes[n:]:
-        ax.set_visible(False)
-    return fig, axes[:n]
 
 
 def template_curves(templates: list[dict], unit: str, per_row: int = 3) -> str:
