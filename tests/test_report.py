@@ -283,3 +283,39 @@ def test_accuracy_is_read_against_chance_and_the_bag_of_words_reader(full_report
             "documents") in section
     assert f"{100 * m['chance']['top1']:.1f}% by chance" in section
     assert f"{100 * bow['top1']:.1f}% (95% CI" in section and "bag-of-words reader" in section
+
+
+def test_the_shaping_sections_render_their_summaries_and_are_left_out_without_them(tmp_path):
+    from emojax.experiment.episodes import summarise
+    from emojax.experiment.suite import Outcome
+
+    _corpus(tmp_path)
+    html = build_report(tmp_path).read_text()
+    assert not any(f'id="{a}"' in html for a in ("preventative", "episodes", "regulation"))
+    row = {"coercion_rate": 0.41, "coercion_rate_ci95": [0.35, 0.48], "p_coerce": 0.08, "p_coerce_ci95": [0.07, 0.09],
+           "projection": -0.75, "projection_ci95": [-0.76, -0.73], "n_prompts": 50}
+    (tmp_path / "preventative").mkdir()
+    (tmp_path / "preventative" / "summary.json").write_text(json.dumps({
+        "concept": "desperate", "layer": 3, "samples": 400, "coerced_share": 0.85,
+        "rows": {"base": row, "steered 0.1": {**row, "heldout_before": 0.61, "heldout_after": 0.46}}}))
+    cheat = Outcome("cheat", "choice", options={"yes": " y", "no": " n"}, positive="yes")
+    turns = [[{"arm": arm, "colon": {"desperate": t + e / 10}, "reply_mean": {"desperate": 0.0},
+               "outcomes": {"cheat": int(t > 1), "cheat_norm": int(t > 1)}, "choice": {"cheat": {"p_positive": 0.5}}}
+              for arm in ("failure", "control") for e in range(4)] for t in range(3)]
+    results = summarise(turns, ("desperate",), cheat, [cheat], ("failure", "control")) | {
+        "suite": "world_task", "layer": 3, "metric": "z", "attempt": "honest"}
+    (tmp_path / "episodes").mkdir()
+    (tmp_path / "episodes" / "results.json").write_text(json.dumps(results))
+    rates = {"world_dilemma/coerce": {"rate": 0.5, "rate_ci95": [0.4, 0.6], "n": 240, "p_positive": 0.01}}
+    (tmp_path / "regulation").mkdir()
+    (tmp_path / "regulation" / "summary.json").write_text(json.dumps({
+        "concept": "desperate", "expression": "markers per 100 words", "readout": "centred cosine",
+        "rows": {"base": {"expression": {"mean": 4.1, "ci95": [4.0, 4.2]}, "rates": rates,
+                          "readout_colon_vs_control": {"mean": 0.001, "ci95": [-0.002, 0.004]}}},
+        "masking": {"suppression - base": {"expression": "fell <b>"}}, "regulation": {"verdict": "not lowered"}}))
+    html = build_report(tmp_path).read_text()
+    for anchor in ("preventative", "episodes", "regulation"):
+        assert f'<section id="{anchor}" data-status="ok">' in html, anchor
+    assert "0.410 [0.350, 0.480]" in html and "0.610 -&gt; 0.460" in html
+    assert "no trend" in html and "2 of 4" not in html and "4 of 4" in html  # both arms take it from turn 2
+    assert "fell &lt;b&gt;" in html and "Regulation (line 3): not lowered" in html  # escaped

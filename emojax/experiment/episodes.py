@@ -415,6 +415,7 @@ def figure(results: dict, path: Path) -> Path:
         vs = " vs control" if "against_control" in results else ""
         ax.set_title(f"{c}: slope at ':'{vs} {slope['slope_per_turn']:+.3g}/turn", fontsize=9)
         ax.set_xlabel("turn")
+        ax.set_xticks(turns)
         ax.set_ylabel(f"readout ({results.get('metric', '')})")
         ax.legend(fontsize=6)
     ax, key = axes[-1], results["shortcut"]
@@ -424,6 +425,7 @@ def figure(results: dict, path: Path) -> Path:
                 label=arm)
         ax.fill_between(turns, [x["ci95"][0] for x in cells], [x["ci95"][1] for x in cells], alpha=0.15, color="C3")
     ax.set_ylim(-0.02, 1.02)
+    ax.set_xticks(turns)
     ax.set_title(f"{key} rate ({arms['failure']['episodes']} episodes per arm)", fontsize=9)
     ax.set_xlabel("turn")
     ax.legend(fontsize=6)

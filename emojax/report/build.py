@@ -1,7 +1,8 @@
 """Assembles the report: one self-contained HTML file (inline CSS, figures as PNG data URIs, no external URL)
 at run_dir/report/index.html.
 
-A section whose inputs are absent shows "not run" (an optional one, data screening, is left out); one whose inputs
+A section whose inputs are absent shows "not run" (an optional one, data screening and the shaping sections of
+emojax.report.shaping, is left out); one whose inputs
 exist but cannot be read shows the reason (and the rest of the report still renders). A small inline script records
 on <body>, once the page has loaded, how many images decoded (data-images-loaded="N/M") and any script error
 (data-error), so a headless browser can check the page.
@@ -20,12 +21,13 @@ from pathlib import Path
 
 from emojax.errors import EmojaxError
 from emojax.fileio import DiskFullError, write_text
-from emojax.report import screening, sections
+from emojax.report import screening, sections, shaping
 from emojax.report.sections import NotRun, Omitted
 
 # The run's sections, then the optional ones (left out of the page when their inputs are absent).
 SECTIONS = (*sections.SECTIONS,
-            ("screening", "10. Data screening: concept scores of prompt/response samples", screening.screening))
+            ("screening", "10. Data screening: concept scores of prompt/response samples", screening.screening),
+            *shaping.SECTIONS)
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 auto;max-width:1200px;padding:1em 2em;
