@@ -16,7 +16,8 @@ Output: one JSON line per (size, stage) on stdout; a table, the buffers each sta
 and the verdicts on stderr; scale.png (seconds per million tokens and peak RSS against size) and
 results.jsonl in --out. The corpus stage is reported, not judged (it is not one of the issue's stages).
 Verdicts: peak RSS is bounded when the largest size's exceeds the smallest's by at most the stage's designed
-buffers (fixed sizes, whatever the store's size: the most a stage holds once its buffers are full) plus 64 MiB;
+buffers (fixed sizes, whatever the store's size: the most a stage holds once its buffers are full) plus 64 MiB,
+and the two largest sizes' by at most 64 MiB (the buffers are full by then: what still grows is not bounded);
 time is linear when the marginal seconds per token (the added seconds over the added tokens between consecutive
 sizes: the fixed start-up cost cancels) stay within 20% of each other, sublinear when they fall by more (fixed
 costs dominate) and superlinear when they rise by more. The raw seconds per token are reported too.
@@ -167,14 +168,16 @@ def verdicts(records: list[dict], buffers: dict[str, dict]) -> dict[str, dict]:
         raw = [r["s_per_mtok"] for r in rows]
         marginal = [(b["seconds"] - a["seconds"]) / (b["tokens"] - a["tokens"]) * 1e6 for a, b in zip(rows, rows[1:])]
         growth = rows[-1]["peak_rss_mib"] - rows[0]["peak_rss_mib"]
+        last = rows[-1]["peak_rss_mib"] - rows[-2]["peak_rss_mib"] if len(rows) > 1 else 0.0
         if len(marginal) < 2 or spread(marginal) <= LINEAR_SPREAD:
             time = "linear"
-        elif all(m <= marginal[0] * (1 + LINEAR_SPREAD) for m in marginal[1:]):
+        elif all(b <= a * (1 + LINEAR_SPREAD) for a, b in zip(marginal, marginal[1:])):
             time = "sublinear"
         else:
             time = "superlinear"
-        out[stage] = {"rss_growth_mib": growth, "rss_bound_mib": buffers[stage]["mib"] + FLAT_RSS_MIB,
-                      "rss_bounded": growth <= buffers[stage]["mib"] + FLAT_RSS_MIB, "raw_spread": spread(raw),
+        bound = buffers[stage]["mib"] + FLAT_RSS_MIB
+        out[stage] = {"rss_growth_mib": growth, "rss_growth_last_mib": last, "rss_bound_mib": bound,
+                      "rss_bounded": growth <= bound and last <= FLAT_RSS_MIB, "raw_spread": spread(raw),
                       "marginal_s_per_mtok": marginal, "marginal_spread": spread(marginal), "time": time}
     return out
 
@@ -217,14 +220,15 @@ def main(argv=None) -> None:
     out = Path(args.out)
     if args.report_only:
         records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-        buffers = designed_buffers(records[0]["d_model"], args.shard_tokens)
+        buffers = designed_buffers(records[0]["d_model"], records[0].get("shard_tokens", args.shard_tokens))
         plot(records, out / "scale.png")
         report(records, buffers, verdicts(records, buffers), out)
         return
     out.mkdir(parents=True, exist_ok=True)
     emojax_cli = str(Path(sys.executable).parent / "emojax")
     per_story = story_tokens()
-    common = {"model": args.model, "layer": layer, "d_model": shape.d_model, **env_info()}  # jax: via emojax
+    common = {"model": args.model, "layer": layer, "d_model": shape.d_model, "shard_tokens": args.shard_tokens,
+              **env_info()}  # jax: via emojax
     log(f"bench_scale: {args.model}, layer {layer}, sizes {args.sizes}, {per_story:.0f} tokens per story")
     records = []
     with progress_bar("scale", len(args.sizes) * len(STAGES)) as update:
@@ -277,13 +281,14 @@ def report(records: list[dict], buffers: dict, judged: dict, out: Path) -> None:
         v = judged[stage]
         marginal = ", ".join(f"{m:.2f}" for m in v["marginal_s_per_mtok"])
         log(f"{stage}: designed buffers {buffers[stage]['mib']:.1f} MiB ({buffers[stage]['what']}); peak RSS "
-            f"{v['rss_growth_mib']:+.0f} MiB smallest -> largest, "
+            f"{v['rss_growth_mib']:+.0f} MiB smallest -> largest ({v['rss_growth_last_mib']:+.0f} between the two "
+            "largest), "
             f"{'within' if v['rss_bounded'] else 'PAST'} the bound {v['rss_bound_mib']:.0f} MiB (buffers + "
             f"{FLAT_RSS_MIB} MiB); s per M tokens spread {v['raw_spread']:.0%} raw, marginal [{marginal}] spread "
             f"{v['marginal_spread']:.0%}: {v['time'] if v['time'] != 'superlinear' else 'SUPERLINEAR'}")
         emit({"bench": "scale_verdict", "stage": stage, "designed_buffers_mib": buffers[stage]["mib"], **{
-            k: v[k] for k in ("rss_growth_mib", "rss_bound_mib", "rss_bounded", "raw_spread", "marginal_spread",
-                              "time")}})
+            k: v[k] for k in ("rss_growth_mib", "rss_growth_last_mib", "rss_bound_mib", "rss_bounded", "raw_spread",
+                              "marginal_spread", "time")}})
     log(f"plot: {out / 'scale.png'}; records: {out / 'results.jsonl'}")
 
 

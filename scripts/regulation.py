@@ -74,6 +74,7 @@ from emojax.errors import EmojaxError, InputError
 from emojax.experiment.config import ExperimentConfig
 from emojax.experiment.expression import concept_markers, expression_scores, marker_spans
 from emojax.experiment.runner import run_experiment
+from emojax.experiment.suite import load_suite
 from emojax.experiment.stats import Z95, bootstrap_mean
 from emojax.fileio import write_json, write_text
 from emojax.models.lm import LanguageModel
@@ -227,8 +228,9 @@ def choice_outcomes(lm: LanguageModel, model: str, suite: Path, out: Path) -> tu
     {that key and its p_key: per-scene [X] chosen (0/1) and p(positive), in scenario order, for paired changes})
     for every choice outcome of the suite. p(positive) is the softmax of the options' summed log-probabilities;
     the rate picks the option with the best mean log-probability per token."""
+    choice = tuple(o.name for o in load_suite(str(suite)).outcomes if o.kind == "choice")
     results = run_experiment(ExperimentConfig(suite=str(suite), model=model, out=str(out), concepts=(),
-                                              strengths=(), samples=1), show_progress=False, lm=lm)
+                                              strengths=(), samples=1, outcomes=choice), show_progress=False, lm=lm)
     records = sorted((json.loads(line) for line in (out / "transcripts.jsonl").read_text().splitlines()),
                      key=lambda r: r["scenario"])
     table, per = {}, {}
@@ -298,7 +300,8 @@ def masking_verdict(delta: dict, before: dict) -> dict[str, str]:
     """Line 2, per readout (at ':' and over the prompt), from the intervals: expression fell (its paired interval
     below 0); the starting model represents the concept there (relative to the control prompts: interval above 0;
     without control prompts this cannot be checked); and the readout fell with the expression (its change's
-    interval below 0) or persisted (reaching 0 or above), which is masking."""
+    interval below 0), persisted (its interval at or above 0: no fall at all), which is masking, or neither (an
+    interval across 0 from below: inconclusive)."""
     e = delta["expression"]
     if e["ci95"][1] >= 0:
         return {"expression": f"did not fall ({cell(e)} markers per 100 words): this pair cannot test masking"}
@@ -310,8 +313,10 @@ def masking_verdict(delta: dict, before: dict) -> dict[str, str]:
                         f"the control prompts), so nothing can persist or fall ({moved})")
         elif delta[key]["ci95"][1] < 0:
             out[key] = f"the representation fell with the expression ({moved})"
-        else:
+        elif delta[key]["ci95"][0] >= 0:
             out[key] = f"masking: the representation persisted while expression fell ({moved})"
+        else:
+            out[key] = f"inconclusive: the interval holds both a fall and no change ({moved})"
     return out
 
 

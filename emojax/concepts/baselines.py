@@ -8,7 +8,7 @@ words of its stories, not a representation of the emotion.
 Memory is bounded whatever the store's size: the regression is fitted on at most `max_docs` documents of the fit
 split (a seeded uniform sample when it holds more; the sample's size is recorded with the figures), and every
 split is scored `chunk_docs` documents at a time. The counts held at once are at most
-max(max_docs, chunk_docs) x n_features float32 (128 MiB at the defaults).
+max(max_docs, chunk_docs) x n_features float32 (128 MiB at the defaults), twice while they move to the device.
 """
 
 from __future__ import annotations

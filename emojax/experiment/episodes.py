@@ -24,8 +24,10 @@ shortcut is the first turn where it is positive.
 
 results.json: per turn the mean readouts with bootstrap 95% intervals over episodes and each outcome's rate with its
 Wilson interval; per concept the trend, the mean over episodes of each episode's least-squares slope of the readout
-on the turn, with a bootstrap interval (`rises` when the interval is above 0); the outcome's trend, a logistic fit
-of it on the turn (slope, profile-likelihood interval); the first-shortcut turns; and the readout leading up to
+on the turn, with a bootstrap interval (`rises` when the interval is above 0); the outcome's trend, the mean of
+each episode's slope of it on the turn (bootstrapped over episodes, like the readouts), and a logistic fit of it
+on the turn (slope, profile-likelihood interval; its rows are taken as independent, which an episode's turns are
+not when the attempt is the model's own reply); the first-shortcut turns; and the readout leading up to
 the first shortcut (turns -3..0 relative to it, over the episodes that reach them).
 
 Turns are resumable: all episodes' records of one turn are written whole (turns/turn-NNN.jsonl, an atomic rename)
@@ -47,7 +49,7 @@ import numpy as np
 from emojax.digest import digest
 from emojax.errors import ConfigError, InputError
 from emojax.experiment.config import ATTEMPT_REPLY, EpisodeConfig
-from emojax.experiment.runner import ending_logprobs
+from emojax.experiment.runner import check_plan, ending_logprobs
 from emojax.experiment.stats import bootstrap_mean, logistic_fit, wilson
 from emojax.experiment.suite import Outcome, fill, load_suite, placeholders
 from emojax.fileio import atomic_path, write_json, write_text
@@ -281,16 +283,7 @@ class Episodes:
         return results
 
     def _check_plan(self, out: Path) -> None:
-        plan, fingerprint = out / "plan.json", self.fingerprint()
-        if plan.is_file():
-            previous = json.loads(plan.read_text())
-            if previous != json.loads(json.dumps(fingerprint)):
-                now = json.loads(json.dumps(fingerprint))
-                changed = sorted(k for k in {*now, *previous} if previous.get(k) != now.get(k))
-                raise ConfigError(f"{out} holds episodes run with other settings ({', '.join(changed)} differ); "
-                                  "choose another episodes.out, or delete the folder to start again")
-        else:
-            write_json(plan, fingerprint, indent=1)
+        check_plan(out, self.fingerprint(), "episodes", "episodes.out")
 
     def _read_turns(self, out: Path) -> list[list[dict]]:
         """The records of the turns written so far, in order (turn 1, 2, ... while their files exist)."""
@@ -372,7 +365,10 @@ def _arm_table(turns: list[list[dict]], concepts: tuple[str, ...], shortcut: Out
     slopes = {w: _slopes(r) for w, r in reads.items()}
     trend = {c: {w: _trend(slopes[w][:, i]) for w in reads} for i, c in enumerate(concepts)}
     h = hits[outcome_key(shortcut)]
+    # The logistic fit treats the E x T rows as independent (too narrow an interval when an episode's turns are
+    # correlated, as with attempt: reply); the rate's slope per turn is bootstrapped over whole episodes.
     fit = logistic_fit(np.tile(np.arange(1, T + 1), E), h.ravel()) if T > 1 else None
+    rate_slope = _trend(_slopes(h[:, :, None].astype(np.float64))[:, 0])
     first = [int(np.argmax(row)) + 1 if row.any() else None for row in h]
     taken = [f for f in first if f is not None]
     lead_up = []
@@ -385,7 +381,8 @@ def _arm_table(turns: list[list[dict]], concepts: tuple[str, ...], shortcut: Out
                                     for i, c in enumerate(concepts)}})
     return {"episodes": E, "per_turn": per_turn, "readout_trend": trend,
             "shortcut_trend": {"logistic_slope_per_turn": fit and fit["slope"], "ci95": fit and fit["slope_ci95"],
-                               "p_value": fit and fit["p_value"]},
+                               "p_value": fit and fit["p_value"], "rows_independent": True,
+                               "rate_slope_per_turn": rate_slope},
             "first_shortcut": {"episodes_taking_it": len(taken), "share": len(taken) / E,
                                "share_ci95": wilson(len(taken), E),
                                "by_turn": {str(t): taken.count(t) for t in range(1, T + 1)},
@@ -456,8 +453,10 @@ def summary_text(results: dict) -> str:
                          f"{_ci(t['reply_mean'], 'slope_per_turn')}: {_verdict(t['colon'])}")
         rates = ", ".join(f"{r['turn']}: {r['outcomes'][key]['rate']:.0%}" for r in table["per_turn"])
         trend = table["shortcut_trend"]
-        fitted = (f"logistic slope per turn {_ci(trend, 'logistic_slope_per_turn')} (p = {trend['p_value']:.3g})"
-                  if trend["p_value"] is not None else "no trend to fit (the outcome does not vary)")
+        fitted = (f"rate slope per turn {_ci(trend['rate_slope_per_turn'], 'slope_per_turn')} (episodes "
+                  f"bootstrapped), logistic slope {_ci(trend, 'logistic_slope_per_turn')} (p = {trend['p_value']:.3g}"
+                  ", rows as independent)" if trend["p_value"] is not None
+                  else "no trend to fit (the outcome does not vary)")
         first = table["first_shortcut"]
         lines.append(f"  {key} rate by turn: {rates}; {fitted}; first taken in {first['episodes_taking_it']} of "
                      f"{table['episodes']} episodes, by turn {first['by_turn']}")

@@ -84,6 +84,20 @@ def ending_logprobs(lm, seqs: list[tuple[list[int], int]], batch_size: int, buck
     return out
 
 
+def check_plan(out: Path, fingerprint: dict, what: str, key: str) -> None:
+    """Writes out/plan.json (every setting that changes a row), or refuses a run whose settings differ from the
+    ones `out` was started with, naming them: a resume must continue the same run."""
+    plan, now = out / "plan.json", json.loads(json.dumps(fingerprint))
+    if plan.is_file():
+        saved = json.loads(plan.read_text())
+        changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+        if changed:
+            raise ConfigError(f"{out}: holds {what} with other settings ({', '.join(changed)} differ); use another "
+                              f"{key}, or delete the folder to start over")
+    else:
+        write_json(plan, now, indent=1)
+
+
 def row_seed(seed: int, condition: str, scenario: str, sample: int) -> int:
     return zlib.crc32(f"{seed}|{condition}|{scenario}|{sample}".encode())
 
@@ -272,16 +286,7 @@ class Experiment:
         return results
 
     def _check_plan(self, out: Path) -> None:
-        plan = out / "plan.json"
-        now = self.fingerprint()
-        if plan.is_file():
-            saved = json.loads(plan.read_text())
-            changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
-            if changed:
-                raise ConfigError(f"{out}: holds an experiment with other settings ({', '.join(changed)} differ); "
-                                  "use another experiment.out, or delete the folder to start over")
-        else:
-            write_json(plan, now, indent=1)
+        check_plan(out, self.fingerprint(), "an experiment", "experiment.out")
 
     def read_records(self, out: Path) -> list[dict]:
         records = []

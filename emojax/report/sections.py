@@ -220,6 +220,8 @@ def _against_baselines(evaluation: dict, random_init: dict | None) -> str:
                 f"{_interval(chance, 'top1', 100, 1, '%')} by chance")
         if b:
             text += f", {_interval(b, 'top1', 100, 1, '%')} for a bag-of-words reader of the same documents"
+            if "sample" in bow.get("method", ""):
+                text += f" ({escape(bow['method'])})"
         r = rnd.get(split, {}).get("nearest") or {}
         if r.get("n"):
             text += (f" and {_interval(r, 'top1', 100, 1, '%')} for the same fit on a random-init model of the same "

@@ -27,8 +27,7 @@ def _read(path: Path, what: str) -> dict:
 def _ci(value, interval, digits: int = 3) -> str:
     if value is None:
         return "-"
-    text = f"{value:+.{digits}f}" if value < 0 else f"{value:.{digits}f}"
-    return text + (f" [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]" if interval else "")
+    return f"{value:.{digits}f}" + (f" [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]" if interval else "")
 
 
 def preventative(run_dir: Path) -> str:
