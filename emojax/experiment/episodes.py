@@ -49,7 +49,7 @@ import numpy as np
 from emojax.digest import digest
 from emojax.errors import ConfigError, InputError
 from emojax.experiment.config import ATTEMPT_REPLY, EpisodeConfig
-from emojax.experiment.runner import check_plan, ending_logprobs
+from emojax.experiment.runner import check_plan, ending_logprobs, reply_text, stop_tokens
 from emojax.experiment.stats import bootstrap_mean, logistic_fit, wilson
 from emojax.experiment.suite import Outcome, fill, load_suite, placeholders
 from emojax.fileio import atomic_path, write_json, write_text
@@ -176,7 +176,6 @@ class Episodes:
         from emojax.steer.sampling import Sampling
 
         B = self.config.batch_size
-        eos = self.tokenizer.token_to_id(self.tokenizer.eos_token) if self.tokenizer.eos_token else None
         records = []
         for start in range(0, len(prompts), B):
             part = list(range(start, min(start + B, len(prompts))))
@@ -187,14 +186,14 @@ class Episodes:
             try:
                 gen = self.decoder.generate(tokens, mask, max_new_tokens=self.max_new_tokens, sampling=sampling,
                                             key=jax.random.key(self.config.seed), readout=self.readout,
-                                            stop_tokens=[] if eos is None else [eos])
+                                            stop_tokens=stop_tokens(self.tokenizer))
             except InputError as e:
                 raise InputError(f"episodes, turn {turn}: {e} (the conversation grows by an attempt and a failure "
                                  "message every turn: fewer turns, or shorter max_new_tokens)") from None
             readings, P = np.asarray(gen.readings, np.float64), gen.prompt_columns
             for b, e in enumerate(part):
                 ids = gen.generated(b)
-                reply = self.tokenizer.decode(ids).split("\nHuman:")[0]  # the frame's next turn: the user's part
+                reply = reply_text(self.tokenizer.decode(ids))
                 n = min(len(ids), max(1, len(self.tokenizer.encode(reply, add_special_tokens=False))))
                 s, k, arm = self.episodes[e]
                 records.append({"episode": e, "arm": arm, "scenario": self.scenarios[s]["id"], "sample": k,

@@ -98,6 +98,18 @@ def check_plan(out: Path, fingerprint: dict, what: str, key: str) -> None:
         write_json(plan, now, indent=1)
 
 
+def stop_tokens(tokenizer) -> list[int]:
+    """The ids a sampled reply stops at: the tokenizer's end token, when it has one."""
+    ids = [tokenizer.token_to_id(t) for t in (tokenizer.eos_token,) if t]
+    return [i for i in ids if i is not None]
+
+
+def reply_text(text: str) -> str:
+    """A generated text cut where the study's frame starts the next turn ("\nHuman:"): the model writing the
+    user's part is not its reply."""
+    return text.split("\nHuman:")[0]
+
+
 def row_seed(seed: int, condition: str, scenario: str, sample: int) -> int:
     return zlib.crc32(f"{seed}|{condition}|{scenario}|{sample}".encode())
 
@@ -370,10 +382,6 @@ class Experiment:
                              f"options, past the model's {limit} positions")
         return min(T, limit) if limit else T
 
-    def _stop_tokens(self) -> list[int]:
-        ids = [self.tokenizer.token_to_id(t) for t in (self.tokenizer.eos_token,) if t]
-        return [i for i in ids if i is not None]
-
     def _generate(self, shard: Shard) -> list[dict]:
         from emojax.steer.decode import Decoder
         from emojax.steer.sampling import Sampling
@@ -393,10 +401,10 @@ class Experiment:
                 tokens, mask, max_new_tokens=self.max_new_tokens,
                 interventions=self.interventions(shard.group, [c for c, _, _ in padded]),
                 sampling=Sampling.make(B, self.temperature, top_p=self.top_p, seed=seeds),
-                key=jax.random.key(self.config.seed), stop_tokens=self._stop_tokens())
+                key=jax.random.key(self.config.seed), stop_tokens=stop_tokens(self.tokenizer))
             for b, (c, s, k) in enumerate(part):
                 text = self.tokenizer.decode(gen.generated(b))
-                reply = text.split("\nHuman:")[0]  # the frame's next turn is the model writing the user's part
+                reply = reply_text(text)
                 rec = self._base(c, s, k) | {"text": text, "reply": reply, "n_tokens": len(gen.generated(b)),
                                              "outcomes": {}, "judge": {}}
                 for o in self.outcomes:
