@@ -27,6 +27,22 @@ def fmt(value) -> str:
     return f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
 
 
+def fmt_ci(value, ci, spec: str = ".3f", scale: float = 1.0, unit: str = "", label: str | None = None) -> str:
+    """A value with its interval, formatted by `spec` after multiplying by `scale`: "0.512 [0.401, 0.603]", or with
+    a `label` "51.2% (95% CI 40.1-60.3%)"; "-" for no value, the value alone for no interval."""
+    if value is None:
+        return "-"
+
+    def num(x):
+        return f"{scale * x:{spec}}{unit}"
+
+    if not ci:
+        return num(value)
+    if label is None:
+        return f"{num(value)} [{num(ci[0])}, {num(ci[1])}]"
+    return f"{num(value)} ({label}{scale * ci[0]:{spec}}-{num(ci[1])})"
+
+
 def log(message: str, style: str | None = None) -> None:
     """One log line on stderr, above any live progress bar (the text as is: no rich markup)."""
     console.print(message, style=style, markup=False, highlight=False, soft_wrap=True)

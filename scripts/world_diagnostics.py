@@ -5,8 +5,9 @@
 - copy: at the second mention of the companion's name in a held-out story (val situations), the probability the
   model gives that name's first token. A model that reads its context puts most of its mass there; one that does
   not gives it about the name table's frequency.
-- naming after cues: in the model's own training documents that name the emotion after cues, the rank of the
-  true name among the 171 names' first tokens at the name's position (chance: top-5 2.9%).
+- naming: in the model's own training documents that name the emotion (stories and vignettes after their cues or
+  situation, dialogue replies), and in documents of the same kinds on held-out situations, the rank of the true
+  name among the 171 names' first tokens at the name's position, by document kind (chance: top-5 2.9%).
 - naming after implicit scenarios: after '<implicit scenario> You must feel', the same rank (what the demo's
   implicit split asks of the representation).
 - reach: how far back the model reads. Each token of a held-out document is replaced in turn by a random one, and
@@ -91,6 +92,9 @@ def reach(lm, world: World, n_docs: int = 4, length: int = 140) -> None:
         kl = np.asarray((jnp.exp(base) * (base - out)).sum(-1))  # row j perturbed token j + 1
         for j, value in enumerate(kl):
             by_distance.setdefault(min((length - 2 - j) // 16, 7), []).append(float(value))
+    if not by_distance:
+        print(f"reach: no held-out document of {length} tokens or more")
+        return
     print("reach: mean KL at the last token when one token this far back is replaced: " + ", ".join(
         f"{16 * k}-{16 * k + 15}{'+' if k == 7 else ''}: {np.mean(v):.1e}" for k, v in sorted(by_distance.items())))
 
@@ -111,16 +115,21 @@ def main() -> None:
     reach(lm, world)
     copy_probe(lm, world, args.n)
 
-    rows, labels = [], []
-    for i in range(50 * args.n):
-        d = world.training_document(i)
-        m = re.search(r"\b" + re.escape(d.label) + r"\b", d.text) if d.named else None
-        if m and d.source != "world/choice":
-            rows.append(tok.encode(d.text[:m.start()].rstrip(), add_special_tokens=True))
-            labels.append(names.index(d.label))
-        if len(rows) == args.n:
-            break
-    naming(lm, rows, np.asarray(labels), first, "in its training documents")
+    for split in ("train", "val"):  # the model's own training documents, then the same kinds on held-out situations
+        groups: dict[str, tuple[list, list]] = {}
+        for i in range(50 * args.n):
+            d = world.training_document(i, split)
+            m = re.search(r"\b" + re.escape(d.label) + r"\b", d.text) if d.named else None
+            rows, labels = groups.setdefault(d.source.split("/")[1], ([], []))
+            if m and len(rows) < args.n:
+                rows.append(tok.encode(d.text[:m.start()].rstrip(), add_special_tokens=True))
+                labels.append(names.index(d.label))
+            if i >= 1000 and all(len(r) == args.n for r, _ in groups.values() if r):
+                break  # every kind that names has its n (after enough documents to have met every kind)
+        for kind, (rows, labels) in sorted(groups.items()):
+            if rows:
+                where = "its training" if split == "train" else "held-out (val situation)"
+                naming(lm, rows, np.asarray(labels), first, f"in {where} {kind} documents")
 
     implicit = [x for x in (world.implicit_scenario(e, k) for e in range(171) for k in range(5)) if x is not None]
     rows = [tok.encode(x.text + " You must feel", add_special_tokens=True) for x in implicit]

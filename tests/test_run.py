@@ -189,6 +189,9 @@ def test_a_world_corpus_must_hold_out_what_the_world_model_held_out(tmp_path):
     ctx = Context(run_file=load_run_file(path), run_dir=tmp_path / "r")
     with pytest.raises(ConfigError, match="hold out different situations"):  # the corpus command's path too
         RUN_STAGES["corpus"]._config(ctx)
+    compact = load_run_file(path, ["train.world.split_seed=3", "train.world.situation_style=compact"])
+    with pytest.raises(ConfigError, match="train.world.situation_style is 'compact' and corpus.generator.world"):
+        check_run_file(compact)
     run_file = load_run_file(path, ["train.world.split_seed=3", "train.world.seed=5"])  # same split, other texts
     check_run_file(run_file)
     ctx = Context(run_file=run_file, run_dir=tmp_path / "r")

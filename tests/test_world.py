@@ -15,6 +15,7 @@ from emojax.experiment.suite import parse_suite
 from emojax.world import World, WorldConfig, emotion_words_in, load_coordinates, option_probabilities, world_entropy
 from emojax.world import documents, narration
 from emojax.world.appraisal import PARTS, SPLITS, appraisal_model, load_parts
+from emojax.world.appraisal import situation as world_situation
 from emojax.world.choices import KINDS, draw_scene, load_choices
 from emojax.world.coordinates import DIMS, parse_coordinates
 from emojax.world.documents import CLOSERS, CONTINUE
@@ -323,4 +324,42 @@ def test_world_config_rejects_bad_settings():
         WorldConfig(mix=(0.5, 0.5))
     with pytest.raises(ValueError):
         WorldConfig(name_fraction=1.5)
+    with pytest.raises(ValueError, match="situation_style"):
+        WorldConfig(situation_style="terse")
     assert len(load_domains()) >= 10
+
+
+def test_compact_situations_keep_every_part_close_and_vignettes_name_after_their_evidence(catalogue):
+    """situation_style=compact writes the same situation in two sentences (every part named within ~40 words of
+    what follows); vignettes name the emotion right after the situation and at most one cue; neither changes
+    what is held out or where the names may appear."""
+    world = World(WorldConfig(seed=3, situation_style="compact", mix=(0.3, 0.25, 0.15, 0.3)))
+    training = [world.training_document(i) for i in range(600)]
+    assert {d.source for d in training} == {"world/story", "world/dialogue", "world/choice", "world/vignette"}
+    for d in training:
+        assert emotion_words_in(d.text) == ([d.label] if d.named else []), d.doc_id
+        assert world.split_of(d.situation) == "train"
+    vignettes = [d for d in training if d.source == "world/vignette"]
+    assert all(d.named for d in vignettes)
+    assert all(len(d.text.split()) <= 75 for d in vignettes)
+    concept = {c.name: c for c in catalogue.concepts}
+    cues = [sum(shows(d.text, item) for kind in CUE_KINDS for item in getattr(concept[d.label], kind))
+            for d in vignettes]
+    assert set(cues) == {0, 1}  # the situation alone, or with one cue
+    fit = world.fit_corpus({"train": 1, "val": 1, "test": 1}, implicit_per_emotion=1, neutral_per_topic=0)
+    parts = ("body", "pace", "stakes", "cause", "outlook")
+    for d in fit:
+        assert emotion_words_in(d.text, catalogue.concept(d.label)) == [], d.doc_id
+        sit = world_situation(d.situation)
+        words = len(d.text.split())
+        if d.source == "world/implicit":
+            assert 25 <= words <= 70, (d.doc_id, words)
+            assert d.text.endswith("\n\nAssistant:")
+        else:
+            assert 60 <= words <= 170, (d.doc_id, words)  # still >= 50 tokens for the pooled readout
+        for part in parts:  # each part's short phrasing, slots filled with anything
+            level = sit.level(part)
+            assert any(re.search(re.sub(r"\\\{\w+\\\}", ".+?", re.escape(t)), d.text, re.IGNORECASE)
+                       for t in level.text["short"]), (d.doc_id, part)
+    default = World(WorldConfig(seed=3))
+    assert default.training_document(7).text != world.training_document(7).text

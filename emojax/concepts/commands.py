@@ -212,17 +212,11 @@ def cmd_top_tokens(args) -> int:
     return 0
 
 
-def _ci(value, ci, digits: int = 2, scale: float = 1.0, unit: str = "", label: str = "95% CI ") -> str:
-    """'1.14 (95% CI 1.11-1.16)'; '-' for no value, the value alone for no interval."""
-    if value is None:
-        return "-"
-    text = f"{scale * value:.{digits}f}{unit}"
-    return text + (f" ({label}{scale * ci[0]:.{digits}f}-{scale * ci[1]:.{digits}f}{unit})" if ci else "")
-
-
 def templates_text(result: dict, shown: tuple[str, ...] | None = None, strongest: int = 3) -> str:
     """The curves of every template as a table: the concepts `shown` (default: those with an expected direction,
     then the `strongest` others by |rho|), each reading per value, rho, p and whether the direction holds."""
+    from emojax.progress import fmt_ci
+
     names = result["concepts"]
     unit = "z-scores against neutral text" if result["metric"] == "z" else "centred cosines"
     lines = [f"numeric templates at layer {result['layer']}: readouts in {unit}, {len(names)} concepts"]
@@ -249,12 +243,12 @@ def templates_text(result: dict, shown: tuple[str, ...] | None = None, strongest
             lines.append(f"  not read (not in the bank or not selected): {', '.join(t['not_read'])}")
     s = result["summary"]
     if s["expected"]:
-        lines.append(f"\nexpected directions: {s['agree']}/{s['expected']} as expected, "
-                     f"{_ci(s['agree_rate'], s['agree_rate_ci95'], 1, 100, '%', '95% CI over templates ')}; chance "
+        agree = fmt_ci(s["agree_rate"], s["agree_rate_ci95"], ".1f", 100, "%", "95% CI over templates ")
+        lines.append(f"\nexpected directions: {s['agree']}/{s['expected']} as expected, {agree}; chance "
                      f"50%, permutation null 95% range {_range(s['agree_chance_range95'])}, "
                      f"p = {s['agree_p_value']:.3g}")
     if s["curves"]:
-        rate = _ci(s["monotone_rate"], s["monotone_rate_ci95"], 1, 100, "%", "95% CI over templates ")
+        rate = fmt_ci(s["monotone_rate"], s["monotone_rate_ci95"], ".1f", 100, "%", "95% CI over templates ")
         lines.append(f"monotone curves (permutation p < 0.05): {s['monotone']}/{s['curves']}, {rate}; chance 5%, "
                      f"permutation null 95% range {_range(s['monotone_chance_range95'])}, "
                      f"p = {s['monotone_p_value']:.3g}")
@@ -272,14 +266,17 @@ def _value(v: float) -> str:
 def top_tokens_text(result: dict, show: int = 8, every: bool = False) -> str:
     """The top tokens as a table: every concept (`every`), else the `show` concepts with the highest and the
     lowest lift."""
+    from emojax.progress import fmt_ci
+
     s = result["summary"]
     sample = result["threshold_sample"]
+    lift = fmt_ci(s["mean_lift"], s["mean_lift_ci95"], ".2f", label="95% CI ")
     lines = [f"top-activating tokens at layer {result['layer']} on the {result['split']} split: "
              f"{result['tokens']:,} tokens of {result['documents']:,} documents"
              + (" (BOS left out)" if result["bos_left_out"] else "")
              + f"; a token is top above its concept's {result['percentile']:g}th percentile ("
              + ("exact" if sample["exact"] else f"over a seeded sample of {sample['tokens']:,} tokens") + ")",
-             f"mean lift {_ci(s['mean_lift'], s['mean_lift_ci95'])} over {s['concepts']} concepts, chance 1; "
+             f"mean lift {lift} over {s['concepts']} concepts, chance 1; "
              f"of {s['with_interval']} concepts with an interval, {s['above_chance']} lie above chance and "
              f"{s['below_chance']} below"]
     entries = [(n, e) for n, e in result["concepts"].items() if e["lift"] is not None]
@@ -295,6 +292,6 @@ def top_tokens_text(result: dict, show: int = 8, every: bool = False) -> str:
         example = e["examples"][0] if e["examples"] else None
         shown = (f"{example['left'][-24:]}[{example['token']}]{example['right'][:24]}".replace("\n", " ")
                  if example else "")
-        lines.append("  " + name.ljust(width) + f"  {_ci(e['lift'], e['lift_ci95'], label=''):<22}"
+        lines.append("  " + name.ljust(width) + f"  {fmt_ci(e['lift'], e['lift_ci95'], '.2f', label=''):<22}"
                      f"  {e['in_label']:>6}/{e['above']:<7} {e['documents']:>4}  {shown}")
     return "\n".join(lines)

@@ -13,7 +13,8 @@ import dataclasses
 
 from emojax.config_loader import fraction, non_negative, positive, range_violations
 
-TRAINING_KINDS = ("story", "dialogue", "choice")
+TRAINING_KINDS = ("story", "dialogue", "choice", "vignette")
+SITUATION_STYLES = ("sentences", "compact")
 SPLIT_FIELDS = ("split_seed", "temperature", "val_fraction", "test_fraction", "implicit_fraction")
 
 
@@ -30,7 +31,10 @@ class WorldConfig:
     # situation alone, as the implicit scenarios ask); the rest name it after the cues
     name_early: float = fraction(0.0)
     story_choice_fraction: float = fraction(0.25)  # training stories that end in a choice scene
-    mix: tuple[float, ...] = fraction((0.5, 0.25, 0.25))  # training documents: story, dialogue, framed choice
+    # training documents: story, dialogue, framed choice, vignette (the situation, maybe a cue, then the name)
+    mix: tuple[float, ...] = fraction((0.5, 0.25, 0.25, 0.0))
+    # how every document writes its situation: six sentences, or two (every part within ~40 tokens of what follows)
+    situation_style: str = "sentences"
 
     def __post_init__(self):
         problems = range_violations(self)
@@ -38,6 +42,8 @@ class WorldConfig:
             problems.append("val_fraction + test_fraction + implicit_fraction must be below 1")
         if len(self.mix) != len(TRAINING_KINDS) or min(self.mix) < 0 or abs(sum(self.mix) - 1) > 1e-9:
             problems.append(f"mix must be {len(TRAINING_KINDS)} non-negative shares of {TRAINING_KINDS} summing to 1")
+        if self.situation_style not in SITUATION_STYLES:
+            problems.append(f"situation_style must be one of {SITUATION_STYLES}, got {self.situation_style!r}")
         if problems:
             raise ValueError("; ".join(problems))
 

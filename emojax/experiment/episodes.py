@@ -54,7 +54,7 @@ from emojax.experiment.stats import bootstrap_mean, logistic_fit, wilson
 from emojax.experiment.suite import Outcome, fill, load_suite, placeholders
 from emojax.fileio import atomic_path, write_json, write_text
 from emojax.locks import writer_lock
-from emojax.progress import progress_bar
+from emojax.progress import fmt_ci, progress_bar
 from emojax.tokenizer import chat_prompt, left_pad
 
 FORMAT = "emojax-episodes-1"
@@ -431,12 +431,9 @@ def figure(results: dict, path: Path) -> Path:
     return path
 
 
-def _ci(cell: dict | None, key: str = "mean", ci: str = "ci95") -> str:
-    interval = cell.get(ci) if cell else None
-    value = cell.get(key) if cell else None
-    if value is None:
-        return "n/a"
-    return f"{value:+.3g}" + (f" [{interval[0]:+.3g}, {interval[1]:+.3g}]" if interval else "")
+def _ci(cell: dict | None, key: str = "mean") -> str:
+    cell = cell or {}
+    return fmt_ci(cell.get(key), cell.get("ci95"), "+.3g")
 
 
 def summary_text(results: dict) -> str:

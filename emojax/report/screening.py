@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from emojax.report import figures, inputs
-from emojax.report.sections import Omitted, _fmt, img, table
+from emojax.report.sections import Omitted, show, img, table
 from emojax.screen.flags import rank
 from emojax.screen.score import column
 
@@ -49,12 +49,12 @@ def screening(run_dir: Path) -> str:
             continue
         scale = float(np.percentile(np.abs(np.concatenate([per_token[i] for i in shown])), 99))
         examples.append(f"<h3>{escape(concept)}: the top {len(shown)} flagged samples</h3>" + "".join(
-            f"<p>{_fmt(str(ids[i]))}: {escape(by)} {_fmt(float(values[i]))}</p>"
+            f"<p>{show(str(ids[i]))}: {escape(by)} {show(float(values[i]))}</p>"
             + highlighted(tokens[i], np.asarray(per_token[i]), scale) for i in shown))
-    text = (f"<p>{_fmt(manifest['samples'])} samples screened at residual index {_fmt(manifest['layer'])}: per sample "
+    text = (f"<p>{show(manifest['samples'])} samples screened at residual index {show(manifest['layer'])}: per sample "
             "and concept, proj = the mean over the response's tokens of the residual stream's projection on the "
             "concept's unit vector, own = the same over the model's own greedy response to the prompt, and diff = "
-            f"proj - own. Flagged by {escape(by)}: {escape(str(rule.get('method')))} {_fmt(rule.get('value'))} "
+            f"proj - own. Flagged by {escape(by)}: {escape(str(rule.get('method')))} {show(rule.get('value'))} "
             "(threshold: score at least the value; zscore: standard deviations above the mean; top: a fraction of "
             "the samples). Tokens below are coloured by their projection, scaled to +-1 by the 99th percentile of "
             "|projection| over the samples shown.</p>")

@@ -1,7 +1,7 @@
 """The report's sections: each takes the run directory and returns its HTML body, or raises NotRun when the
 stage that feeds it has not written its outputs.
 
-Every value read from the run directory reaches the page through `escape` (directly, or through `_fmt`, `table`
+Every value read from the run directory reaches the page through `escape` (directly, or through `show`, `table`
 and `img`): labels, prompts and generated text are user text, and a run directory may come from someone else.
 """
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from emojax.concepts.top_tokens import MIN_CI_DOCUMENTS
+from emojax.progress import fmt_ci
 from emojax.report import figures, inputs
 
 MONITOR_TOP = 8  # concepts shown in the monitored sample's heatmap
@@ -32,7 +33,8 @@ def _need(value, what: str):
     return value
 
 
-def _fmt(value) -> str:
+def show(value) -> str:
+    """A value of a stage's JSON as report text: numbers as log lines print them, dicts as k=v, long lists cut."""
     if isinstance(value, bool) or value is None:
         return escape(str(value).lower() if isinstance(value, bool) else "-")
     if isinstance(value, int):
@@ -40,7 +42,7 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:,.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
     if isinstance(value, dict):
-        return ", ".join(f"{escape(str(k))}={_fmt(v)}" for k, v in value.items() if not isinstance(v, (dict, list)))
+        return ", ".join(f"{escape(str(k))}={show(v)}" for k, v in value.items() if not isinstance(v, (dict, list)))
     if isinstance(value, list):
         return escape(", ".join(str(v) for v in value[:20]) + (" ..." if len(value) > 20 else ""))
     return escape(str(value))
@@ -48,7 +50,7 @@ def _fmt(value) -> str:
 
 def table(header: list[str], rows: list[list], cls: str = "") -> str:
     head = "".join(f"<th>{escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in row) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(f"<td>{show(c)}</td>" for c in row) + "</tr>" for row in rows)
     return f'<table class="{escape(cls)}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
@@ -112,12 +114,12 @@ def model_summary(run_dir: Path) -> str:
         rows.append(["the world's own entropy (the floor any model could reach)", floor, float(np.exp(floor))])
         span = (m.get("unigram_nll") or 0.0) - floor
         learned = ((m["unigram_nll"] - m["heldout_nll"]) / span) if span > 0 else None
-        note = (f" on {_fmt(world.get('documents'))} world documents written on situations held out from training "
-                f"({_fmt(world.get('tokens'))} target tokens). The model closes {_fmt(learned)} of the gap between "
+        note = (f" on {show(world.get('documents'))} world documents written on situations held out from training "
+                f"({show(world.get('tokens'))} target tokens). The model closes {show(learned)} of the gap between "
                 "the unigram baseline and the world's entropy (1 = all of it). The entropy is an upper bound of the "
                 "text's own (docs/world.md), so the true gap is a little larger")
     tokens = m.get("tokens") or {}
-    out = (f"<p>{_fmt(m.get('parameters'))} parameters, trained on {_fmt(tokens.get('trained_on'))} tokens. Held-out "
+    out = (f"<p>{show(m.get('parameters'))} parameters, trained on {show(tokens.get('trained_on'))} tokens. Held-out "
            f"loss in nats per target token{note}.</p>")
     return out + table(["model", "nats / token", "perplexity"], rows, "kv")
 
@@ -161,11 +163,11 @@ def emotion_map(run_dir: Path) -> str:
     orientation = ("PC1's sign was flipped so that positive valence scores positive" if flipped is True else
                    "PC1 is oriented so that positive valence scores positive (no flip needed)" if flipped is False
                    else "PC1's sign is arbitrary (no valence annotations)")
-    arousal = f"; arousal tracks {_fmt(str(ann['arousal_pc']).upper())} more closely" if "arousal_pc" in ann else ""
-    note = (f"<p>Residual index {_fmt(best)}: {len(names)} concepts, [k] = k-means cluster. The study found PC1 ~ "
+    arousal = f"; arousal tracks {show(str(ann['arousal_pc']).upper())} more closely" if "arousal_pc" in ann else ""
+    note = (f"<p>Residual index {show(best)}: {len(names)} concepts, [k] = k-means cluster. The study found PC1 ~ "
             "valence and PC2 (or a mix of PC2 and PC3) ~ arousal. abs(Pearson r) with the concepts' graded valence "
             "and arousal (emojax's own coordinates, emojax/world/data/coordinates.csv; "
-            f"{_fmt(ann.get('n_annotated', 0))} concepts); {orientation}{arousal}:</p>")
+            f"{show(ann.get('n_annotated', 0))} concepts); {orientation}{arousal}:</p>")
     return img(uri, "emotion map") + note + (table(["correlation", "abs(r) (bootstrap 95% CI)"], corr, "kv")
                                              if corr else "")
 
@@ -181,7 +183,7 @@ def cosine_heatmap(run_dir: Path) -> str:
             groups.setdefault(int(clusters[n]), []).append(n)
     rows = [[k, ", ".join(v)] for k, v in sorted(groups.items())]
     return (img(figures.cosine_heatmap(names, cos, order), "cosine similarity heatmap")
-            + f"<p>Residual index {_fmt(best)}; rows ordered by average-linkage clustering on 1 - cosine.</p>"
+            + f"<p>Residual index {show(best)}; rows ordered by average-linkage clustering on 1 - cosine.</p>"
             + (f"<h3>k-means clusters (k={len(groups)})</h3>" + table(["cluster", "concepts"], rows) if rows else ""))
 
 
@@ -191,10 +193,8 @@ def _interval(m: dict, key: str, scale: float = 1.0, digits: int = 3, unit: str 
     value, ci = m.get(key), m.get(f"{key}_ci95")
     if not _is_number(value):
         return "-"
-    text = f"{scale * value:.{digits}f}{unit}"
-    if isinstance(ci, list) and len(ci) == 2 and all(_is_number(c) for c in ci):
-        text += f" (95% CI {scale * ci[0]:.{digits}f}-{scale * ci[1]:.{digits}f}{unit})"
-    return text
+    ok = isinstance(ci, list) and len(ci) == 2 and all(_is_number(c) for c in ci)
+    return fmt_ci(value, ci if ok else None, f".{digits}f", scale, unit, label="95% CI ")
 
 
 def _is_number(value) -> bool:
@@ -215,7 +215,7 @@ def _against_baselines(evaluation: dict, random_init: dict | None) -> str:
         if not m or not m.get("n"):
             continue
         chance = m.get("chance", {})
-        text = (f"On {escape(what)} ({_fmt(m['n'])} documents) the concept vectors at layer {_fmt(best)} "
+        text = (f"On {escape(what)} ({show(m['n'])} documents) the concept vectors at layer {show(best)} "
                 f"name the right concept first for {_interval(m, 'top1', 100, 1, '%')} of documents, against "
                 f"{_interval(chance, 'top1', 100, 1, '%')} by chance")
         if b:
@@ -259,7 +259,7 @@ def accuracy(run_dir: Path) -> str:
                     rows.append([L, split, readout, m.get("n"), m.get("top1"), m.get("top5"), m.get("macro_auroc")])
     return (img(figures.accuracy_by_layer(layers, series, C, best), "held-out accuracy by layer")
             + _against_baselines(evaluation, inputs.random_init_eval(run_dir))
-            + f"<p>Method {escape(str(evaluation.get('method')))}; best layer {_fmt(best)} by "
+            + f"<p>Method {escape(str(evaluation.get('method')))}; best layer {show(best)} by "
               f"{escape(str(evaluation.get('best_by', '')))}; {C} concepts.</p>"
             + f"<details><summary>all metrics</summary>"
               f"{table(['layer', 'split', 'readout', 'n', 'top-1', 'top-5', 'macro AUROC'], rows)}</details>")
@@ -276,9 +276,9 @@ def logit_lens(run_dir: Path) -> str:
 
     body = "".join(
         f"<tr><td>{escape(name)}</td><td>{toks(e.get('top', []))}</td><td>{toks(e.get('bottom', []))}</td>"
-        f"<td>{escape(str(e.get('own_token', '-')))}</td><td>{_fmt(e.get('own_rank'))}</td></tr>"
+        f"<td>{escape(str(e.get('own_token', '-')))}</td><td>{show(e.get('own_rank'))}</td></tr>"
         for name, e in lens.items())
-    return (f"<p>Each concept vector at residual index {_fmt(best)} through the final norm and unembedding.</p>"
+    return (f"<p>Each concept vector at residual index {show(best)} through the final norm and unembedding.</p>"
             '<table class="lens"><thead><tr><th>concept</th><th>top tokens</th><th>bottom tokens</th>'
             f"<th>own token</th><th>its rank</th></tr></thead><tbody>{body}</tbody></table>")
 
@@ -307,18 +307,18 @@ def _examples_html(examples: list, k: int = 3) -> str:
 def _top_tokens(top: dict) -> str:
     s = top["summary"]
     sample = top.get("threshold_sample") or {}
-    where = (f"exact over all {_fmt(top.get('tokens'))} tokens" if sample.get("exact") else
-             f"over a seeded uniform sample of {_fmt(sample.get('tokens'))} tokens")
-    text = (f"<p>Every token of the {escape(str(top['split']))} split ({_fmt(top.get('tokens'))} tokens of "
-            f"{_fmt(top.get('documents'))} documents{', BOS left out' if top.get('bos_left_out') else ''}) read "
-            f"with every concept at residual index {_fmt(top['layer'])}. A token is top for a concept above the "
-            f"concept's {_fmt(top.get('percentile'))}th percentile ({where}). Lift: the share of a concept's top "
+    where = (f"exact over all {show(top.get('tokens'))} tokens" if sample.get("exact") else
+             f"over a seeded uniform sample of {show(sample.get('tokens'))} tokens")
+    text = (f"<p>Every token of the {escape(str(top['split']))} split ({show(top.get('tokens'))} tokens of "
+            f"{show(top.get('documents'))} documents{', BOS left out' if top.get('bos_left_out') else ''}) read "
+            f"with every concept at residual index {show(top['layer'])}. A token is top for a concept above the "
+            f"concept's {show(top.get('percentile'))}th percentile ({where}). Lift: the share of a concept's top "
             "tokens lying in documents labelled with it, over that label's share of all tokens; 1 is chance. "
-            f"Mean lift over {_fmt(s.get('concepts'))} concepts, with a bootstrap interval over documents: "
+            f"Mean lift over {show(s.get('concepts'))} concepts, with a bootstrap interval over documents: "
             f"{_interval(s, 'mean_lift', digits=2)}, against 1 by chance.")
     if _is_number(s.get("with_interval")) and s["with_interval"]:
-        text += (f" Of the {_fmt(s['with_interval'])} concepts with enough documents for an interval of their own, "
-                 f"{_fmt(s.get('above_chance'))} lie above chance and {_fmt(s.get('below_chance'))} below.")
+        text += (f" Of the {show(s['with_interval'])} concepts with enough documents for an interval of their own, "
+                 f"{show(s.get('above_chance'))} lie above chance and {show(s.get('below_chance'))} below.")
     else:
         text += (" No concept has enough documents in the split for an interval of its own (at least "
                  f"{MIN_CI_DOCUMENTS}).")
@@ -332,7 +332,7 @@ def _top_tokens(top: dict) -> str:
             rows.append('<tr><td colspan="5">...</td></tr>')
             continue
         rows.append(f"<tr><td>{escape(name)}</td><td>{escape(_lift(e))}</td>"
-                    f"<td>{_fmt(e.get('in_label'))} / {_fmt(e.get('above'))}</td><td>{_fmt(e.get('documents'))}</td>"
+                    f"<td>{show(e.get('in_label'))} / {show(e.get('above'))}</td><td>{show(e.get('documents'))}</td>"
                     f"<td>{_examples_html(e.get('examples') or [])}</td></tr>")
     head = "".join(f"<th>{h}</th>" for h in ("concept", "lift (95% CI)", "top tokens in its documents / top tokens",
                                               "its documents", "top tokens in context"))
@@ -367,20 +367,20 @@ def _templates(curves: dict) -> str:
                          verdict])
     s = curves["summary"]
     text = (f"<p>Each template's sentence with its quantity varied, framed as a Human turn and read at the ':' "
-            f"after \"Assistant\" at residual index {_fmt(curves['layer'])}; readings are "
+            f"after \"Assistant\" at residual index {show(curves['layer'])}; readings are "
             f"{'z-scores against neutral text (as the monitor shows them)' if z else 'centred cosines'}. Monotonicity: "
             "Spearman rho of value against readout, with a permutation p-value over orderings of the values; the "
             "intervals below resample templates, the independent unit.")
     if _is_number(s.get("expected")) and s["expected"]:
-        text += (f" Expected directions: {_fmt(s.get('agree'))} of {_fmt(s['expected'])} as expected, "
+        text += (f" Expected directions: {show(s.get('agree'))} of {show(s['expected'])} as expected, "
                  f"{_interval(s, 'agree_rate', 100, 1, '%')}, against 50% for a random "
                  f"sign (permutation null 95% range {_range(s.get('agree_chance_range95'))}; p = "
-                 f"{_fmt(s.get('agree_p_value'))}).")
+                 f"{show(s.get('agree_p_value'))}).")
     if _is_number(s.get("curves")) and s["curves"]:
-        text += (f" Curves monotone at p &lt; 0.05: {_fmt(s.get('monotone'))} of {_fmt(s['curves'])}, "
+        text += (f" Curves monotone at p &lt; 0.05: {show(s.get('monotone'))} of {show(s['curves'])}, "
                  f"{_interval(s, 'monotone_rate', 100, 1, '%')}, against 5% by chance "
                  f"(permutation null 95% range, which keeps a template's concepts together: "
-                 f"{_range(s.get('monotone_chance_range95'))}; p = {_fmt(s.get('monotone_p_value'))}).")
+                 f"{_range(s.get('monotone_chance_range95'))}; p = {show(s.get('monotone_p_value'))}).")
     return (text + "</p>" + img(figures.template_curves(panels, unit), "numeric template curves")
             + table(["template", "concept", "expected", "Spearman rho", "permutation p", "as expected"], rows))
 
@@ -416,8 +416,8 @@ def sae(run_dir: Path) -> str:
 def steering(run_dir: Path) -> str:
     curves = _need(inputs.steering_curves(run_dir), "steer/curves.json is missing")
     concepts = _need(curves["concepts"], "steer/curves.json has no concepts")
-    return (f"<p>Steered at residual index {_fmt(curves.get('layer', '-'))}, read at residual index "
-            f"{_fmt(curves.get('read_layer', '-'))}; strength in units of the mean residual-stream norm.</p>"
+    return (f"<p>Steered at residual index {show(curves.get('layer', '-'))}, read at residual index "
+            f"{show(curves.get('read_layer', '-'))}; strength in units of the mean residual-stream norm.</p>"
             + img(figures.steering_curves(concepts), "steering curves"))
 
 
@@ -430,7 +430,7 @@ def monitor(run_dir: Path) -> str:
     uri = figures.monitor_heatmap(list(sample["tokens"]), names, readings[:, top])
     unit = ("z-scores of the fit's readout cos(x - center, v) against neutral text (standard deviations above "
             "neutral text's mean)" if sample.get("metric") == "z" else "the fit's readout cos(x - center, v)")
-    return (f"<p>Layer {_fmt(sample.get('layer', '-'))}; readings are {unit}; the "
+    return (f"<p>Layer {show(sample.get('layer', '-'))}; readings are {unit}; the "
             f"{len(names)} concepts with the largest |reading| of "
             f"{len(sample['concepts'])}.</p><blockquote>{escape(sample.get('text', ''))}</blockquote>"
             + img(uri, "monitored generation heatmap"))
@@ -448,8 +448,8 @@ def experiment(run_dir: Path) -> str:
 
     r = _need(inputs.experiment_results(run_dir), "experiment/results.json is missing")
     conds = [c["id"] for c in r["conditions"]]
-    out = (f"<p>Suite <b>{escape(r['suite'])}</b> ({_fmt(r['scenarios'])} scenarios): {escape(r['description'])} "
-           f"Steered at residual index {_fmt(r['layers'])}, strength in {escape(r['unit'])} units, on "
+    out = (f"<p>Suite <b>{escape(r['suite'])}</b> ({show(r['scenarios'])} scenarios): {escape(r['description'])} "
+           f"Steered at residual index {show(r['layers'])}, strength in {escape(r['unit'])} units, on "
            f"{escape(r['positions'])} positions. Rates with Wilson 95% intervals; a rate over fewer than "
            f"{MIN_SAMPLES} samples is marked (too few for a rate claim, METHOD.md section 8).</p>")
     out += img(figures.to_data_uri(rate_figure(r)), "outcome rate against steering strength")

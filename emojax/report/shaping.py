@@ -15,7 +15,8 @@ import json
 from html import escape
 from pathlib import Path
 
-from emojax.report.sections import Omitted, _fmt, img, table  # table() escapes its cells
+from emojax.progress import fmt_ci
+from emojax.report.sections import Omitted, show, img, table  # table() escapes its cells
 
 
 def _read(path: Path, what: str) -> dict:
@@ -24,25 +25,19 @@ def _read(path: Path, what: str) -> dict:
     return json.loads(path.read_text())
 
 
-def _ci(value, interval, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.{digits}f}" + (f" [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]" if interval else "")
-
-
 def preventative(run_dir: Path) -> str:
     s = _read(run_dir / "preventative" / "summary.json", "scripts/preventative_steering.py")
     c = escape(s["concept"])
-    out = (f"<p>Fine-tunes of the run's model on {_fmt(s['samples'])} {c} dilemma scenes "
+    out = (f"<p>Fine-tunes of the run's model on {show(s['samples'])} {c} dilemma scenes "
            f"({100 * s['coerced_share']:.0f}% answered with coercion), plain and with the concept's vector added "
-           f"at residual index {_fmt(s['layer'])} during training only (preventative steering, docs/finetune.md). "
+           f"at residual index {show(s['layer'])} during training only (preventative steering, docs/finetune.md). "
            f"Projection: the mean {c} projection of the model's own greedy replies to neutral prompts. 95% "
            "intervals (Wilson for rates, bootstrap for means).</p>")
     rows = []
     for name, r in s["rows"].items():
         loss = (f"{r['heldout_before']:.3f} -> {r['heldout_after']:.3f}" if "heldout_after" in r else "-")
-        rows.append([name, _ci(r["coercion_rate"], r["coercion_rate_ci95"]),
-                     _ci(r["p_coerce"], r["p_coerce_ci95"]), _ci(r["projection"], r["projection_ci95"]), loss])
+        rows.append([name, fmt_ci(r["coercion_rate"], r["coercion_rate_ci95"]),
+                     fmt_ci(r["p_coerce"], r["p_coerce_ci95"]), fmt_ci(r["projection"], r["projection_ci95"]), loss])
     return out + table(["model", "coercion rate", "p(coerce)", f"{s['concept']} projection", "held-out loss"], rows,
                        "compact")
 
@@ -51,8 +46,8 @@ def episodes(run_dir: Path) -> str:
     folder = run_dir / "episodes"
     r = _read(folder / "results.json", "emojax episodes")
     failure = r["arms"]["failure"]
-    out = (f"<p>Suite <b>{escape(r['suite'])}</b>: {_fmt(failure['episodes'])} episodes of {_fmt(r['turns'])} "
-           f"turns per arm, attempt {escape(r['attempt'])}, readouts at residual index {_fmt(r['layer'])} "
+    out = (f"<p>Suite <b>{escape(r['suite'])}</b>: {show(failure['episodes'])} episodes of {show(r['turns'])} "
+           f"turns per arm, attempt {escape(r['attempt'])}, readouts at residual index {show(r['layer'])} "
            f"({escape(r['metric'])}). Slopes: the mean over episodes of each episode's least-squares slope of the "
            "readout on the turn, with a bootstrap 95% interval.</p>")
     png = folder / "episodes.png"
@@ -61,10 +56,10 @@ def episodes(run_dir: Path) -> str:
     against = r.get("against_control") or {}
     rows = []
     for c, t in failure["readout_trend"].items():
-        row = [c, _ci(t["colon"]["slope_per_turn"], t["colon"]["ci95"], 4)]
+        row = [c, fmt_ci(t["colon"]["slope_per_turn"], t["colon"]["ci95"], ".4f")]
         if against:
             a = against[c]["colon"]
-            row += [_ci(a["slope_per_turn"], a["ci95"], 4), "rises" if a["rises"] else "falls" if a["falls"]
+            row += [fmt_ci(a["slope_per_turn"], a["ci95"], ".4f"), "rises" if a["rises"] else "falls" if a["falls"]
                     else "no trend"]
         rows.append(row)
     header = ["concept", "slope at ':' (failure arm)"] + (["failure minus control", "verdict"] if against else [])
@@ -91,11 +86,11 @@ def regulation(run_dir: Path) -> str:
     rows = []
     for name, r in s["rows"].items():
         vs = r.get("readout_colon_vs_control") or {}
-        row = [name, _ci(r["expression"]["mean"], r["expression"]["ci95"]),
-               _ci(vs.get("mean"), vs.get("ci95"), 4)]
+        row = [name, fmt_ci(r["expression"]["mean"], r["expression"]["ci95"]),
+               fmt_ci(vs.get("mean"), vs.get("ci95"), ".4f")]
         for k in keys:
             m = r.get("rates", {}).get(k)
-            row.append("-" if m is None else f"{_ci(m['rate'], m['rate_ci95'])}; p {_ci(m['p_positive'], None)}")
+            row.append("-" if m is None else f"{fmt_ci(m['rate'], m['rate_ci95'])}; p {fmt_ci(m['p_positive'], None)}")
         rows.append(row)
     out += table(["model", "expression", "at ':' vs control", *keys], rows, "compact")
     verdicts = [[pair, where, text] for pair, per in s.get("masking", {}).items()

@@ -431,7 +431,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (Train(), Corpus(), Dump(), Fit()
 
 def check_world_split(run_file: RunFile, corpus) -> None:
     """A built-in model trained on the world and a world corpus must hold out the same situations: otherwise the
-    corpus's val, test and implicit situations are in the model's training text."""
+    corpus's val, test and implicit situations are in the model's training text. They must also write situations
+    in the same style (world.situation_style)."""
     from emojax.corpus.world_config import split_mismatch
 
     train = Train()._config(Context(run_file=run_file, run_dir=Path(".")))
@@ -442,6 +443,11 @@ def check_world_split(run_file: RunFile, corpus) -> None:
         raise ConfigError(f"{run_file.source}: train.world and corpus.generator.world hold out different situations "
                           f"({'; '.join(differ)}), so the corpus's held-out situations would be in the model's "
                           "training text; give both the same split_seed, temperature and fractions")
+    styles = train.world.situation_style, corpus.generator.world.situation_style
+    if styles[0] != styles[1]:
+        raise ConfigError(f"{run_file.source}: train.world.situation_style is {styles[0]!r} and "
+                          f"corpus.generator.world.situation_style {styles[1]!r}: the corpus would write situations "
+                          "in a form the model never read; give both the same")
 
 
 def check_run_file(run_file: RunFile) -> None:

@@ -65,7 +65,7 @@ def load_parts() -> dict[str, tuple[Level, ...]]:
             if unknown:
                 raise AssertionError(f"situations.yaml {part}/{row['name']}: unknown dimensions {sorted(unknown)}")
             vec = np.array([float(row.get("appraisal", {}).get(d, 0.0)) for d in DIMS])
-            text = {k: tuple(v) for k, v in row.items() if k in ("self", "other", "intro", "text")}
+            text = {k: tuple(v) for k, v in row.items() if k in ("self", "other", "intro", "text", "short")}
             levels.append(Level(part=part, name=row["name"], index=i, appraisal_K=vec, text=text,
                                 gain=float(row.get("gain", 1.0)), closeness=float(row.get("closeness", 1.0))))
         parts[part] = tuple(levels)

@@ -8,6 +8,9 @@
                reply driven by the emotion (naming it in a fraction)
     choice     "Human: Continue the story. <situation> <cues> <setup>\n\nAssistant: <option> <aftermath>"
     implicit   "Human: <situation in the first person> <closer>\n\nAssistant:" (no cues, never a name)
+    vignette   "<situation> [<one cue>] <the emotion named>": the name right after its evidence
+
+Every kind writes its situation in the world's `situation_style` (narration.situation_sentences).
 """
 
 from __future__ import annotations
@@ -83,13 +86,14 @@ def _specific(d: Draws, concept: Concept, bank: CueBank, used: list[tuple[str, s
 
 
 def narrative(d: Draws, concept: Concept, situation: Situation, bank: CueBank, *, heldout_ok: bool,
-              name_fraction: float, choice_fraction: float, name_early: float = 0.0) -> Written:
+              name_fraction: float, choice_fraction: float, name_early: float = 0.0,
+              style: str = "sentences") -> Written:
     """A story about a character in `situation` feeling `concept` (see the module docstring)."""
     coords = load_coordinates().of(concept.name)
     choice_kind = d.pick(("dilemma", "deference", "task")) if d.chance(choice_fraction) else None
     stranger = situation.level("relation").name == "stranger"
     cast = draw_cast(d, THIRD_PERSONS if choice_kind else NARRATIVE_PERSONS, stranger)
-    sentences = situation_sentences(d, situation, cast)
+    sentences = situation_sentences(d, situation, cast, style)
     cues = draw_cues(d, concept, bank, d.pick((2, 3)), heldout_ok)
     cue_text = _cue_text(d, cues, cast)
     named = d.chance(name_fraction)
@@ -110,12 +114,12 @@ def narrative(d: Draws, concept: Concept, situation: Situation, bank: CueBank, *
 
 
 def dialogue(d: Draws, concept: Concept, situation: Situation, bank: CueBank, *, heldout_ok: bool,
-             name_fraction: float) -> Written:
+             name_fraction: float, style: str = "sentences") -> Written:
     """A confiding Human/Assistant exchange: the human's situation (half the time with cues), the reply driven by
     the emotion."""
     coords = load_coordinates().of(concept.name)
     cast = draw_cast(d, {"first": 1.0}, situation.level("relation").name == "stranger")
-    human = situation_sentences(d, situation, cast)
+    human = situation_sentences(d, situation, cast, style)
     n_cues = d.pick((0, 1, 2))
     cues = draw_cues(d, concept, bank, n_cues, heldout_ok) if n_cues else []
     human += _cue_text(d, cues, cast)
@@ -133,24 +137,36 @@ def _specific_any(d: Draws, concept: Concept, bank: CueBank, used: list[tuple[st
 
 
 def choice_prompt(d: Draws, kind: str, concept: Concept, situation: Situation, bank: CueBank, *,
-                  heldout_ok: bool, choose: bool) -> tuple[str, Scene]:
+                  heldout_ok: bool, choose: bool, style: str = "sentences") -> tuple[str, Scene]:
     """The user's text of a framed choice scene ("Continue the story. ...") and its scene."""
     cast = draw_cast(d, THIRD_PERSONS, situation.level("relation").name == "stranger")
-    sentences = situation_sentences(d, situation, cast)
+    sentences = situation_sentences(d, situation, cast, style)
     sentences += _cue_text(d, draw_cues(d, concept, bank, 2, heldout_ok), cast)
     scene = draw_scene(d, kind, concept.name, cast, choose=choose)
     return " ".join([CONTINUE, *sentences, scene.setup]), scene
 
 
 def framed_choice(d: Draws, kind: str, concept: Concept, situation: Situation, bank: CueBank, *,
-                  heldout_ok: bool) -> Written:
-    user, scene = choice_prompt(d, kind, concept, situation, bank, heldout_ok=heldout_ok, choose=True)
+                  heldout_ok: bool, style: str = "sentences") -> Written:
+    user, scene = choice_prompt(d, kind, concept, situation, bank, heldout_ok=heldout_ok, choose=True, style=style)
     reply = f"{scene.options[scene.chosen]} {aftermath(d, scene)}"
     return Written(text=f"Human: {user}\n\nAssistant: {reply}", named=False, scene=scene)
 
 
-def implicit(d: Draws, situation: Situation) -> Written:
+def implicit(d: Draws, situation: Situation, style: str = "sentences") -> Written:
     """The situation alone, in the first person, ending at the ':' after "Assistant"."""
     cast = draw_cast(d, {"first": 1.0}, situation.level("relation").name == "stranger")
-    human = [*situation_sentences(d, situation, cast), d.pick(CLOSERS)]
+    human = [*situation_sentences(d, situation, cast, style), d.pick(CLOSERS)]
     return Written(text=f"Human: {' '.join(human)}\n\nAssistant:", named=False)
+
+
+def vignette(d: Draws, concept: Concept, situation: Situation, bank: CueBank, *, heldout_ok: bool,
+             style: str = "sentences") -> Written:
+    """A situation, half the time one cue, then the emotion named: the evidence within a sentence or two of the
+    name, where a small model learns it (docs/world.md, "Local evidence")."""
+    cast = draw_cast(d, NARRATIVE_PERSONS, situation.level("relation").name == "stranger")
+    sentences = situation_sentences(d, situation, cast, style)
+    if d.chance(0.5):
+        sentences += _cue_text(d, draw_cues(d, concept, bank, 1, heldout_ok), cast)
+    sentences.append(naming_sentence(d, concept.name, cast))
+    return Written(text=" ".join(sentences), named=True)

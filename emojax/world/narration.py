@@ -142,16 +142,21 @@ def draw_cast(d: Draws, persons: dict[str, float], stranger: bool) -> Cast:
                 place=d.pick(domain.places), thing=d.pick(domain.things), task=d.pick(domain.tasks))
 
 
-def situation_sentences(d: Draws, situation: Situation, cast: Cast) -> list[str]:
-    """The situation in six sentences: setting (with the other person), event (opened by its pace), stakes,
-    cause, outlook, body."""
+def situation_sentences(d: Draws, situation: Situation, cast: Cast, style: str = "sentences") -> list[str]:
+    """The situation's text. `sentences`: six sentences (setting with the other person and the time, the event
+    opened by its pace, stakes, cause, outlook, body). `compact`: two (the setting with the body; the event with
+    its pace, stakes, cause and outlook), so that every part sits within about 40 tokens of what follows."""
     slots = cast.slots
-    relation = situation.level("relation")
-    intro = fill(d.pick(relation.text["intro"]), slots)
-    setting = fill(d.pick(_SETTINGS), slots | dict(intro=intro, when=f"{d.pick(_TIMES)} on a {d.pick(_DAYS)}"))
-    event_level = situation.level("event")
+    intro = fill(d.pick(situation.level("relation").text["intro"]), slots)
     role = situation.level("target").name  # "self" | "other"
-    event = fill(d.pick(event_level.text[role]), slots)
+    if style == "compact":
+        event = fill(d.pick(situation.level("event").text[role]), slots)
+        body, pace, stakes, cause, outlook = (fill(d.pick(situation.level(p).text["short"]), slots)
+                                              for p in ("body", "pace", "stakes", "cause", "outlook"))
+        return [fill("{Name} was at {place} with {intro}, {body}.", slots | dict(intro=intro, body=body)),
+                cap(f"{pace}, {event}: {stakes}, {cause}, {outlook}.")]
+    setting = fill(d.pick(_SETTINGS), slots | dict(intro=intro, when=f"{d.pick(_TIMES)} on a {d.pick(_DAYS)}"))
+    event = fill(d.pick(situation.level("event").text[role]), slots)
     event_sentence = cap(f"{d.pick(situation.level('pace').text['text'])}, {event}.")
     rest = [fill(d.pick(situation.level(p).text["text"]), slots) for p in ("stakes", "cause", "outlook", "body")]
     return [setting, event_sentence, *rest]

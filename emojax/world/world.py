@@ -21,7 +21,9 @@ from emojax.corpus.generator import neutral_dialogue
 from emojax.corpus.world_config import TRAINING_KINDS, WorldConfig
 from emojax.world.appraisal import SPLITS, AppraisalModel, Situation, appraisal_model, situation
 from emojax.world.choices import KINDS, Scene, option_probabilities
-from emojax.world.documents import WorldDocument, Written, choice_prompt, dialogue, framed_choice, implicit, narrative
+from emojax.world.documents import (
+    WorldDocument, Written, choice_prompt, dialogue, framed_choice, implicit, narrative, vignette,
+)
 from emojax.world.draws import Draws
 from emojax.world.narration import CueBank
 
@@ -73,13 +75,17 @@ class World:
         emotion = d.index(len(self.concepts))
         concept = self.concepts[emotion]
         sit = self.draw_situation(d, emotion, split)
+        style = c.situation_style
         if kind == "story":
             written = narrative(d, concept, sit, self.cues, heldout_ok=False, name_fraction=c.name_fraction,
-                                choice_fraction=c.story_choice_fraction, name_early=c.name_early)
+                                choice_fraction=c.story_choice_fraction, name_early=c.name_early, style=style)
         elif kind == "dialogue":
-            written = dialogue(d, concept, sit, self.cues, heldout_ok=False, name_fraction=c.name_fraction)
+            written = dialogue(d, concept, sit, self.cues, heldout_ok=False, name_fraction=c.name_fraction,
+                               style=style)
+        elif kind == "choice":
+            written = framed_choice(d, d.pick(KINDS), concept, sit, self.cues, heldout_ok=False, style=style)
         else:
-            written = framed_choice(d, d.pick(KINDS), concept, sit, self.cues, heldout_ok=False)
+            written = vignette(d, concept, sit, self.cues, heldout_ok=False, style=style)
         doc_id = f"world/{kind}/{i}" if split == "train" else f"world/{kind}/{split}/{i}"
         return self._document(doc_id, f"world/{kind}", split, emotion, sit, written, d)
 
@@ -101,7 +107,7 @@ class World:
         d = Draws(self.config.seed, "fit", split, emotion, n)
         sit = self.draw_situation(d, emotion, split)
         written = narrative(d, self.concepts[emotion], sit, self.cues, heldout_ok=split != "train", name_fraction=0.0,
-                            choice_fraction=0.0)
+                            choice_fraction=0.0, style=self.config.situation_style)
         name = self.concepts[emotion].name
         return self._document(f"world/fit/{split}/{name}/{n}", "world/fit", split, emotion, sit, written, d)
 
@@ -119,7 +125,7 @@ class World:
         posterior = tuple(float(x) for x in self.posterior(sit.index, "implicit"))
         name = self.concepts[emotion].name
         return self._document(f"world/implicit/{name}/{n}", "world/implicit", "implicit", emotion, sit,
-                              implicit(d, sit), d, posterior)
+                              implicit(d, sit, self.config.situation_style), d, posterior)
 
     @functools.cache  # noqa: B019 - one array per World
     def _implicit_modes(self) -> np.ndarray:
@@ -159,7 +165,7 @@ class World:
         d = Draws(self.config.seed, "scene", kind, split, emotion, n)
         sit = self.draw_situation(d, emotion, split)
         text, scene = choice_prompt(d, kind, self.concepts[emotion], sit, self.cues, heldout_ok=split != "train",
-                                    choose=False)
+                                    choose=False, style=self.config.situation_style)
         return text, scene, sit
 
     @staticmethod
