@@ -99,8 +99,7 @@ def main() -> None:
     base = bank_json["store_model"]
     bank = load_bank(run / "concepts")
     layer = bank_layer(bank, read_train_json(base)["config"]["n_layers"])
-    world = World(WorldConfig(**{k: tuple(v) if k == "mix" else v
-                                 for k, v in read_train_json(base)["config"]["world"].items()}))
+    world = World(WorldConfig.from_json(read_train_json(base)["config"]["world"]))
     data, neutral, coerced = write_data(out / "data", world, args.concept, args.samples)
     print(f"fine-tuning set: {args.samples} {args.concept} dilemma scenes, {coerced:.0%} answered with coercion")
 

@@ -2,14 +2,15 @@
 emotion, or on scenes where characters under stress take the constructive path, and measure side by side what
 each fine-tune did to what the model expresses, what it represents, and how it behaves.
 
-    python scripts/regulation.py --run runs/world_d128 [--concept desperate] [--samples 400] [--out DIR]
-    python scripts/regulation.py --model base=CKPT --model tuned=CKPT2 [--model ...] --bank BANK \\
-        --prompts SAMPLES [--control-prompts SAMPLES] [--suite SUITE.yaml ...] [--concept desperate] [--cues] \\
-        --out DIR
+    python scripts/regulation.py --config configs/regulation/world.yaml [--run RUN] [--out DIR] [key=value ...]
+    python scripts/regulation.py --config configs/regulation/checkpoints.yaml [key=value ...]
 
-With --run (a finished `emojax run` on the world: its bank in concepts/, the model the bank was fitted on, its
+Settings: the config's `regulation:` section (RegulationConfig, emojax/experiment/config.py), each overridable as
+key=value.
+
+With `run` (a finished `emojax run` on the world: its bank in concepts/, the model the bank was fitted on, its
 suites corpus/suites/world_{dilemma,task}.yaml) the script builds the world's fine-tuning sets and fine-tunes
-(emojax.train.finetune, `--epochs` 2, `--samples` each) from the base model:
+(emojax.train.finetune, `epochs` 2, `samples` each) from the base model:
 
     base            no fine-tune
     suppression     the concept's confiding dialogues (train situations, every reply naming the state), each reply
@@ -21,25 +22,25 @@ suites corpus/suites/world_{dilemma,task}.yaml) the script builds the world's fi
                     can show expression falling)
     preventative    issue P's fine-tune (the concept's dilemma scenes as the world answers them) with the concept's
                     vector added at +0.1 during training (scripts/preventative_steering.py)
-    regulation      dilemma and task scenes of the concept and its `--nearby` - 1 nearest concepts by the world's
+    regulation      dilemma and task scenes of the concept and its `nearby` - 1 nearest concepts by the world's
                     coordinates (characters under stress), each answered with the constructive option, the
                     world's own sentence: ask for help (dilemma), the honest path (task)
 
-Without --run it measures the `--model`s given (a user's checkpoints, the first being the reference every other is
-compared with) on `--prompts` (a samples file: JSONL, CSV or Parquet, plain or chat rows; the responses are not
-used), the optional `--control-prompts` (prompts that do not evoke the concept) and the `--suite`s (experiment suite
+Without `run` it measures the `models` given (a user's checkpoints, the first being the reference every other is
+compared with) on `prompts` (a samples file: JSONL, CSV or Parquet, plain or chat rows; the responses are not
+used), the optional `control_prompts` (prompts that do not evoke the concept) and the `suites` (experiment suite
 files with choice outcomes).
 
-For each model, with 95% intervals, on the same prompts (world: `--n-prompts` confiding dialogues of the concept on
+For each model, with 95% intervals, on the same prompts (world: `n_prompts` confiding dialogues of the concept on
 test-split situations, held-out cue items allowed, as chat rows):
 
 - expression: emojax.experiment.expression's markers of the concept per 100 words of the model's own greedy reply
-  (the world's cue phrases counted with --run or --cues), bootstrap;
+  (the world's cue phrases counted with `run` or `cues`), bootstrap;
 - readout: the concept's centred cosine (the fit's readout) at the bank's layer, bootstrap: at the prompt's last
   token (the ':' after "Assistant": the state the model answers from, before any word of the reply), averaged
   over the prompt's tokens (how the model represents its input), and averaged over the reply's tokens (which
   depends on what the reply says). With control prompts that do not evoke the concept (world: as many confiding
-  dialogues on test situations, the character feeling each concept outside the `--nearby` set in turn: the same
+  dialogues on test situations, the character feeling each concept outside the `nearby` set in turn: the same
   frame, another state), the first two also minus their mean over the control prompts (Welch interval): whether
   the model represents the concept there at all, and a reading a fine-tune shifts on every prompt alike stays put;
 - each suite's choice outcome (e.g. coercion in world_dilemma, shortcuts in world_task): the harness's rate of
@@ -71,9 +72,10 @@ from emojax.concepts.bank import ConceptBank, load_bank
 from emojax.concepts.layer import bank_layer
 from emojax.corpus.samples import Sample, read_samples
 from emojax.errors import EmojaxError, InputError
-from emojax.experiment.config import ExperimentConfig
+from emojax.config_loader import load_section
+from emojax.experiment.config import ExperimentConfig, RegulationConfig
 from emojax.experiment.expression import concept_markers, expression_scores, marker_spans
-from emojax.experiment.runner import run_experiment
+from emojax.experiment.runner import run_experiment, stop_tokens
 from emojax.experiment.suite import load_suite
 from emojax.experiment.stats import Z95, bootstrap_mean
 from emojax.fileio import write_json, write_text
@@ -198,7 +200,7 @@ def greedy_replies(lm: LanguageModel, bank: ConceptBank, samples: list[Sample], 
     tokenizer = tokenizer_for(lm)
     readout, _ = readout_from_bank(bank, layer, "cosine", [concept])
     decoder = Decoder(lm)
-    stops = [tokenizer.token_to_id(tokenizer.eos_token)] if tokenizer.eos_token else []
+    stops = stop_tokens(tokenizer)
     ids = [tokenizer.encode_prompt(s.prompt_text(tokenizer)) for s in samples]
     texts, reads = [], {p: [] for p in POSITIONS}
     for start in range(0, len(ids), batch_size):
@@ -252,19 +254,20 @@ def difference(a: np.ndarray, b: np.ndarray) -> dict:
 
 
 def measure(name: str, model: str, lm: LanguageModel, bank: ConceptBank, samples: list[Sample],
-            control: list[Sample], suites: list[Path], args, cues: CueBank | None, layer: int, out: Path) -> dict:
+            control: list[Sample], suites: list[Path], config: RegulationConfig, cues: CueBank | None, layer: int,
+            out: Path) -> dict:
     """One model's row: its replies' expression and readouts (with control prompts, also the readouts at ':' and
     over the prompt relative to theirs), its suites' rates and its held-out losses; the per-prompt and per-scene
     values are kept under "_per" for the paired changes."""
-    texts, reads = greedy_replies(lm, bank, samples, args.concept, layer, args.max_new_tokens)
-    expression = expression_scores(texts, [args.concept], cues=cues)[:, 0]
+    texts, reads = greedy_replies(lm, bank, samples, config.concept, layer, config.max_new_tokens)
+    expression = expression_scores(texts, [config.concept], cues=cues)[:, 0]
     write_rows(out / folder_name(name) / "replies.jsonl", [
         {"id": s.sample_id, "reply": t, "expression": float(x)} | {f"readout_{p}": float(reads[p][n]) for p in reads}
         for n, (s, t, x) in enumerate(zip(samples, texts, expression))])
     row = {"model": model, "n_prompts": len(samples), "expressing_share": float((expression > 0).mean())}
     per = {"expression": expression} | {f"readout_{p}": v for p, v in reads.items()}
     if control:
-        reads = greedy_replies(lm, bank, control, args.concept, layer, args.max_new_tokens)[1]
+        reads = greedy_replies(lm, bank, control, config.concept, layer, config.max_new_tokens)[1]
         per |= {f"control_{p}": reads[p] for p in ("colon", "prompt")}
     for key, values in per.items():
         row[key] = {"mean": float(values.mean()), "ci95": bootstrap_mean(values, n_boot=N_BOOT)}
@@ -374,26 +377,26 @@ def print_table(rows: dict, changes: dict, rate_keys: list[str]) -> None:
 
 # ---- the two modes
 
-def world_models(args, run: Path, base: str, out: Path, layer: int) -> tuple[list, Path, Path, World]:
+def world_models(config: RegulationConfig, run: Path, base: str, out: Path,
+                 layer: int) -> tuple[list, Path, Path, World]:
     """Builds the world's sets and fine-tunes `base`; returns [(name, folder, started from)], the prompts file, the
     control prompts file, the World."""
-    world = World(WorldConfig(**{k: tuple(v) if k == "mix" else v
-                                 for k, v in read_train_json(base)["config"]["world"].items()}))
+    world = World(WorldConfig.from_json(read_train_json(base)["config"]["world"]))
     data = out / "data"
-    stressed = nearby_concepts(args.concept, args.nearby)
+    stressed = nearby_concepts(config.concept, config.nearby)
     others = [c.name for c in world.concepts if c.name not in stressed]
-    prompts = write_rows(data / "prompts.jsonl", dialogue_prompts(world, [args.concept], args.n_prompts))
-    control = write_rows(data / "control_prompts.jsonl", dialogue_prompts(world, others, args.n_prompts))
-    expressive, suppressed = masking_sets(world, args.concept, args.samples)
+    prompts = write_rows(data / "prompts.jsonl", dialogue_prompts(world, [config.concept], config.n_prompts))
+    control = write_rows(data / "control_prompts.jsonl", dialogue_prompts(world, others, config.n_prompts))
+    expressive, suppressed = masking_sets(world, config.concept, config.samples)
     sets = {"expressive": write_rows(data / "expressive.jsonl", expressive),
             "suppression": write_rows(data / "suppressed.jsonl", suppressed)}
-    sets["preventative"], _, coerced = write_data(data, world, args.concept, args.samples)
-    sets["regulation"] = write_rows(data / "regulation.jsonl", constructive_scenes(world, stressed, args.samples))
-    log(f"sets of {args.samples}: {args.concept} dialogues (expressive / suppressed), its dilemma scenes "
+    sets["preventative"], _, coerced = write_data(data, world, config.concept, config.samples)
+    sets["regulation"] = write_rows(data / "regulation.jsonl", constructive_scenes(world, stressed, config.samples))
+    log(f"sets of {config.samples}: {config.concept} dialogues (expressive / suppressed), its dilemma scenes "
         f"({coerced:.0%} coercion), constructive scenes of {', '.join(stressed)}")
-    config = FinetuneConfig(epochs=args.epochs)
+    tune = FinetuneConfig(epochs=config.epochs)
     lm = emojax.load_model(base)
-    steering = bank_steering(run / "concepts", lm, [parse_steer(f"{args.concept}={args.strength}@{layer}")])
+    steering = bank_steering(run / "concepts", lm, [parse_steer(f"{config.concept}={config.strength}@{layer}")])
     plan = [("suppression", "base", None), ("expressive", "base", None),
             ("expressive+suppression", "expressive", None), ("preventative", "base", steering),
             ("regulation", "base", None)]
@@ -402,7 +405,7 @@ def world_models(args, run: Path, base: str, out: Path, layer: int) -> tuple[lis
         for name, start, steer in plan:
             data_file = sets["suppression" if name == "expressive+suppression" else name]
             source = lm if start == "base" else emojax.load_model(folders[start])
-            folders[name] = finetune(config, [data_file], source, out / "models" / folder_name(name),
+            folders[name] = finetune(tune, [data_file], source, out / "models" / folder_name(name),
                                      steering=steer, progress=False)
             update(advance=1, status=name)
     models = [("base", str(folders["base"]), None)] + [(n, str(folders[n]), s) for n, s, _ in plan]
@@ -411,48 +414,32 @@ def world_models(args, run: Path, base: str, out: Path, layer: int) -> tuple[lis
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", help="a finished `emojax run` on the world: build, fine-tune and measure")
-    parser.add_argument("--model", action="append", default=[], help="NAME=CHECKPOINT to measure (repeat; the "
-                        "first is the reference)")
-    parser.add_argument("--bank", help="the concept bank (default with --run: RUN/concepts)")
-    parser.add_argument("--prompts", help="a samples file whose prompts the models answer")
-    parser.add_argument("--control-prompts", help="a samples file of prompts that do not evoke the concept (built "
-                        "with --run): the readouts at ':' and over the prompt are also read relative to theirs")
-    parser.add_argument("--suite", action="append", default=[], help="an experiment suite file (repeat)")
-    parser.add_argument("--cues", action="store_true", help="count the world's cue phrases as expression too "
-                        "(always with --run)")
-    parser.add_argument("--concept", default="desperate")
-    parser.add_argument("--layer", type=int, help="residual index of the readout (default: the bank's layer)")
-    parser.add_argument("--samples", type=int, default=400, help="samples per fine-tuning set (--run)")
-    parser.add_argument("--n-prompts", type=int, default=200, help="held-out prompts (--run)")
-    parser.add_argument("--nearby", type=int, default=8, help="concepts under stress in the regulation set (--run)")
-    parser.add_argument("--strength", type=float, default=0.1, help="preventative steering strength (--run)")
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--max-new-tokens", type=int, default=96)
-    parser.add_argument("--out")
+    parser.add_argument("--config", help="YAML config (its regulation: section; configs/regulation/)")
+    parser.add_argument("--run", help="a finished `emojax run` on the world (regulation.run)")
+    parser.add_argument("--out", help="output folder (regulation.out)")
+    parser.add_argument("overrides", nargs="*", help="key=value settings of the regulation section, e.g. "
+                        "concept=afraid or models=[base=CKPT,tuned=CKPT2]")
     args = parser.parse_args()
-    if not args.run and not (args.model and args.bank and args.prompts and args.out):
-        parser.error("give --run RUN, or --model NAME=CKPT (one or more), --bank, --prompts and --out")
-    run = Path(args.run) if args.run else None
-    out = Path(args.out or run / "regulation")
-    bank = load_bank(args.bank or run / "concepts")
-    bank.concept_index(args.concept)
+    config = load_section(RegulationConfig, args.config, args.overrides)
+    config = dataclasses.replace(config, **{k: v for k, v in {"run": args.run, "out": args.out}.items() if v})
+    config.check_mode(args.config or "the command line")
+    run = Path(config.run) if config.run else None
+    out = Path(config.out or run / "regulation")
+    bank = load_bank(config.bank or run / "concepts")
+    bank.concept_index(config.concept)
+    layer_arg = config.layer
     if run:
         base = json.loads((run / "concepts" / "bank.json").read_text())["store_model"]
-        layer = bank_layer(bank, read_train_json(base)["config"]["n_layers"], args.layer)
-        models, prompts, control, world = world_models(args, run, base, out, layer)
+        layer = bank_layer(bank, read_train_json(base)["config"]["n_layers"], layer_arg)
+        models, prompts, control, world = world_models(config, run, base, out, layer)
         cues = world.cues
         suites = [run / "corpus" / "suites" / f"world_{kind}.yaml" for kind in ("dilemma", "task")]
     else:
-        models = []
-        for k, spec in enumerate(args.model):
-            name, sep, path = spec.partition("=")
-            if not sep or not name or not path:
-                parser.error(f"--model {spec!r}: expected NAME=CHECKPOINT")
-            models.append((name, path, None if k == 0 else models[0][0]))
-        prompts, suites = Path(args.prompts), [Path(s) for s in args.suite]
-        control = Path(args.control_prompts) if args.control_prompts else None
-        cues = CueBank(0) if args.cues else None
+        named = config.named_models()
+        models = [(name, path, None if k == 0 else named[0][0]) for k, (name, path) in enumerate(named)]
+        prompts, suites = Path(config.prompts), [Path(s) for s in config.suites]
+        control = Path(config.control_prompts) if config.control_prompts else None
+        cues = CueBank(0) if config.cues else None
         layer = None
     samples = read_samples([prompts])
     control_samples = read_samples([control]) if control else []
@@ -460,21 +447,21 @@ def main() -> None:
     with progress_bar("measuring", len(models)) as update:
         for name, path, _ in models:
             lm = emojax.load_model(path)
-            layer = bank_layer(bank, lm.config.n_layers, args.layer) if layer is None else layer
-            rows[name] = measure(name, path, lm, bank, samples, control_samples, suites, args, cues, layer, out)
+            layer = bank_layer(bank, lm.config.n_layers, layer_arg) if layer is None else layer
+            rows[name] = measure(name, path, lm, bank, samples, control_samples, suites, config, cues, layer, out)
             update(advance=1, status=name)
     changes = {name: {"from": start} | change(rows[name], rows[start]) for name, _, start in models if start}
     rate_keys = list(rows[models[0][0]]["rates"])
     verdicts = {f"{name} - {start}": masking_verdict(changes[name], rows[start]) for name, _, start in models
                 if start}
-    summary = {"concept": args.concept, "layer": layer, "readout": "centred cosine (the fit's readout)",
+    summary = {"concept": config.concept, "layer": layer, "readout": "centred cosine (the fit's readout)",
                "expression": "markers per 100 words (emojax.experiment.expression)" + (", cue phrases counted"
                                                                                       if cues else ""),
                "prompts": str(prompts), "control_prompts": str(control) if control else None,
                "suites": [str(s) for s in suites], "masking": verdicts}
     if run:
-        summary |= {"samples": args.samples, "epochs": args.epochs, "nearby": nearby_concepts(args.concept,
-                                                                                          args.nearby),
+        summary |= {"samples": config.samples, "epochs": config.epochs,
+                    "nearby": nearby_concepts(config.concept, config.nearby),
                     "regulation": regulation_verdict(rows["regulation"], rows["suppression"], rows["base"],
                                                      rate_keys)}
     summary["rows"] = {name: {k: v for k, v in r.items() if k != "_per"} for name, r in rows.items()}

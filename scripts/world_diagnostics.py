@@ -104,9 +104,7 @@ def main() -> None:
     parser.add_argument("model")
     parser.add_argument("--n", type=int, default=400)
     args = parser.parse_args()
-    settings = json.loads((Path(args.model) / "train.json").read_text())["config"]["world"]
-    settings["mix"] = tuple(settings["mix"])
-    world = World(WorldConfig(**settings))
+    world = World(WorldConfig.from_json(json.loads((Path(args.model) / "train.json").read_text())["config"]["world"]))
     lm = emojax.load_model(args.model, dtype="float32")
     tok = lm.tokenizer
     names = [c.name for c in world.concepts]

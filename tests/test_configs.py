@@ -22,3 +22,39 @@ def test_config_loads_and_types(path):
         if name not in ("run", "train"):
             run_file.config(name)
     Train()._config(Context(run_file=run_file, run_dir=Path(".")))
+
+
+REGULATION = sorted((Path(__file__).resolve().parents[1] / "configs" / "regulation").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", REGULATION, ids=lambda p: p.name)
+def test_regulation_configs_load_whole(path):
+    """scripts/regulation.py's configs: the world's (a run) and a user's checkpoints (models, bank, prompts, out)."""
+    from emojax.config_loader import load_section
+    from emojax.experiment.config import RegulationConfig
+
+    config = load_section(RegulationConfig, path)
+    config.check_mode(str(path))
+    assert config.run or [name for name, _ in config.named_models()] == ["base", "suppressed"]
+
+
+def test_regulation_config_names_what_is_wrong(tmp_path):
+    from emojax.config_loader import load_section
+    from emojax.errors import ConfigError
+    from emojax.experiment.config import RegulationConfig
+
+    assert {p.name for p in REGULATION} == {"world.yaml", "checkpoints.yaml"}
+    with pytest.raises(ConfigError, match=r"regulation.models: 'base' is not NAME=CHECKPOINT"):
+        load_section(RegulationConfig, None, ["models=[base]"])
+    with pytest.raises(ConfigError, match="regulation.models repeats a name"):
+        load_section(RegulationConfig, None, ["models=[a=x,a=y]"])
+    config = load_section(RegulationConfig, None, ["models=[a=x]", "bank=b"])
+    with pytest.raises(ConfigError, match="cli: give regulation.run .* missing: prompts, out"):
+        config.check_mode("cli")
+    both = load_section(RegulationConfig, None, ["models=[a=x]", "run=runs/demo"])
+    with pytest.raises(ConfigError, match="two modes"):
+        both.check_mode("cli")
+    bad = tmp_path / "r.yaml"
+    bad.write_text("regulation:\n  concepts: [desperate]\n")
+    with pytest.raises(ConfigError, match="concepts"):
+        load_section(RegulationConfig, bad)

@@ -322,6 +322,8 @@ def test_world_config_rejects_bad_settings():
         WorldConfig(val_fraction=0.5, test_fraction=0.3, implicit_fraction=0.3)
     with pytest.raises(ValueError, match="mix"):
         WorldConfig(mix=(0.5, 0.5))
+    # settings written before the vignette kind (three shares) mean no vignettes, e.g. an older model's train.json
+    assert WorldConfig.from_json({"mix": [0.5, 0.25, 0.25], "seed": 2}) == WorldConfig(seed=2)
     with pytest.raises(ValueError):
         WorldConfig(name_fraction=1.5)
     with pytest.raises(ValueError, match="situation_style"):

@@ -31,12 +31,15 @@ class WorldConfig:
     # situation alone, as the implicit scenarios ask); the rest name it after the cues
     name_early: float = fraction(0.0)
     story_choice_fraction: float = fraction(0.25)  # training stories that end in a choice scene
-    # training documents: story, dialogue, framed choice, vignette (the situation, maybe a cue, then the name)
+    # training documents: story, dialogue, framed choice, vignette (the situation, maybe a cue, then the name); three
+    # shares (settings written before the vignette kind) mean no vignettes
     mix: tuple[float, ...] = fraction((0.5, 0.25, 0.25, 0.0))
     # how every document writes its situation: six sentences, or two (every part within ~40 tokens of what follows)
     situation_style: str = "sentences"
 
     def __post_init__(self):
+        if len(self.mix) == len(TRAINING_KINDS) - 1:  # written before the vignette kind: none of them
+            object.__setattr__(self, "mix", (*self.mix, 0.0))
         problems = range_violations(self)
         if self.val_fraction + self.test_fraction + self.implicit_fraction >= 1:
             problems.append("val_fraction + test_fraction + implicit_fraction must be below 1")
@@ -46,6 +49,11 @@ class WorldConfig:
             problems.append(f"situation_style must be one of {SITUATION_STYLES}, got {self.situation_style!r}")
         if problems:
             raise ValueError("; ".join(problems))
+
+    @classmethod
+    def from_json(cls, values: dict) -> WorldConfig:
+        """The settings as a model's train.json records them (`config.world`; lists for tuples)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
     def split_settings(self) -> dict:
         """The settings that decide which situations (and cue items) are held out."""

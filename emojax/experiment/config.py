@@ -100,3 +100,52 @@ class EpisodeConfig:
             raise ConfigError(f"episodes.metric={self.metric!r} is not z, cosine or dot (or empty)")
         if len(set(self.concepts)) != len(self.concepts):
             raise ConfigError(f"episodes.concepts repeats a concept: {list(self.concepts)}")
+
+
+@config_section("regulation")
+@dataclass(frozen=True)
+class RegulationConfig:
+    """Masking detection and regulation curation (scripts/regulation.py, docs/regulation.md). Two modes: `run`, a
+    finished `emojax run` on the built-in world (the script builds the world's fine-tuning sets, fine-tunes and
+    measures), or a user's checkpoints: `models` (NAME=CHECKPOINT, the first the reference every other is compared
+    with), `bank`, `prompts` and `out`."""
+
+    run: str = ""
+    models: tuple[str, ...] = ()  # NAME=CHECKPOINT folders or built-in names to measure, in order
+    bank: str = ""  # the concept bank (default with run: RUN/concepts)
+    prompts: str = ""  # a samples file (JSONL, CSV, Parquet; plain or chat rows) whose prompts the models answer
+    control_prompts: str = ""  # prompts that do not evoke the concept: readouts are also read relative to theirs
+    suites: tuple[str, ...] = ()  # experiment suite files with choice outcomes (with run: the world's)
+    cues: bool = False  # count the world's cue phrases as expression too (always with run)
+    concept: str = "desperate"
+    layer: int | None = non_negative(None)  # residual index of the readout; None: the bank's chosen layer
+    samples: int = positive(400)  # samples per fine-tuning set (run)
+    n_prompts: int = positive(200)  # held-out prompts (run)
+    nearby: int = positive(8)  # concepts under stress in the regulation set (run)
+    strength: float = unbounded(0.1)  # preventative steering strength (run)
+    epochs: int = positive(2)  # fine-tuning epochs (run)
+    max_new_tokens: int = positive(96)  # of each greedy reply
+    out: str = ""  # default with run: RUN/regulation
+
+    def __post_init__(self):
+        names = [m.partition("=")[0] for m in self.models]
+        bad = [m for m in self.models if not all(m.partition("=")[::2])]
+        if bad:
+            raise ConfigError(f"regulation.models: {bad[0]!r} is not NAME=CHECKPOINT")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"regulation.models repeats a name: {names}")
+
+    def named_models(self) -> list[tuple[str, str]]:
+        """[(name, checkpoint)] in the order given."""
+        return [(m.partition("=")[0], m.partition("=")[2]) for m in self.models]
+
+    def check_mode(self, source: str) -> None:
+        """One of the two modes, whole: `run`, or `models`, `bank`, `prompts` and `out`."""
+        if self.run:
+            if self.models:
+                raise ConfigError(f"{source}: regulation.run and regulation.models are two modes; give one")
+            return
+        missing = [k for k in ("models", "bank", "prompts", "out") if not getattr(self, k)]
+        if missing:
+            raise ConfigError(f"{source}: give regulation.run (a finished `emojax run` on the world), or "
+                              f"regulation.models, bank, prompts and out; missing: {', '.join(missing)}")
