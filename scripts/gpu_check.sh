@@ -9,12 +9,14 @@
 #   4. scripts/bench.py --only decode,sae,dump: emojax vs transformers / PyTorch in the same run
 #   5. (GPU, time permitting) the forward with --attention xla vs cudnn: attention.jsonl; the SAE step with
 #      sae.decoder gather: sae_gather.jsonl
+#   6. (only with --world SECONDS) scripts/world_scale.sh: the built-in world's model trained for SECONDS on the
+#      device and its diagnostics (issue N): world/ (the model folder comes back); raise --budget by SECONDS + 200
 # Everything lands in $OUT (a temp folder when unset): versions.txt, pytest.txt, cpu_suite.txt, kernels.jsonl,
 # bench.jsonl, bench.log, attention.jsonl, sae_gather.jsonl. Each step has a timeout so the whole stays within
 # --budget seconds; a failed step does not stop the next, and the exit status is 1 if any failed.
 #
 #   scripts/gpu_check.sh [--device gpu|cpu] [--model-shape 1b|50m|tiny] [--budget 540] [--skip-tests]
-#                        [--benches decode,sae,dump] [--suite "tests"]
+#                        [--benches decode,sae,dump] [--suite "tests"] [--world SECONDS]
 #
 # --benches is bench.py's --only, in the order they run; --suite the pytest paths of the CPU suite. Where emojax is
 # not installed (a bare copy of the repository), it is installed in place first (pip -e, offline, no deps), since
@@ -33,6 +35,7 @@ BUDGET=540
 SKIP_TESTS=0
 BENCHES=decode,sae,dump
 SUITE=tests
+WORLD_SECONDS=0
 usage() { sed -n '2,/^set -u/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -42,6 +45,7 @@ while [ $# -gt 0 ]; do
         --skip-tests) SKIP_TESTS=1; shift ;;
         --benches) BENCHES=${2:-}; shift 2 ;;
         --suite) SUITE=${2:-}; shift 2 ;;
+        --world) WORLD_SECONDS=${2:-}; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) echo "gpu_check.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
@@ -52,6 +56,9 @@ case "$SHAPE" in
     *) echo "gpu_check.sh: --model-shape must be tiny, 50m or 1b, got '$SHAPE'" >&2; exit 2 ;;
 esac
 case "$BUDGET" in ''|*[!0-9]*) echo "gpu_check.sh: --budget must be whole seconds, got '$BUDGET'" >&2; exit 2 ;; esac
+case "$WORLD_SECONDS" in
+    ''|*[!0-9]*) echo "gpu_check.sh: --world must be whole seconds, got '$WORLD_SECONDS'" >&2; exit 2 ;;
+esac
 
 cd "$(dirname "$0")/.." || exit 2
 OUT=${OUT:-$(mktemp -d "${TMPDIR:-/tmp}/emojax-gpu-check.XXXXXX")}
@@ -186,6 +193,8 @@ fi
 # figure with the GPU target.
 RESERVE=0
 [ "$DEVICE" = gpu ] && RESERVE=185
+# --world keeps its seconds and ~200 s (documents, calibration, diagnostics) for the last step.
+[ "$WORLD_SECONDS" -gt 0 ] && RESERVE=$((RESERVE + WORLD_SECONDS + 200))
 BENCH_LIMIT=$(($(left) - 5 - RESERVE))
 step bench "$BENCH_LIMIT" "$OUT/bench.log" "$PY" scripts/bench.py --device "$DEVICE" --model-shape "$SHAPE" \
     --only "$BENCHES" --out "$OUT/bench.jsonl" --budget $((BENCH_LIMIT - 10))
@@ -211,6 +220,13 @@ if [ "$DEVICE" = gpu ] && [ "$(left)" -ge 30 ]; then
     grep '^{' "$WORK/sae-gather.log" >"$OUT/sae_gather.jsonl"
 else
     notice "the gathered SAE decoder runs only on a GPU with >= 30 s of the budget left"
+fi
+
+if [ "$WORLD_SECONDS" -gt 0 ]; then
+    WORLD_ARGS=(--seconds "$WORLD_SECONDS")
+    [ "$DEVICE" = cpu ] && WORLD_ARGS+=(--d-model 64 --layers 2 --batch 4 --documents 2000 --calib-steps 30)
+    step world "$(cap $((WORLD_SECONDS + 200)))" "$WORK/world.log" env OUT="$OUT/world" PYTHON="$PY" \
+        scripts/world_scale.sh "${WORLD_ARGS[@]}"
 fi
 
 echo "== gpu_check.sh: $((SECONDS - START))s of ${BUDGET}s; results in $OUT"

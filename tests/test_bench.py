@@ -173,3 +173,27 @@ def test_bench_experiment_on_cpu_tiny_runs_both_suites_with_the_same_conditions(
     assert (generate["samples"], generate["new_tokens"], generate["sampling"]) == (20, 8, "greedy")
     assert generate["emojax_tok_s"] == pytest.approx(generate["emojax"] * 8, rel=1e-4)
     assert generate["agreement"] >= 0.9, generate  # one early near-tie divergence would cost a row's 8 tokens
+
+
+@pytest.mark.slow
+def test_world_scale_trains_for_its_seconds_and_diagnoses_the_model(tmp_path):
+    """scripts/world_scale.sh (the run for a lent device, issue N) on CPU with a tiny shape: the calibration sets
+    the step count, the model folder is complete and the diagnostics print every probe."""
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", "scripts/world_scale.sh", "--seconds", "10", "--d-model", "64", "--layers", "2",
+                           "--batch", "4", "--documents", "1500", "--calib-steps", "30",
+                           "world.situation_style=compact"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    calib = json.loads((tmp_path / "calib" / "train.json").read_text())
+    info = json.loads((tmp_path / "world_lm" / "train.json").read_text())
+    rows = 4 * info["config"]["seq_len"]
+    assert info["config"]["steps"] == max(100, int(10 * calib["timing"]["tokens_per_second"] / rows))
+    assert info["config"]["world"]["situation_style"] == "compact" and info["config"]["d_model"] == 64
+    assert (tmp_path / "world_lm" / "model.safetensors").is_file()
+    text = (tmp_path / "diagnostics.txt").read_text()
+    for probe in ("reach:", "copy:", "naming in its training story documents", "naming after implicit scenarios"):
+        assert probe in text, text
+    bad = subprocess.run(["bash", "scripts/world_scale.sh", "--seconds", "ten"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--seconds must be a whole number, got 'ten'" in bad.stderr
