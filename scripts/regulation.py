@@ -75,7 +75,7 @@ from emojax.errors import EmojaxError, InputError
 from emojax.config_loader import load_section
 from emojax.experiment.config import ExperimentConfig, RegulationConfig
 from emojax.experiment.expression import concept_markers, expression_scores, marker_spans
-from emojax.experiment.runner import run_experiment, stop_tokens
+from emojax.experiment.runner import fixed_batches, run_experiment, stop_tokens
 from emojax.experiment.suite import load_suite
 from emojax.experiment.stats import Z95, bootstrap_mean
 from emojax.fileio import write_json, write_text
@@ -203,10 +203,9 @@ def greedy_replies(lm: LanguageModel, bank: ConceptBank, samples: list[Sample], 
     stops = stop_tokens(tokenizer)
     ids = [tokenizer.encode_prompt(s.prompt_text(tokenizer)) for s in samples]
     texts, reads = [], {p: [] for p in POSITIONS}
-    for start in range(0, len(ids), batch_size):
-        part = ids[start:start + batch_size]
+    for part, rows in fixed_batches(len(ids), batch_size):
         n = len(part)
-        tokens, mask = left_pad(part + [part[0]] * (batch_size - n))  # one compiled shape per bucket
+        tokens, mask = left_pad([ids[i] for i in rows])
         gen = decoder.generate(tokens, mask, max_new_tokens=max_new_tokens, readout=readout, stop_tokens=stops)
         P = gen.prompt_columns
         reads_BS = np.asarray(gen.readings)[:n, :, 0].astype(np.float64)

@@ -49,7 +49,7 @@ import numpy as np
 from emojax.digest import digest
 from emojax.errors import ConfigError, InputError
 from emojax.experiment.config import ATTEMPT_REPLY, EpisodeConfig
-from emojax.experiment.runner import check_plan, ending_logprobs, reply_text, stop_tokens
+from emojax.experiment.runner import check_plan, ending_logprobs, fixed_batches, reply_text, stop_tokens
 from emojax.experiment.stats import bootstrap_mean, logistic_fit, wilson
 from emojax.experiment.suite import Outcome, fill, load_suite, placeholders
 from emojax.fileio import atomic_path, write_json, write_text
@@ -177,9 +177,7 @@ class Episodes:
 
         B = self.config.batch_size
         records = []
-        for start in range(0, len(prompts), B):
-            part = list(range(start, min(start + B, len(prompts))))
-            rows = part + [part[0]] * (B - len(part))  # a fixed batch: one compiled loop per prompt bucket
+        for part, rows in fixed_batches(len(prompts), B):
             tokens, mask = left_pad([prompts[e] for e in rows])
             seeds = [self._seed(turn, e) for e in rows]
             sampling = Sampling.make(B, self.temperature, top_p=self.top_p, seed=seeds) if self.temperature else None

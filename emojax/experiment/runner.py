@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jax
@@ -108,6 +108,14 @@ def reply_text(text: str) -> str:
     """A generated text cut where the study's frame starts the next turn ("\nHuman:"): the model writing the
     user's part is not its reply."""
     return text.split("\nHuman:")[0]
+
+
+def fixed_batches(n: int, batch_size: int) -> Iterator[tuple[list[int], list[int]]]:
+    """(part, rows) for each batch of `n` items: `part` the items' indices, `rows` the same padded with the first to
+    `batch_size`, so every batch has one shape and the decode loop compiles once per prompt bucket."""
+    for start in range(0, n, batch_size):
+        part = list(range(start, min(start + batch_size, n)))
+        yield part, part + [part[0]] * (batch_size - len(part))
 
 
 def row_seed(seed: int, condition: str, scenario: str, sample: int) -> int:
@@ -391,9 +399,8 @@ class Experiment:
         B = self.config.batch_size
         rows = list(shard.rows)
         records = []
-        for start in range(0, len(rows), B):
-            part = rows[start:start + B]
-            padded = part + [part[0]] * (B - len(part))  # a fixed batch: one compiled loop per prompt bucket
+        for indices, padded_indices in fixed_batches(len(rows), B):
+            part, padded = [rows[i] for i in indices], [rows[i] for i in padded_indices]
             tokens, mask = left_pad([self._prompt_ids(s) for _, s, _ in padded])
             seeds = [row_seed(self.config.seed, self.conditions[c].id, self.scenarios[s]["id"], k)
                      for c, s, k in padded]
