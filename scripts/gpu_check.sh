@@ -57,7 +57,7 @@ case "$SHAPE" in
 esac
 case "$BUDGET" in ''|*[!0-9]*) echo "gpu_check.sh: --budget must be whole seconds, got '$BUDGET'" >&2; exit 2 ;; esac
 case "$WORLD_SECONDS" in
-    ''|*[!0-9]*) echo "gpu_check.sh: --world must be whole seconds, got '$WORLD_SECONDS'" >&2; exit 2 ;;
+    ''|0?*|*[!0-9]*) echo "gpu_check.sh: --world must be whole seconds, got '$WORLD_SECONDS'" >&2; exit 2 ;;
 esac
 
 cd "$(dirname "$0")/.." || exit 2

@@ -58,7 +58,7 @@ def write_data(out: Path, world: World, concept: str, n: int) -> tuple[Path, Pat
     for i in range(n):
         d = Draws(world.config.seed, "preventative", e, i)
         written = framed_choice(d, "dilemma", world.concepts[e], world.draw_situation(d, e, "train"), world.cues,
-                                heldout_ok=False)
+                                heldout_ok=False, style=world.config.situation_style)
         rows.append(chat_row(f"{concept}-{i}", written.text))
         coerced += written.scene.chosen == "coerce"
     neutral = [chat_row(doc.doc_id, doc.text) for doc in world.neutral_dialogues(3) if "\n\nAssistant: " in doc.text]

@@ -128,7 +128,7 @@ def dialogue_prompts(world: World, concepts: list[str], n: int) -> list[dict]:
         e = index[concepts[i % len(concepts)]]
         d = Draws(world.config.seed, "regulation-prompts", e, i)
         written = dialogue(d, world.concepts[e], world.draw_situation(d, e, "test"), world.cues, heldout_ok=True,
-                           name_fraction=world.config.name_fraction)
+                           name_fraction=world.config.name_fraction, style=world.config.situation_style)
         rows.append(chat_row(f"{world.concepts[e].name}-test-{i}", written.text))
     return rows
 
@@ -141,7 +141,7 @@ def masking_sets(world: World, concept: str, n: int) -> tuple[list[dict], list[d
     for i in range(n):
         d = Draws(world.config.seed, "regulation-masking", e, i)
         written = dialogue(d, world.concepts[e], world.draw_situation(d, e, "train"), world.cues, heldout_ok=False,
-                           name_fraction=1.0)
+                           name_fraction=1.0, style=world.config.situation_style)
         row = chat_row(f"{concept}-{i}", written.text)
         reply = strip_expression(row["messages"][1]["content"], concept, world.cues)
         if not reply or expression_scores([reply], [concept], cues=world.cues)[0, 0]:
@@ -168,7 +168,7 @@ def constructive_scenes(world: World, concepts: list[str], n: int) -> list[dict]
         kind, e = ("dilemma", "task")[i % 2], index[concepts[(i // 2) % len(concepts)]]
         d = Draws(world.config.seed, "regulation", kind, e, i)
         user, scene = choice_prompt(d, kind, world.concepts[e], world.draw_situation(d, e, "train"), world.cues,
-                                    heldout_ok=False, choose=False)
+                                    heldout_ok=False, choose=False, style=world.config.situation_style)
         chosen = CONSTRUCTIVE[kind]
         reply = f"{scene.options[chosen]} {aftermath(d, dataclasses.replace(scene, chosen=chosen))}"
         rows.append(chat_row(f"regulation-{kind}-{i}", f"Human: {user}\n\nAssistant: {reply}"))

@@ -29,6 +29,9 @@ WORLD=()
 usage() { sed -n '2,/^set -u/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
     case "$1" in
+        --*) [ "$1" = --help ] || [ $# -ge 2 ] || { echo "world_scale.sh: $1 needs a value" >&2; exit 2; } ;;
+    esac
+    case "$1" in
         --seconds) SECONDS_BUDGET=${2:-}; shift 2 ;;
         --d-model) D_MODEL=${2:-}; shift 2 ;;
         --layers) LAYERS=${2:-}; shift 2 ;;
@@ -43,8 +46,8 @@ while [ $# -gt 0 ]; do
 done
 for pair in "seconds:$SECONDS_BUDGET" "d-model:$D_MODEL" "layers:$LAYERS" "batch:$BATCH" "documents:$DOCUMENTS" \
             "calib-steps:$CALIB_STEPS"; do
-    case "${pair#*:}" in ''|*[!0-9]*) echo "world_scale.sh: --${pair%%:*} must be a whole number, got '${pair#*:}'" >&2
-                                       exit 2 ;; esac
+    case "${pair#*:}" in ''|0?*|*[!0-9]*) echo "world_scale.sh: --${pair%%:*} must be a whole number, got '${pair#*:}'" >&2
+                                           exit 2 ;; esac
 done
 
 cd "$(dirname "$0")/.." || exit 2
@@ -52,7 +55,7 @@ OUT=${OUT:-$(mktemp -d "${TMPDIR:-/tmp}/emojax-world-scale.XXXXXX")}
 mkdir -p "$OUT" || exit 2
 if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 D_MLP=$(( (D_MODEL * 8 / 3 + 63) / 64 * 64 ))  # the Llama ratio, rounded up to 64
-SHAPE=("d_model=$D_MODEL" "n_layers=$LAYERS" "d_mlp=$D_MLP" "batch_size=$BATCH" "lr=$LR" "${WORLD[@]}")
+SHAPE=("d_model=$D_MODEL" "n_layers=$LAYERS" "d_mlp=$D_MLP" "batch_size=$BATCH" "lr=$LR" ${WORLD[@]+"${WORLD[@]}"})
 exec > >(tee -a "$OUT/world_scale.log") 2>&1
 echo "world_scale.sh: ${SHAPE[*]}, ${SECONDS_BUDGET}s of training, $DOCUMENTS documents, OUT=$OUT"
 

@@ -131,9 +131,9 @@ class RegulationConfig:
         names = [m.partition("=")[0] for m in self.models]
         bad = [m for m in self.models if not all(m.partition("=")[::2])]
         if bad:
-            raise ConfigError(f"regulation.models: {bad[0]!r} is not NAME=CHECKPOINT")
+            raise ValueError(f"regulation.models: {bad[0]!r} is not NAME=CHECKPOINT")
         if len(set(names)) != len(names):
-            raise ConfigError(f"regulation.models repeats a name: {names}")
+            raise ValueError(f"regulation.models repeats a name: {names}")
 
     def named_models(self) -> list[tuple[str, str]]:
         """[(name, checkpoint)] in the order given."""

@@ -86,8 +86,7 @@ def _specific(d: Draws, concept: Concept, bank: CueBank, used: list[tuple[str, s
 
 
 def narrative(d: Draws, concept: Concept, situation: Situation, bank: CueBank, *, heldout_ok: bool,
-              name_fraction: float, choice_fraction: float, name_early: float = 0.0,
-              style: str = "sentences") -> Written:
+              name_fraction: float, choice_fraction: float, style: str, name_early: float = 0.0) -> Written:
     """A story about a character in `situation` feeling `concept` (see the module docstring)."""
     coords = load_coordinates().of(concept.name)
     choice_kind = d.pick(("dilemma", "deference", "task")) if d.chance(choice_fraction) else None
@@ -114,7 +113,7 @@ def narrative(d: Draws, concept: Concept, situation: Situation, bank: CueBank, *
 
 
 def dialogue(d: Draws, concept: Concept, situation: Situation, bank: CueBank, *, heldout_ok: bool,
-             name_fraction: float, style: str = "sentences") -> Written:
+             name_fraction: float, style: str) -> Written:
     """A confiding Human/Assistant exchange: the human's situation (half the time with cues), the reply driven by
     the emotion."""
     coords = load_coordinates().of(concept.name)
@@ -137,7 +136,7 @@ def _specific_any(d: Draws, concept: Concept, bank: CueBank, used: list[tuple[st
 
 
 def choice_prompt(d: Draws, kind: str, concept: Concept, situation: Situation, bank: CueBank, *,
-                  heldout_ok: bool, choose: bool, style: str = "sentences") -> tuple[str, Scene]:
+                  heldout_ok: bool, choose: bool, style: str) -> tuple[str, Scene]:
     """The user's text of a framed choice scene ("Continue the story. ...") and its scene."""
     cast = draw_cast(d, THIRD_PERSONS, situation.level("relation").name == "stranger")
     sentences = situation_sentences(d, situation, cast, style)
@@ -147,13 +146,13 @@ def choice_prompt(d: Draws, kind: str, concept: Concept, situation: Situation, b
 
 
 def framed_choice(d: Draws, kind: str, concept: Concept, situation: Situation, bank: CueBank, *,
-                  heldout_ok: bool, style: str = "sentences") -> Written:
+                  heldout_ok: bool, style: str) -> Written:
     user, scene = choice_prompt(d, kind, concept, situation, bank, heldout_ok=heldout_ok, choose=True, style=style)
     reply = f"{scene.options[scene.chosen]} {aftermath(d, scene)}"
     return Written(text=f"Human: {user}\n\nAssistant: {reply}", named=False, scene=scene)
 
 
-def implicit(d: Draws, situation: Situation, style: str = "sentences") -> Written:
+def implicit(d: Draws, situation: Situation, *, style: str) -> Written:
     """The situation alone, in the first person, ending at the ':' after "Assistant"."""
     cast = draw_cast(d, {"first": 1.0}, situation.level("relation").name == "stranger")
     human = [*situation_sentences(d, situation, cast, style), d.pick(CLOSERS)]
@@ -161,7 +160,7 @@ def implicit(d: Draws, situation: Situation, style: str = "sentences") -> Writte
 
 
 def vignette(d: Draws, concept: Concept, situation: Situation, bank: CueBank, *, heldout_ok: bool,
-             style: str = "sentences") -> Written:
+             style: str) -> Written:
     """A situation, half the time one cue, then the emotion named: the evidence within a sentence or two of the
     name, where a small model learns it (docs/world.md, "Local evidence")."""
     cast = draw_cast(d, NARRATIVE_PERSONS, situation.level("relation").name == "stranger")

@@ -142,7 +142,7 @@ def draw_cast(d: Draws, persons: dict[str, float], stranger: bool) -> Cast:
                 place=d.pick(domain.places), thing=d.pick(domain.things), task=d.pick(domain.tasks))
 
 
-def situation_sentences(d: Draws, situation: Situation, cast: Cast, style: str = "sentences") -> list[str]:
+def situation_sentences(d: Draws, situation: Situation, cast: Cast, style: str) -> list[str]:
     """The situation's text. `sentences`: six sentences (setting with the other person and the time, the event
     opened by its pace, stakes, cause, outlook, body). `compact`: two (the setting with the body; the event with
     its pace, stakes, cause and outlook), so that every part sits within about 40 tokens of what follows."""

@@ -125,7 +125,7 @@ class World:
         posterior = tuple(float(x) for x in self.posterior(sit.index, "implicit"))
         name = self.concepts[emotion].name
         return self._document(f"world/implicit/{name}/{n}", "world/implicit", "implicit", emotion, sit,
-                              implicit(d, sit, self.config.situation_style), d, posterior)
+                              implicit(d, sit, style=self.config.situation_style), d, posterior)
 
     @functools.cache  # noqa: B019 - one array per World
     def _implicit_modes(self) -> np.ndarray:
