@@ -27,11 +27,12 @@ def fmt(value) -> str:
     return f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
 
 
-def fmt_ci(value, ci, spec: str = ".3f", scale: float = 1.0, unit: str = "", label: str | None = None) -> str:
+def fmt_ci(value, ci, spec: str = ".3f", scale: float = 1.0, unit: str = "", label: str | None = None,
+           missing: str = "-") -> str:
     """A value with its interval, formatted by `spec` after multiplying by `scale`: "0.512 [0.401, 0.603]", or with
-    a `label` "51.2% (95% CI 40.1-60.3%)"; "-" for no value, the value alone for no interval."""
+    a `label` "51.2% (95% CI 40.1-60.3%)"; `missing` for no value, the value alone for no interval."""
     if value is None:
-        return "-"
+        return missing
 
     def num(x):
         return f"{scale * x:{spec}}{unit}"

@@ -75,14 +75,14 @@ from emojax.errors import EmojaxError, InputError
 from emojax.config_loader import load_section
 from emojax.experiment.config import ExperimentConfig, RegulationConfig
 from emojax.experiment.expression import concept_markers, expression_scores, marker_spans
-from emojax.experiment.runner import fixed_batches, run_experiment, stop_tokens
+from emojax.experiment.runner import cut_reply, run_experiment
 from emojax.experiment.suite import load_suite
 from emojax.experiment.stats import Z95, bootstrap_mean
 from emojax.fileio import write_json, write_text
-from emojax.models.lm import LanguageModel
+from emojax.models.lm import LanguageModel, stop_tokens
 from emojax.progress import log, progress_bar
 from emojax.screen.score import own_means
-from emojax.steer.decode import Decoder
+from emojax.steer.decode import Decoder, fixed_batches
 from emojax.steer.interventions import bank_steering
 from emojax.steer.monitor import readout_from_bank
 from emojax.steer.text import tokenizer_for
@@ -192,15 +192,15 @@ def vs_control(key: str) -> str:
 def greedy_replies(lm: LanguageModel, bank: ConceptBank, samples: list[Sample], concept: str, layer: int,
                    max_new_tokens: int, batch_size: int = 50) -> tuple[list[str], dict[str, np.ndarray]]:
     """(each prompt's greedy reply, {position: [N] the concept's centred cosine}): at the prompt's last token
-    ("colon"), averaged over the prompt's tokens ("prompt") and over the reply's tokens, a stop token included,
-    as emojax screen's own_ score averages ("reply")."""
+    ("colon"), averaged over the prompt's tokens ("prompt") and over the reply's tokens ("reply"). A reply ends at
+    the stop token or where the model starts the next "\nHuman:" turn (runner.cut_reply, as episodes cut)."""
     if bank.d_model != lm.config.d_model:
         raise InputError(f"{bank.source}: the bank's vectors have d_model {bank.d_model}, the model "
                          f"{lm.source} {lm.config.d_model}; use a bank fitted on this model or its base")
     tokenizer = tokenizer_for(lm)
     readout, _ = readout_from_bank(bank, layer, "cosine", [concept])
     decoder = Decoder(lm)
-    stops = stop_tokens(tokenizer)
+    stops = stop_tokens(lm)
     ids = [tokenizer.encode_prompt(s.prompt_text(tokenizer)) for s in samples]
     texts, reads = [], {p: [] for p in POSITIONS}
     for part, rows in fixed_batches(len(ids), batch_size):
@@ -210,11 +210,11 @@ def greedy_replies(lm: LanguageModel, bank: ConceptBank, samples: list[Sample], 
         P = gen.prompt_columns
         reads_BS = np.asarray(gen.readings)[:n, :, 0].astype(np.float64)
         prompt_BP = np.asarray(gen.valid)[:n, :P]
-        texts += [tokenizer.decode(gen.generated(b)) for b in range(n)]
+        replies = [cut_reply(tokenizer, gen.generated(b)) for b in range(n)]
+        texts += [reply for reply, _ in replies]
         reads["colon"].append(reads_BS[:, P - 1])
         reads["prompt"].append((reads_BS[:, :P] * prompt_BP).sum(1) / prompt_BP.sum(1))
-        n_B = np.maximum(np.asarray(gen.n_generated)[:n], 1)
-        reads["reply"].append(own_means(reads_BS[:, :, None], P, n_B)[:, 0])
+        reads["reply"].append(own_means(reads_BS[:, :, None], P, [k for _, k in replies])[:, 0])
     return texts, {p: np.concatenate(v) for p, v in reads.items()}
 
 

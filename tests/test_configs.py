@@ -52,8 +52,18 @@ def test_regulation_config_names_what_is_wrong(tmp_path):
     with pytest.raises(ConfigError, match="cli: give regulation.run .* missing: prompts, out"):
         config.check_mode("cli")
     both = load_section(RegulationConfig, None, ["models=[a=x]", "run=runs/demo"])
-    with pytest.raises(ConfigError, match="two modes"):
+    with pytest.raises(ConfigError, match="models belong to the checkpoints mode"):
         both.check_mode("cli")
+    run_with_prompts = load_section(RegulationConfig, None, ["run=runs/demo", "prompts=p.jsonl", "cues=true"])
+    with pytest.raises(ConfigError, match="prompts, cues belong to the checkpoints mode"):
+        run_with_prompts.check_mode("cli")
+    checkpoints_with_epochs = load_section(RegulationConfig, None, ["models=[a=x]", "bank=b", "prompts=p", "out=o",
+                                                                    "epochs=5"])
+    with pytest.raises(ConfigError, match="epochs set how regulation.run .* would be ignored"):
+        checkpoints_with_epochs.check_mode("cli")
+    with pytest.raises(ConfigError, match=r"r.yaml.*regulation.models repeats a name"):
+        (tmp_path / "r.yaml").write_text("regulation:\n  models: [a=x, a=y]\n")
+        load_section(RegulationConfig, tmp_path / "r.yaml")
     bad = tmp_path / "r.yaml"
     bad.write_text("regulation:\n  concepts: [desperate]\n")
     with pytest.raises(ConfigError, match="concepts"):

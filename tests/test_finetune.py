@@ -5,6 +5,7 @@ steering); an interrupted fine-tune resumes bitwise exactly; bad arguments are o
 
 The source model is a small random Llama with a BPE tokenizer of its own, saved as a checkpoint folder."""
 
+import copy
 import json
 
 import numpy as np
@@ -20,6 +21,7 @@ from emojax.errors import InputError
 from emojax.fileio import write_json
 from emojax.models.config import ModelConfig
 from emojax.models.identity import model_identity
+from emojax.models.lm import stop_tokens
 from emojax.train.bpe import EOS_ID, PAD_ID, tokenizer_config, train_bpe
 from emojax.train.builtin import read_train_json
 from emojax.steer.interventions import bank_steering
@@ -104,6 +106,19 @@ def test_finetuning_lowers_the_heldout_loss_on_responses(world):
 
 def _is_heldout(sample) -> bool:
     return is_heldout(sample.sample_id, CONFIG.eval_fraction)
+
+
+def test_samples_end_at_the_tokenizers_end_token_else_config_jsons(world):
+    """stop_tokens: the tokenizer's eos_token; a tokenizer without one falls back to config.json's eos_token_id (the
+    first of a list); an id outside the vocabulary, or none named, gives no stop token."""
+    lm = world["lm"]
+    assert stop_tokens(lm) == [lm.tokenizer.token_to_id(lm.tokenizer.eos_token)]
+    bare = copy.copy(lm)
+    bare.tokenizer = copy.copy(lm.tokenizer)
+    bare.tokenizer.eos_token = ""
+    for eos, expected in (([5, 7], [5]), (6, [6]), (None, []), (lm.config.vocab_size, []), ("5", [])):
+        bare.hf_config = {"eos_token_id": eos}
+        assert stop_tokens(bare) == expected, eos
 
 
 def test_prompt_tokens_carry_no_loss(world):

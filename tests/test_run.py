@@ -16,6 +16,7 @@ from dump_helpers import REPO, assert_same_store, run_child
 
 from emojax.cli import main
 from emojax.concepts import load_bank
+from emojax.corpus.world_config import WorldConfig
 from emojax.locks import holder
 from emojax.run import load_run_file, run
 from emojax.run.config import STAGES
@@ -190,8 +191,21 @@ def test_a_world_corpus_must_hold_out_what_the_world_model_held_out(tmp_path):
     with pytest.raises(ConfigError, match="hold out different situations"):  # the corpus command's path too
         RUN_STAGES["corpus"]._config(ctx)
     compact = load_run_file(path, ["train.world.split_seed=3", "train.world.situation_style=compact"])
-    with pytest.raises(ConfigError, match="train.world.situation_style is 'compact' and corpus.generator.world"):
+    with pytest.raises(ConfigError, match="train.world has situation_style 'compact' and corpus.generator.world "
+                                          "'sentences'"):
         check_run_file(compact)
+    # A run.model folder trained on the world (scripts/world_scale.sh) is checked by its train.json.
+    model = tmp_path / "world_lm"
+    model.mkdir()
+    world = dataclasses.asdict(WorldConfig(situation_style="compact"))
+    (model / "train.json").write_text(json.dumps({"config": {"data": "world", "world": world}}))
+    with pytest.raises(ConfigError, match=r"world_lm/train\.json's world and corpus\.generator\.world hold out "
+                                          r"different situations \(split_seed: 0 vs 3\)"):
+        check_run_file(load_run_file(path, [f"run.model={model}"]))
+    with pytest.raises(ConfigError, match=r"world_lm/train\.json's world has situation_style 'compact'"):
+        check_run_file(load_run_file(path, [f"run.model={model}", "corpus.generator.world.split_seed=0"]))
+    check_run_file(load_run_file(path, [f"run.model={model}", "corpus.generator.world.split_seed=0",
+                                        "corpus.generator.world.situation_style=compact"]))
     run_file = load_run_file(path, ["train.world.split_seed=3", "train.world.seed=5"])  # same split, other texts
     check_run_file(run_file)
     ctx = Context(run_file=run_file, run_dir=tmp_path / "r")

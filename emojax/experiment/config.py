@@ -3,6 +3,7 @@ conditions it runs under, sampling, seeds and the judge."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from emojax.config_loader import config_section, non_negative, positive, ranged, unbounded
@@ -140,11 +141,20 @@ class RegulationConfig:
         return [(m.partition("=")[0], m.partition("=")[2]) for m in self.models]
 
     def check_mode(self, source: str) -> None:
-        """One of the two modes, whole: `run`, or `models`, `bank`, `prompts` and `out`."""
+        """One of the two modes, whole: `run`, or `models`, `bank`, `prompts` and `out`; a key of the other mode is
+        an error (it would be ignored)."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
         if self.run:
-            if self.models:
-                raise ConfigError(f"{source}: regulation.run and regulation.models are two modes; give one")
+            given = [k for k in ("models", "prompts", "control_prompts", "suites", "cues")
+                     if getattr(self, k) != defaults[k]]
+            if given:
+                raise ConfigError(f"{source}: regulation.run builds its prompts and suites from the world; "
+                                  f"{', '.join(given)} belong to the checkpoints mode (models, bank, prompts, out)")
             return
+        given = [k for k in ("samples", "n_prompts", "nearby", "strength", "epochs") if getattr(self, k) != defaults[k]]
+        if given:
+            raise ConfigError(f"{source}: {', '.join(given)} set how regulation.run builds and fine-tunes on the "
+                              "world; with regulation.models they would be ignored")
         missing = [k for k in ("models", "bank", "prompts", "out") if not getattr(self, k)]
         if missing:
             raise ConfigError(f"{source}: give regulation.run (a finished `emojax run` on the world), or "

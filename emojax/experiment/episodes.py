@@ -49,7 +49,7 @@ import numpy as np
 from emojax.digest import digest
 from emojax.errors import ConfigError, InputError
 from emojax.experiment.config import ATTEMPT_REPLY, EpisodeConfig
-from emojax.experiment.runner import check_plan, ending_logprobs, fixed_batches, reply_text, stop_tokens
+from emojax.experiment.runner import check_plan, cut_reply, ending_logprobs
 from emojax.experiment.stats import bootstrap_mean, logistic_fit, wilson
 from emojax.experiment.suite import Outcome, fill, load_suite, placeholders
 from emojax.fileio import atomic_path, write_json, write_text
@@ -173,6 +173,8 @@ class Episodes:
         return zlib.crc32(f"{self.config.seed}|{arm}|{turn}|{self.scenarios[s]['id']}|{k}".encode())
 
     def _generate(self, turn: int, prompts: list[list[int]]) -> list[dict]:
+        from emojax.models.lm import stop_tokens
+        from emojax.steer.decode import fixed_batches
         from emojax.steer.sampling import Sampling
 
         B = self.config.batch_size
@@ -184,15 +186,14 @@ class Episodes:
             try:
                 gen = self.decoder.generate(tokens, mask, max_new_tokens=self.max_new_tokens, sampling=sampling,
                                             key=jax.random.key(self.config.seed), readout=self.readout,
-                                            stop_tokens=stop_tokens(self.tokenizer))
+                                            stop_tokens=stop_tokens(self.lm))
             except InputError as e:
                 raise InputError(f"episodes, turn {turn}: {e} (the conversation grows by an attempt and a failure "
                                  "message every turn: fewer turns, or shorter max_new_tokens)") from None
             readings, P = np.asarray(gen.readings, np.float64), gen.prompt_columns
             for b, e in enumerate(part):
                 ids = gen.generated(b)
-                reply = reply_text(self.tokenizer.decode(ids))
-                n = min(len(ids), max(1, len(self.tokenizer.encode(reply, add_special_tokens=False))))
+                reply, n = cut_reply(self.tokenizer, ids)
                 s, k, arm = self.episodes[e]
                 records.append({"episode": e, "arm": arm, "scenario": self.scenarios[s]["id"], "sample": k,
                                 "turn": turn,
@@ -431,7 +432,7 @@ def figure(results: dict, path: Path) -> Path:
 
 def _ci(cell: dict | None, key: str = "mean") -> str:
     cell = cell or {}
-    return fmt_ci(cell.get(key), cell.get("ci95"), "+.3g")
+    return fmt_ci(cell.get(key), cell.get("ci95"), "+.3g", missing="n/a")
 
 
 def summary_text(results: dict) -> str:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -98,24 +98,17 @@ def check_plan(out: Path, fingerprint: dict, what: str, key: str) -> None:
         write_json(plan, now, indent=1)
 
 
-def stop_tokens(tokenizer) -> list[int]:
-    """The ids a sampled reply stops at: the tokenizer's end token, when it has one."""
-    ids = [tokenizer.token_to_id(t) for t in (tokenizer.eos_token,) if t]
-    return [i for i in ids if i is not None]
-
-
 def reply_text(text: str) -> str:
     """A generated text cut where the study's frame starts the next turn ("\nHuman:"): the model writing the
     user's part is not its reply."""
     return text.split("\nHuman:")[0]
 
 
-def fixed_batches(n: int, batch_size: int) -> Iterator[tuple[list[int], list[int]]]:
-    """(part, rows) for each batch of `n` items: `part` the items' indices, `rows` the same padded with the first to
-    `batch_size`, so every batch has one shape and the decode loop compiles once per prompt bucket."""
-    for start in range(0, n, batch_size):
-        part = list(range(start, min(start + batch_size, n)))
-        yield part, part + [part[0]] * (batch_size - len(part))
+def cut_reply(tokenizer, ids: list[int]) -> tuple[str, int]:
+    """(the reply in generated `ids`, cut by reply_text; how many of the ids it spans, at least one): the tokens a
+    reply's readings are averaged over."""
+    reply = reply_text(tokenizer.decode(ids))
+    return reply, min(len(ids), max(1, len(tokenizer.encode(reply, add_special_tokens=False))))
 
 
 def row_seed(seed: int, condition: str, scenario: str, sample: int) -> int:
@@ -391,7 +384,8 @@ class Experiment:
         return min(T, limit) if limit else T
 
     def _generate(self, shard: Shard) -> list[dict]:
-        from emojax.steer.decode import Decoder
+        from emojax.models.lm import stop_tokens
+        from emojax.steer.decode import Decoder, fixed_batches
         from emojax.steer.sampling import Sampling
 
         if self._decoder is None:
@@ -408,7 +402,7 @@ class Experiment:
                 tokens, mask, max_new_tokens=self.max_new_tokens,
                 interventions=self.interventions(shard.group, [c for c, _, _ in padded]),
                 sampling=Sampling.make(B, self.temperature, top_p=self.top_p, seed=seeds),
-                key=jax.random.key(self.config.seed), stop_tokens=stop_tokens(self.tokenizer))
+                key=jax.random.key(self.config.seed), stop_tokens=stop_tokens(self.lm))
             for b, (c, s, k) in enumerate(part):
                 text = self.tokenizer.decode(gen.generated(b))
                 reply = reply_text(text)

@@ -1,5 +1,5 @@
-"""`load_model` and `LanguageModel`: a loaded, sharded model with a jitted forward per capture set, and
-`tokenizer_for`, the tokenizer its text goes through."""
+"""`load_model` and `LanguageModel`: a loaded, sharded model with a jitted forward per capture set;
+`tokenizer_for`, the tokenizer its text goes through, and `stop_tokens`, the ids its text ends at."""
 
 from __future__ import annotations
 
@@ -242,6 +242,18 @@ def tokenizer_for(lm: LanguageModel) -> Tokenizer:
         return ByteTokenizer()
     raise InputError(f"{lm.source} has no tokenizer.json and its vocabulary ({lm.config.vocab_size}) is too small "
                      "for the byte tokenizer; use a checkpoint with a tokenizer")
+
+
+def stop_tokens(lm: LanguageModel) -> list[int]:
+    """The ids the model's text ends at: the tokenizer's eos_token (a chat model's end of turn), else config.json's
+    eos_token_id (the first, when it lists several); none when the model names neither. Replies stop there and
+    fine-tuning samples end there."""
+    tokenizer = tokenizer_for(lm)
+    token_id = tokenizer.token_to_id(tokenizer.eos_token) if tokenizer.eos_token else None
+    if token_id is None:
+        token_id = (lm.hf_config or {}).get("eos_token_id")
+        token_id = token_id[0] if isinstance(token_id, list) and token_id else token_id
+    return [int(token_id)] if isinstance(token_id, int) and 0 <= token_id < lm.config.vocab_size else []
 
 
 def _resolve_dtype(dtype) -> np.dtype:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from emojax.config_loader import SECTIONS
+from emojax.corpus.world_config import WorldConfig, split_mismatch
 from emojax.digest import digest
 from emojax.errors import ConfigError
 from emojax.fileio import write_json, write_text
@@ -429,25 +430,45 @@ STAGES: dict[str, Stage] = {s.name: s for s in (Train(), Corpus(), Dump(), Fit()
                                                   Steer(), ExperimentStage(), Report())}
 
 
-def check_world_split(run_file: RunFile, corpus) -> None:
-    """A built-in model trained on the world and a world corpus must hold out the same situations: otherwise the
-    corpus's val, test and implicit situations are in the model's training text. They must also write situations
-    in the same style (world.situation_style)."""
-    from emojax.corpus.world_config import split_mismatch
+def _model_world(run_file: RunFile) -> tuple[str, WorldConfig] | None:
+    """(where it is set, the world) a world-trained model read: the train: section of a built-in model, or the
+    train.json of a run.model folder trained on the world (scripts/world_scale.sh, emojax train-lm); else None."""
+    from emojax.train.builtin import TRAIN_JSON, read_train_json
 
+    model = run_file.run.model
+    if Path(model).is_dir():
+        config = (read_train_json(model) or {}).get("config") or {}
+        if config.get("data") != "world" or not isinstance(config.get("world"), dict):
+            return None
+        try:
+            return f"{Path(model) / TRAIN_JSON}'s world", WorldConfig.from_json(config["world"])
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{Path(model) / TRAIN_JSON}: config.world does not read as world settings ({e})") \
+                from None
     train = Train()._config(Context(run_file=run_file, run_dir=Path(".")))
-    if train is None or train.data != "world" or not corpus.world:
+    if train is None or train.data != "world":
+        return None
+    return "train.world", train.world
+
+
+def check_world_split(run_file: RunFile, corpus) -> None:
+    """A model trained on the world (built in, or a run.model folder) and a world corpus must hold out the same
+    situations: otherwise the corpus's val, test and implicit situations are in the model's training text. They
+    must also write situations in the same style (world.situation_style)."""
+    trained = _model_world(run_file) if corpus.world else None
+    if trained is None:
         return
-    differ = split_mismatch(train.world, corpus.generator.world)
+    where, world = trained
+    differ = split_mismatch(world, corpus.generator.world)
     if differ:
-        raise ConfigError(f"{run_file.source}: train.world and corpus.generator.world hold out different situations "
+        raise ConfigError(f"{run_file.source}: {where} and corpus.generator.world hold out different situations "
                           f"({'; '.join(differ)}), so the corpus's held-out situations would be in the model's "
                           "training text; give both the same split_seed, temperature and fractions")
-    styles = train.world.situation_style, corpus.generator.world.situation_style
+    styles = world.situation_style, corpus.generator.world.situation_style
     if styles[0] != styles[1]:
-        raise ConfigError(f"{run_file.source}: train.world.situation_style is {styles[0]!r} and "
-                          f"corpus.generator.world.situation_style {styles[1]!r}: the corpus would write situations "
-                          "in a form the model never read; give both the same")
+        raise ConfigError(f"{run_file.source}: {where} has situation_style {styles[0]!r} and "
+                          f"corpus.generator.world {styles[1]!r}: the corpus would write situations in a form the "
+                          "model never read; give both the same")
 
 
 def check_run_file(run_file: RunFile) -> None:

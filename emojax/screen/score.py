@@ -29,8 +29,8 @@ from emojax.digest import arrays_digest, digest
 from emojax.errors import InputError
 from emojax.models import load_model, make_mesh
 from emojax.models.config import ModelConfig
-from emojax.models.lm import tokenizer_for
-from emojax.steer.decode import DecodeConfig, Decoder
+from emojax.models.lm import stop_tokens, tokenizer_for
+from emojax.steer.decode import DecodeConfig, Decoder, fixed_batches
 from emojax.steer.monitor import Readout
 from emojax.steer.text import token_texts
 from emojax.tokenizer import Tokenizer, left_pad
@@ -168,8 +168,7 @@ class Scorer:
         self.readout = Readout(concepts=np.asarray(spec.vectors, np.float32), index=np.int32(spec.layer),
                                metric="dot")
         self._read = jax.jit(lambda readout, x_BTD: readout(x_BTD))
-        eos = self.tokenizer.token_to_id(self.tokenizer.eos_token) if self.tokenizer.eos_token else None
-        self.stops = [] if eos is None else [eos]
+        self.stops = stop_tokens(self.lm)
         self._lock = threading.Lock()  # one shard at a time per process: the threads of a runner share the device
 
     def score(self, samples: Sequence[Sample]) -> list[dict]:
@@ -179,9 +178,8 @@ class Scorer:
             encoded = [encode(s, self.tokenizer, self.limit) for s in samples]
             rows, kept = [], {}
             B = self.spec.batch_size
-            for start in range(0, len(samples), B):
-                part = list(range(start, min(start + B, len(samples))))
-                rows += self._batch([samples[i] for i in part], [encoded[i] for i in part], kept, start)
+            for part, padded in fixed_batches(len(samples), B):  # one compiled program per length bucket
+                rows += self._batch([samples[i] for i in part], [encoded[i] for i in padded], kept, part[0])
                 kept = self._keep(rows, kept)
             for i, per_token in kept.items():
                 ids = encoded[i].ids[encoded[i].n_prompt:]
@@ -190,10 +188,11 @@ class Scorer:
                     rows[i][column("tokens", concept)] = per_token[:, c].tolist()
             return rows
 
-    def _batch(self, samples: list[Sample], encoded: list[Encoded], kept: dict, start: int) -> list[dict]:
-        """Rows of one batch; the per-token projections of its responses go into `kept` (pruned by _keep)."""
-        B, n = self.spec.batch_size, len(samples)
-        padded = encoded + [encoded[0]] * (B - n)  # a fixed batch: one compiled program per length bucket
+    def _batch(self, samples: list[Sample], padded: list[Encoded], kept: dict, start: int) -> list[dict]:
+        """Rows of one batch (`padded`: the samples' encodings, padded to the batch size); the per-token
+        projections of its responses go into `kept` (pruned by _keep)."""
+        n = len(samples)
+        encoded = padded[:n]
         T = _bucket(max(len(e.ids) for e in padded), self.limit)
         tokens, mask = left_pad([e.ids for e in padded], T)
         with jax.default_matmul_precision("highest"):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -78,6 +78,14 @@ def check_positions(cfg, lengths_B: np.ndarray, max_new_tokens: int, beyond_max_
     raise InputError(f"{which} has {longest} tokens and max_new_tokens is {max_new_tokens}: {longest + max_new_tokens} "
                      f"positions, past the model's limit of {limit} {kind}; shorten the prompt or lower "
                      f"--max-new-tokens to at most {max(limit - longest, 0)}{allow}")
+
+
+def fixed_batches(n: int, batch_size: int) -> Iterator[tuple[list[int], list[int]]]:
+    """(part, rows) for each batch of `n` items: `part` the items' indices, `rows` the same padded with the first to
+    `batch_size`, so every batch has one shape and the decode loop compiles once per prompt bucket."""
+    for start in range(0, n, batch_size):
+        part = list(range(start, min(start + batch_size, n)))
+        yield part, part + [part[0]] * (batch_size - len(part))
 
 
 def bucket(n: int, buckets: Sequence[int], what: str) -> int:

@@ -30,7 +30,7 @@ from emojax.digest import digest
 from emojax.errors import CheckpointError, InputError
 from emojax.fileio import write_json
 from emojax.models.interventions import Interventions
-from emojax.models.lm import LanguageModel
+from emojax.models.lm import LanguageModel, stop_tokens
 from emojax.train.builtin import TRAIN_JSON, export_params, train_into
 from emojax.train.config import FinetuneConfig, Optimization
 from emojax.train.data import TokenData, sample_token_data
@@ -93,7 +93,7 @@ def finetune(config: FinetuneConfig, data: Sequence[str | Path], lm: LanguageMod
                               "keeps it)")
     files = [Path(p) for p in data]
     samples = read_samples(files)
-    tokens = sample_token_data(samples, lm.tokenizer, _eos_id(lm), config.eval_fraction,
+    tokens = sample_token_data(samples, lm.tokenizer, next(iter(stop_tokens(lm)), None), config.eval_fraction,
                                lm.config.max_position_embeddings)
     opt = config.optimization(tokens.n_train_docs)
     hashes = [_sha256(f) for f in files]
@@ -112,16 +112,6 @@ def finetune(config: FinetuneConfig, data: Sequence[str | Path], lm: LanguageMod
     }
     iv = None if steering is None else steering.interventions
     return train_into(Path(out), fingerprint, lambda work: _train(lm, tokens, opt, iv, record, work, progress, until))
-
-
-def _eos_id(lm: LanguageModel) -> int | None:
-    """The token ending each sample: the tokenizer's eos_token (a chat model's end of turn), else config.json's
-    eos_token_id (the first, when it lists several); None when the model names neither."""
-    token_id = lm.tokenizer.token_to_id(lm.tokenizer.eos_token) if lm.tokenizer.eos_token else None
-    if token_id is None:
-        token_id = (lm.hf_config or {}).get("eos_token_id")
-        token_id = token_id[0] if isinstance(token_id, list) and token_id else token_id
-    return token_id if isinstance(token_id, int) else None
 
 
 def _sha256(file: Path) -> str:
