@@ -28,7 +28,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from emojax.corpus.samples import Sample
-from emojax.pipelines.corpus import disk_full_in, parquet_bytes, write_atomic, sha256_hex, shard_path
+from emojax.pipelines.outputs import disk_full_in, parquet_bytes, write_atomic, sha256_hex, shard_path
 
 FINGERPRINT_KEY = b"emojax.screen.fingerprint"
 

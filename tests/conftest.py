@@ -65,3 +65,9 @@ def _never_the_default_builtin_model(monkeypatch):
         return train_lm(config, out, *args, **kwargs)
 
     monkeypatch.setattr(builtin, "train_lm", guarded)
+
+
+@pytest.fixture(autouse=True)
+def _no_api_key_from_the_environment(monkeypatch):
+    """The serve tests set EMOJAX_API_KEY where they test it; one in the caller's environment must not leak in."""
+    monkeypatch.delenv("EMOJAX_API_KEY", raising=False)

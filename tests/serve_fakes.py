@@ -1,4 +1,5 @@
-"""A FakeEngine (emojax.serve.types.EngineLike without a model) and a live uvicorn server for the serve tests.
+"""A FakeEngine (emojax.serve.types.EngineLike without a model), a live uvicorn server and the app over a FakeEngine
+with readers of its answers (`make`, `sse`, `tokens_of`, `error_of`) for the serve tests.
 
 FakeEngine's tokens and readings are pure functions of the request (prompt, steering, seed when sampling, token
 index), so a request's output is known without serving it, and any mixing of streams shows. Readings: small
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import socket
 import threading
 import time
@@ -24,8 +26,10 @@ import numpy as np
 import uvicorn
 
 from emojax.errors import InputError
+from emojax.serve import ServeConfig, create_app
 from emojax.serve.engine import EngineBusy
 from emojax.serve.types import EngineStats, GenerationRequest, PromptReadings, TokenEvent
+from emojax.tokenizer import ByteTokenizer
 
 NAMES = ("calm", "desperate", "angry", "joyful", "afraid", "proud")
 ALPHABET = [ord(c) for c in "abcdefghijklmnopqrstuvwxyz      "]  # byte ids (ByteTokenizer): letters and spaces
@@ -157,6 +161,37 @@ def live_server(app):
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+# ---- the app over a FakeEngine, and reading its answers
+
+TOK = ByteTokenizer()
+RULE = "desperate>2:2 critical"  # FakeEngine: "desperate" climbs 1 per token after a prompt saying "desperate"
+
+
+def make(engine=None, **settings):
+    engine = engine or FakeEngine()
+    return engine, create_app(engine, TOK, ServeConfig(**settings))
+
+
+def sse(text: str) -> list:
+    """The data payloads of an event stream, JSON-decoded ("[DONE]" kept as is)."""
+    out = []
+    for event in text.split("\n\n"):
+        for line in event.splitlines():
+            if line.startswith("data: "):
+                out.append(line[6:] if line[6:] == "[DONE]" else json.loads(line[6:]))
+    return out
+
+
+def tokens_of(chunks: list) -> list[dict]:
+    return [t for c in chunks if isinstance(c, dict) for t in c.get("emojax", {}).get("tokens", [])]
+
+
+def error_of(response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param"}, body
+    return body["error"]
 
 
 def main(argv=None) -> None:

@@ -20,7 +20,7 @@ from emojax.corpus.generator import GeneratorConfig
 from emojax.corpus.readers import CorpusError, ReaderSpec, read_records
 from emojax.errors import ConfigError
 from emojax.fileio import DiskFullError
-from emojax.pipelines import corpus as pipeline
+from emojax.pipelines import outputs
 
 # Labels are ids into labels.txt (0 calm, 1 afraid); both files are called x.csv and ids come from `id`.
 A_CSV = (
@@ -138,10 +138,10 @@ def test_inputs_whose_ids_would_collide_are_refused_before_reading(tmp_path):
 def test_an_accounting_mismatch_raises_and_writes_no_manifest(tmp_path):
     shards = [{"name": "part-00000-of-00001.parquet", "rows": 2, "tokens": 5, "sha256": "x"}]
     rejected = [{"kind": "invalid"}, {"kind": "duplicate"}]
-    with pytest.raises(pipeline.AccountingError, match="5 documents in, but 2 written \\+ 1 rejected \\+ 1 dedup"):
-        pipeline.write_manifest(None, str(tmp_path), CorpusConfig(), "t", {}, shards, [], rejected, n_in=5)
+    with pytest.raises(outputs.AccountingError, match="5 documents in, but 2 written \\+ 1 rejected \\+ 1 dedup"):
+        outputs.write_manifest(None, str(tmp_path), CorpusConfig(), "t", {}, shards, [], rejected, n_in=5)
     assert not (tmp_path / "manifest.json").exists()
-    m = pipeline.write_manifest(None, str(tmp_path), CorpusConfig(), "t", {}, shards, [], rejected, n_in=4)
+    m = outputs.write_manifest(None, str(tmp_path), CorpusConfig(), "t", {}, shards, [], rejected, n_in=4)
     assert (m["documents_in"], m["documents_written"], m["rejected"], m["deduplicated"]) == (4, 2, 1, 1)
 
 
@@ -158,7 +158,7 @@ def test_corpus_numbers_out_of_range_are_config_errors(key, value, tmp_path):
 
 def test_pack_refuses_a_non_positive_length_instead_of_looping():
     with pytest.raises(ValueError, match="pack_length"):
-        pipeline.pack([{"doc_id": "d", "split": "train", "tokens": [1, 2, 3]}], length=-1, pad_id=0)
+        outputs.pack([{"doc_id": "d", "split": "train", "tokens": [1, 2, 3]}], length=-1, pad_id=0)
     with pytest.raises(ValueError, match="n_topics=-1 must be"):
         GeneratorConfig(n_topics=-1)
 

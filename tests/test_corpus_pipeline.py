@@ -15,6 +15,7 @@ from emojax.corpus.config import CorpusConfig
 from emojax.corpus.generator import GeneratorConfig
 from emojax.corpus.readers import CorpusError, RawRecord, ReaderSpec
 from emojax.pipelines import corpus as pipeline
+from emojax.pipelines import outputs
 
 LABELS = pipeline.label_table(CorpusConfig())
 
@@ -252,7 +253,7 @@ def test_prompts_and_collect_round_trip(tmp_path):
 def test_pack_makes_fixed_length_rows_without_losing_tokens():
     rows = [{"doc_id": f"d{i}", "split": s, "tokens": list(range(10 * i, 10 * i + n))}
             for i, (s, n) in enumerate([("train", 7), ("val", 5), ("train", 12), ("train", 3)])]
-    packed = pipeline.pack(rows, length=8, pad_id=-1)
+    packed = outputs.pack(rows, length=8, pad_id=-1)
     assert all(len(r["tokens"]) == 8 for r in packed)
     real = [t for r in packed for t in r["tokens"][: r["n_real"]]]
     assert real == list(range(0, 7)) + list(range(20, 32)) + list(range(30, 33))

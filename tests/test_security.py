@@ -20,7 +20,7 @@ from emojax.cli import main as cli_main
 from emojax.errors import CheckpointError
 from emojax.fileio import DiskFullError
 from emojax.models import checkpoint
-from emojax.report import build_report, figures, sections
+from emojax.report import build_report, figures, markup
 from emojax.report.build import SCRIPT, script_text
 
 # Closes an attribute value (either quote), closes the tag, opens a script and an event handler, and holds
@@ -113,7 +113,7 @@ def test_report_escapes_every_value_from_the_run_directory(tmp_path):
 
 def test_attribute_values_cannot_be_broken_out_of():
     page = _Page()
-    page.feed(sections.img(EVIL, EVIL) + sections.table([EVIL], [[EVIL, {EVIL: EVIL}, [EVIL]]], cls=EVIL))
+    page.feed(markup.img(EVIL, EVIL) + markup.table([EVIL], [[EVIL, {EVIL: EVIL}, [EVIL]]], cls=EVIL))
     assert page.tags[0] == ("img", {"src": EVIL, "alt": EVIL})  # both values come back whole: nothing escaped
     assert page.tags[1] == ("table", {"class": EVIL})
     assert [tag for tag, _ in page.tags] == ["img", "table", "thead", "tr", "th", "tbody", "tr", "td", "td", "td"]

@@ -1,70 +1,30 @@
 """The HTTP side of `emojax serve` (emojax.serve.app) over a FakeEngine (tests/serve_fakes.py): no model, so what
 is checked is the app: OpenAI shapes, the emojax field, steering and limits, errors as JSON naming the field,
-alerts (stream, audit log, webhook), metrics, draining on SIGTERM, streams never mixed, and the load test."""
+metrics, the page and the config. Alerts are in test_serve_alerts.py; draining, concurrency and the load test in
+test_serve_load.py."""
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import json
-import math
-import os
-import signal
-import subprocess
-import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from serve_fakes import NAMES, FakeEngine, expected_readings, expected_tokens, live_server, transcript_readings
+from serve_fakes import (NAMES, RULE, TOK, FakeEngine, error_of, expected_readings, expected_tokens, live_server,
+                         make, sse, tokens_of, transcript_readings)
 from starlette.testclient import TestClient
 
 from emojax.config_loader import load_section
 from emojax.errors import ConfigError, InputError
-from emojax.serve import ServeConfig, create_app
-from emojax.serve.config import Limits, Webhook
+from emojax.serve import ServeConfig
+from emojax.serve.config import Limits
 from emojax.serve.protocol import TextStream
 from emojax.serve.types import GenerationRequest
 from emojax.steer.monitor import AlertTracker, Rule
-from emojax.tokenizer import ByteTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-TOK = ByteTokenizer()
-RULE = "desperate>2:2 critical"  # FakeEngine: "desperate" climbs 1 per token after a prompt saying "desperate"
-
-
-@pytest.fixture(autouse=True)
-def _no_api_key_from_the_environment(monkeypatch):
-    monkeypatch.delenv("EMOJAX_API_KEY", raising=False)
-
-
-def make(engine=None, **settings):
-    engine = engine or FakeEngine()
-    return engine, create_app(engine, TOK, ServeConfig(**settings))
-
-
-def sse(text: str) -> list:
-    """The data payloads of an event stream, JSON-decoded ("[DONE]" kept as is)."""
-    out = []
-    for event in text.split("\n\n"):
-        for line in event.splitlines():
-            if line.startswith("data: "):
-                out.append(line[6:] if line[6:] == "[DONE]" else json.loads(line[6:]))
-    return out
-
-
-def tokens_of(chunks: list) -> list[dict]:
-    return [t for c in chunks if isinstance(c, dict) for t in c.get("emojax", {}).get("tokens", [])]
-
-
-def error_of(response) -> dict:
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param"}, body
-    return body["error"]
 
 
 # ---- shapes
@@ -440,250 +400,3 @@ def test_serve_config_from_a_file_and_overrides(tmp_path):
             load_section(ServeConfig, path, overrides)
     with pytest.raises(InputError, match="not monitored"):
         make(rules=("lonely>1",))
-
-
-def test_rules_with_a_window_and_a_severity():
-    rule = Rule.parse("desperate > 2 for 3 of 6 tokens critical")
-    assert rule == Rule.parse("desperate>2:3/6 critical") == Rule("desperate", 2.0, 3, True, 6, "critical")
-    assert Rule.parse(str(rule)).window == 6
-    for bad in ("d>1:3/2", "d>1 urgent"):
-        with pytest.raises(InputError):
-            Rule.parse(bad)
-    hits = np.array([3, 0, 3, 0, 0, 3, 3, 0, 0, 0, 0, 0, 0, 0, 3, 3, 3, 0], np.float32)
-    readings = hits[None, :, None]
-    tracker = AlertTracker([rule], ["desperate"])
-    for t in range(len(hits)):  # one token at a time, as a stream feeds it
-        tracker.feed(np.array([[t]]), readings[:, t:t + 1])
-    assert [(a.start, a.trigger, a.end, a.severity) for a in tracker.alerts()] == \
-        [(0, 5, 6, "critical"), (14, 16, 16, "critical")]
-    consecutive = AlertTracker([Rule.parse("desperate>2:3/3"), Rule.parse("desperate>2:3")], ["desperate"])
-    consecutive.feed(np.arange(len(hits))[None], readings)
-    a, b = consecutive.alerts()
-    assert (a.start, a.trigger, a.end) == (b.start, b.trigger, b.end) == (14, 16, 16)
-
-
-# ---- alerts: stream, audit log, webhook
-
-
-class _Hook:
-    """A local webhook receiver: fails the first `fail` posts with 500, each post taking `delay_s`."""
-
-    def __init__(self, fail: int, delay_s: float):
-        self.fail, self.delay_s, self.posts = fail, delay_s, []
-        hook = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                time.sleep(hook.delay_s)
-                hook.posts.append(body)
-                status = 500 if len(hook.posts) <= hook.fail else 204
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.mark.parametrize("fail", [2, 99])
-def test_alerts_go_to_the_stream_the_audit_log_and_a_webhook_that_never_blocks(tmp_path, fail):
-    hook = _Hook(fail=fail, delay_s=0.2)
-    log = tmp_path / "logs" / "audit.jsonl"
-    engine, app = make(rules=(RULE, "calm>5"), audit_log=str(log),
-                       webhook=Webhook(url=hook.url, retries=2, backoff_s=0.05, timeout_s=5))
-    try:
-        with TestClient(app) as client:
-            t0 = time.perf_counter()
-            r = client.post("/v1/completions", json={"prompt": "so desperate", "max_tokens": 6, "stream": True})
-            elapsed = time.perf_counter() - t0
-            chunks = sse(r.text)
-            request = engine.requests[-1]
-            assert elapsed < 0.2  # the receiver takes 0.2 s per post (and fails): the stream never waited for it
-            raised = [(i, a) for i, c in enumerate(chunks[1:-2]) for a in c["emojax"]["alerts"]]
-            P = len(request.prompt_ids)
-            desperate = [float(expected_readings(request, i)[1]) for i in range(6)]  # 1.0 * i + noise
-            trigger = next(i for i in range(1, 6) if desperate[i - 1] > 2 and desperate[i] > 2)
-            ((index, alert),) = raised
-            assert index == trigger and alert["position"] == P + trigger and alert["start"] == P + trigger - 1
-            assert alert["concept"] == "desperate" and alert["severity"] == "critical"
-            assert alert["value"] == pytest.approx(desperate[trigger], abs=1e-4)
-            assert alert["request_id"] == request.request_id and alert["endpoint"] == "completions"
-            (summary,) = chunks[-2]["emojax"]["summary"]
-            assert (summary["start"], summary["trigger"], summary["end"]) == (P + trigger - 1, P + trigger, P + 5)
-            assert len(hook.posts) <= 1  # still being delivered after the response has ended
-        # leaving the client ran the lifespan's end: drain, deliver the queue, fsync the log
-        lines = [json.loads(line) for line in log.read_text().splitlines()]
-        assert lines == [alert]
-        assert hook.posts[-1] == alert and len(hook.posts) == 3  # 2 failures then success, or 3 failures
-        metrics = app.state.serve.metrics.exposition()[0].decode()
-        outcome = "failed" if fail == 99 else "delivered"
-        assert f'emojax_webhook_deliveries_total{{outcome="{outcome}"}} 1.0' in metrics
-    finally:
-        hook.close()
-
-
-def test_alert_scope_all_reads_the_prompt_too():
-    engine, app = make(rules=("calm>0.2",), alert_scope="all")
-    with TestClient(app) as client:
-        body = client.post("/v1/completions", json={"prompt": "abcdefgh", "max_tokens": 1}).json()
-    ids = TOK.encode("abcdefgh")
-    calm = transcript_readings(ids)[:, 0]
-    assert body["emojax"]["alerts"] and body["emojax"]["alerts"][0]["trigger"] == int(np.argmax(calm > 0.2))
-
-
-# ---- shutdown
-
-
-def test_sigterm_drains_finishes_in_flight_refuses_new_and_flushes_the_audit_log(tmp_path):
-    log = tmp_path / "audit.jsonl"
-    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "serve_fakes.py"), "--audit", str(log),
-                             "--delay", "0.05", "--rule", RULE], cwd=REPO, stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO / "tests")})
-    watchdog = threading.Timer(120, proc.kill)
-    watchdog.start()
-    try:
-        url = f"http://127.0.0.1:{int(proc.stdout.readline())}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.1)
-        first_token, chunks = threading.Event(), []
-
-        def in_flight():
-            body = {"prompt": "desperate times", "max_tokens": 40, "stream": True}
-            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
-                for line in r.iter_lines():
-                    if line.startswith("data: "):
-                        chunks.append(line[6:] if line[6:] == "[DONE]" else json.loads(line[6:]))
-                        if len(chunks) >= 2:
-                            first_token.set()
-
-        reader = threading.Thread(target=in_flight)
-        reader.start()
-        assert first_token.wait(30)
-        proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 5
-        while True:  # the signal is handled within a moment; the listening socket stays open meanwhile
-            r = httpx.post(url + "/v1/completions", json={"prompt": "new", "max_tokens": 1}, timeout=5)
-            if r.status_code == 503:
-                break
-            assert time.monotonic() < deadline, r.text
-            time.sleep(0.05)
-        assert error_of(r)["type"] == "unavailable_error"
-        assert httpx.get(url + "/healthz", timeout=5).status_code == 503
-        assert not chunks or chunks[-1] != "[DONE]"  # still streaming while new requests are refused
-        reader.join(60)
-        assert chunks[-1] == "[DONE]" and len(tokens_of(chunks)) == 40
-        assert chunks[-2]["choices"][0]["finish_reason"] == "length"
-        assert proc.wait(60) == 0
-        lines = [json.loads(line) for line in log.read_text().splitlines()]
-        assert lines and {a["request_id"] for a in lines} == {chunks[0]["id"]}
-        assert [a for c in chunks[1:-2] for a in c["emojax"]["alerts"]] == lines
-    finally:
-        watchdog.cancel()
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-
-
-# ---- streams are never mixed
-
-
-def _body(i: int) -> dict:
-    concept = NAMES[i % len(NAMES)]
-    body = {"prompt": f"request {i}: " + "desperate " * (i % 3), "max_tokens": 12 + i % 5, "stream": i % 2 == 0,
-            "emojax": {"steer": {concept: round((i - 16) / 40, 3)}, "full": True}}
-    if i % 4 == 1:
-        body.update(temperature=0.8, seed=1000 + i)
-    else:
-        body.update(temperature=0)
-    return body
-
-
-async def _ask(client: httpx.AsyncClient, body: dict, stagger_s: float = 0.0):
-    await asyncio.sleep(stagger_s)
-    if body["stream"]:
-        async with client.stream("POST", "/v1/completions", json=body) as r:
-            assert r.status_code == 200
-            chunks = sse((await r.aread()).decode())
-        assert chunks[-1] == "[DONE]"
-        tokens = tokens_of(chunks)
-        alerts = [a for c in chunks[1:-2] for a in c["emojax"]["alerts"]]
-        return chunks[0]["id"], "".join(c["choices"][0]["text"] for c in chunks[1:-2]), tokens, alerts
-    r = await client.post("/v1/completions", json=body)
-    assert r.status_code == 200, r.text
-    body = r.json()
-    return body["id"], body["choices"][0]["text"], body["emojax"]["tokens"], body["emojax"]["alerts"]
-
-
-def test_32_concurrent_requests_with_different_steering_each_get_their_own_stream():
-    engine, app = make(FakeEngine(delay_s=0.004), rules=(RULE,), limits=Limits(max_concurrent=64))
-    bodies = [_body(i) for i in range(32)]
-
-    async def concurrently(url):
-        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-            return await asyncio.gather(*(_ask(client, b, stagger_s=0.003 * (i % 8)) for i, b in enumerate(bodies)))
-
-    async def alone(url):
-        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-            return [await _ask(client, b) for b in bodies]
-
-    with live_server(app) as url:
-        together = asyncio.run(concurrently(url))
-        by_id = {r.request_id: r for r in engine.requests}
-        single = asyncio.run(alone(url))
-    for i, ((rid, text, tokens, alerts), (_, text1, tokens1, alerts1)) in enumerate(zip(together, single)):
-        request = by_id[rid]
-        assert dict(request.steering) == bodies[i]["emojax"]["steer"]
-        assert [t["token"] for t in tokens] == expected_tokens(request), i
-        assert text == text1 and [t["token"] for t in tokens] == [t["token"] for t in tokens1], i
-        np.testing.assert_allclose([t["readings"] for t in tokens], [t["readings"] for t in tokens1], atol=0)
-        for k, t in enumerate(tokens):
-            np.testing.assert_allclose(t["readings"], expected_readings(request, k), atol=1e-4)
-        strip = lambda alerts: [{k: v for k, v in a.items() if k not in ("time", "request_id")}  # noqa: E731
-                                for a in alerts]
-        assert strip(alerts) == strip(alerts1), i
-    assert any(a for _, _, _, a in together)  # the prompts saying "desperate" raise alerts
-
-
-# ---- load test
-
-
-def test_the_load_test_script_against_a_fake_engine():
-    spec = importlib.util.spec_from_file_location("load_test_serve", REPO / "scripts" / "load_test_serve.py")
-    load_test = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = load_test  # its dataclass resolves annotations through sys.modules
-    spec.loader.exec_module(load_test)
-    _, app = make(FakeEngine(delay_s=0.01))
-    with live_server(app) as url:
-        result = load_test.run_load(url, clients=4, duration_s=1.0, max_tokens=6)
-    concurrent, sequential = result["concurrent"], result["sequential"]
-    assert concurrent["errors"] == 0 and sequential["errors"] == 0, result
-    assert concurrent["requests"] >= 4 and sequential["requests"] >= 1
-    assert concurrent["tokens"] == 6 * concurrent["requests"]
-    for key in ("requests_per_s", "tokens_per_s", "ttft_p50_s", "ttft_p99_s", "per_token_p50_s", "per_token_p99_s"):
-        assert concurrent[key] is not None and math.isfinite(concurrent[key]) and concurrent[key] > 0, key
-    assert concurrent["ttft_p50_s"] <= concurrent["ttft_p99_s"]
-    assert result["throughput_ratio"] > 1  # four clients over a sleeping engine beat one
-
-
-def test_the_serve_command_is_registered_and_refuses_a_bad_setting_before_loading_anything(capsys):
-    from emojax.cli import main
-
-    assert main(["serve", "--model", "nowhere", "--bank", "nowhere", "limits.max_concurent=1"]) == 2
-    assert "serve.limits.max_concurent" in capsys.readouterr().err

@@ -31,8 +31,7 @@ def _page(browser, url):
     return page, errors
 
 
-def test_the_page_streams_a_generation_with_its_heatmap_chart_and_alerts(browser, monkeypatch):
-    monkeypatch.delenv("EMOJAX_API_KEY", raising=False)
+def test_the_page_streams_a_generation_with_its_heatmap_chart_and_alerts(browser):
     engine = FakeEngine(delay_s=0.05)
     app = create_app(engine, ByteTokenizer(), ServeConfig(rules=("desperate>2:2 critical",)))
     with live_server(app) as url:
@@ -83,8 +82,7 @@ def test_the_page_streams_a_generation_with_its_heatmap_chart_and_alerts(browser
         assert errors == [], errors
 
 
-def test_the_page_asks_for_the_api_key(browser, monkeypatch):
-    monkeypatch.delenv("EMOJAX_API_KEY", raising=False)
+def test_the_page_asks_for_the_api_key(browser):
     app = create_app(FakeEngine(), ByteTokenizer(), ServeConfig(api_key="k3y"))
     with live_server(app) as url:
         page, errors = _page(browser, url)

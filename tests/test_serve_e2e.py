@@ -17,8 +17,7 @@ import httpx
 import numpy as np
 import pytest
 from dump_helpers import REPO, child_env
-from serve_fakes import live_server
-from test_serve_app import sse, tokens_of
+from serve_fakes import live_server, sse, tokens_of
 from test_serve_engine import LAYER, NAMES, slowed, tiny_model_and_bank
 
 from emojax.serve import ServeConfig, create_app

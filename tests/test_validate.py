@@ -234,7 +234,7 @@ def test_known_concepts_are_the_bank_and_the_catalogue(planted):
 
 def test_the_report_section_renders_the_real_outputs(tiny_lm, planted, tmp_path):
     from emojax.fileio import write_json
-    from emojax.report.sections import validation
+    from emojax.report.validation import validation
 
     store, planted_bank = planted
     write_json(tmp_path / "validate" / "top_tokens.json",

@@ -7,7 +7,7 @@ exist but cannot be read shows the reason (and the rest of the report still rend
 on <body>, once the page has loaded, how many images decoded (data-images-loaded="N/M") and any script error
 (data-error), so a headless browser can check the page.
 
-Safety: every value from the run directory is HTML-escaped where it is placed (sections.py); anything inside the
+Safety: every value from the run directory is HTML-escaped where it is placed (markup.py); anything inside the
 <script> element has `</` written as `<\\/`, so no text can close it. The page is written atomically
 (emojax.fileio): a crash or a full disk leaves the previous index.html, and a rerun completes.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 from emojax.errors import EmojaxError
 from emojax.fileio import DiskFullError, write_text
 from emojax.report import screening, sections, shaping
-from emojax.report.sections import NotRun, Omitted
+from emojax.report.markup import NotRun, Omitted
 
 # The run's sections, then the optional ones (left out of the page when their inputs are absent).
 SECTIONS = (*sections.SECTIONS,

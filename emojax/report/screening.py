@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from emojax.report import figures, inputs
-from emojax.report.sections import Omitted, show, img, table
+from emojax.report.markup import Omitted, img, show, table
 from emojax.screen.flags import rank
 from emojax.screen.score import column
 

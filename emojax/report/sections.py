@@ -1,8 +1,6 @@
 """The report's sections: each takes the run directory and returns its HTML body, or raises NotRun when the
-stage that feeds it has not written its outputs.
-
-Every value read from the run directory reaches the page through `escape` (directly, or through `show`, `table`
-and `img`): labels, prompts and generated text are user text, and a run directory may come from someone else.
+stage that feeds it has not written its outputs. Section 5 lives in validation.py; the HTML pieces every section
+builds with (which escape what they place) in markup.py.
 """
 
 from __future__ import annotations
@@ -12,57 +10,17 @@ from pathlib import Path
 
 import numpy as np
 
-from emojax.concepts.top_tokens import MIN_CI_DOCUMENTS
-from emojax.progress import fmt_ci
-from emojax.report import figures, inputs
+from emojax.report import figures, inputs, validation
+from emojax.report.markup import NotRun, img, interval, is_number, need, show, table
 
 MONITOR_TOP = 8  # concepts shown in the monitored sample's heatmap
-
-
-class NotRun(Exception):
-    """The section's inputs are absent; the message says which files."""
-
-
-class Omitted(NotRun):
-    """The inputs of an optional section are absent: the section is left out of the page (not shown as "not run")."""
-
-
-def _need(value, what: str):
-    if value is None or (hasattr(value, "__len__") and not len(value)):
-        raise NotRun(what)
-    return value
-
-
-def show(value) -> str:
-    """A value of a stage's JSON as report text: numbers as log lines print them, dicts as k=v, long lists cut."""
-    if isinstance(value, bool) or value is None:
-        return escape(str(value).lower() if isinstance(value, bool) else "-")
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        return f"{value:,.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
-    if isinstance(value, dict):
-        return ", ".join(f"{escape(str(k))}={show(v)}" for k, v in value.items() if not isinstance(v, (dict, list)))
-    if isinstance(value, list):
-        return escape(", ".join(str(v) for v in value[:20]) + (" ..." if len(value) > 20 else ""))
-    return escape(str(value))
-
-
-def table(header: list[str], rows: list[list], cls: str = "") -> str:
-    head = "".join(f"<th>{escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{show(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f'<table class="{escape(cls)}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-
-
-def img(uri: str, alt: str) -> str:
-    return f'<img src="{escape(uri)}" alt="{escape(alt)}">'
 
 
 # ---- summaries
 
 
 def corpus_summary(run_dir: Path) -> str:
-    m = _need(inputs.corpus_manifest(run_dir), "corpus/manifest.json is missing")
+    m = need(inputs.corpus_manifest(run_dir), "corpus/manifest.json is missing")
     counts = [[k, m.get(k)] for k in ("documents_in", "documents_written", "rejected", "deduplicated",
                                       "tokens_written")]
     counts.append(["shards", len(m.get("shards", []))])
@@ -136,7 +94,7 @@ def _layer_geometry(run_dir: Path):
     names = list(evaluation["concepts"]) if evaluation else list(bank.names)
     geometry = ((evaluation or {}).get("per_layer", {}).get(str(best)) or {}).get("geometry")
     if geometry is None:
-        _need(bank, f"no geometry for layer {best} in eval.json and no bank")
+        need(bank, f"no geometry for layer {best} in eval.json and no bank")
         from emojax.concepts.geometry import layer_geometry
 
         geometry = layer_geometry(tuple(bank.names), bank.at_layer(best), 10, 0)
@@ -157,7 +115,7 @@ def emotion_map(run_dir: Path) -> str:
     ann = geo.get("annotations", {})
     pairs = (("pc1", "valence"), ("pc2", "arousal"), ("pc3", "arousal"), ("pc1", "arousal"), ("pc2", "valence"),
              ("pc3", "valence"))  # the study's three first
-    corr = [[f"{pc.upper()} ~ {what}", _interval(ann, f"{pc}_{what}_abs_r")] for pc, what in pairs
+    corr = [[f"{pc.upper()} ~ {what}", interval(ann, f"{pc}_{what}_abs_r")] for pc, what in pairs
             if f"{pc}_{what}_abs_r" in ann]
     flipped = ann.get("pc1_flipped")
     orientation = ("PC1's sign was flipped so that positive valence scores positive" if flipped is True else
@@ -187,20 +145,6 @@ def cosine_heatmap(run_dir: Path) -> str:
             + (f"<h3>k-means clusters (k={len(groups)})</h3>" + table(["cluster", "concepts"], rows) if rows else ""))
 
 
-def _interval(m: dict, key: str, scale: float = 1.0, digits: int = 3, unit: str = "") -> str:
-    """A metric of eval.json with its bootstrap interval, e.g. '5.1% (95% CI 2.3-8.2%)'; '-' for what is not a
-    number (eval.json is read, never trusted)."""
-    value, ci = m.get(key), m.get(f"{key}_ci95")
-    if not _is_number(value):
-        return "-"
-    ok = isinstance(ci, list) and len(ci) == 2 and all(_is_number(c) for c in ci)
-    return fmt_ci(value, ci if ok else None, f".{digits}f", scale, unit, label="95% CI ")
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _against_baselines(evaluation: dict, random_init: dict | None) -> str:
     """One sentence per split: the best layer's nearest-vector figures against chance, the bag-of-words reader
     on the same documents and the same fit on a random-init model of the same shape (at its own best layer)."""
@@ -216,19 +160,19 @@ def _against_baselines(evaluation: dict, random_init: dict | None) -> str:
             continue
         chance = m.get("chance", {})
         text = (f"On {escape(what)} ({show(m['n'])} documents) the concept vectors at layer {show(best)} "
-                f"name the right concept first for {_interval(m, 'top1', 100, 1, '%')} of documents, against "
-                f"{_interval(chance, 'top1', 100, 1, '%')} by chance")
+                f"name the right concept first for {interval(m, 'top1', 100, 1, '%')} of documents, against "
+                f"{interval(chance, 'top1', 100, 1, '%')} by chance")
         if b:
-            text += f", {_interval(b, 'top1', 100, 1, '%')} for a bag-of-words reader of the same documents"
+            text += f", {interval(b, 'top1', 100, 1, '%')} for a bag-of-words reader of the same documents"
             if "sample" in bow.get("method", ""):
                 text += f" ({escape(bow['method'])})"
         r = rnd.get(split, {}).get("nearest") or {}
         if r.get("n"):
-            text += (f" and {_interval(r, 'top1', 100, 1, '%')} for the same fit on a random-init model of the same "
+            text += (f" and {interval(r, 'top1', 100, 1, '%')} for the same fit on a random-init model of the same "
                      "shape")
-        if _is_number(m.get("macro_auroc")):
-            text += f"; macro AUROC {_interval(m, 'macro_auroc')} against 0.5 by chance"
-            text += f" and {_interval(b, 'macro_auroc')} for bag-of-words" if b else ""
+        if is_number(m.get("macro_auroc")):
+            text += f"; macro AUROC {interval(m, 'macro_auroc')} against 0.5 by chance"
+            text += f" and {interval(b, 'macro_auroc')} for bag-of-words" if b else ""
         sentences.append(text + ".")
     if not sentences:
         return ""
@@ -237,7 +181,7 @@ def _against_baselines(evaluation: dict, random_init: dict | None) -> str:
 
 
 def accuracy(run_dir: Path) -> str:
-    evaluation = _need(inputs.concept_eval(run_dir), "concepts/eval.json is missing")
+    evaluation = need(inputs.concept_eval(run_dir), "concepts/eval.json is missing")
     per_layer = evaluation.get("per_layer", {})
     layers = sorted(int(k) for k in per_layer)
     series: dict[str, list] = {}
@@ -247,7 +191,7 @@ def accuracy(run_dir: Path) -> str:
                 values = [per_layer[str(L)].get(split, {}).get(readout, {}).get(k) for L in layers]
                 if any(v is not None for v in values):
                     series[f"{split} {readout} {k}"] = values
-    _need(series, "eval.json has no held-out metrics")
+    need(series, "eval.json has no held-out metrics")
     C = len(evaluation.get("concepts", []))
     best = evaluation.get("best_layer")
     rows = []
@@ -266,9 +210,9 @@ def accuracy(run_dir: Path) -> str:
 
 
 def logit_lens(run_dir: Path) -> str:
-    evaluation = _need(inputs.concept_eval(run_dir), "concepts/eval.json is missing")
+    evaluation = need(inputs.concept_eval(run_dir), "concepts/eval.json is missing")
     best = inputs.best_layer(evaluation, None)
-    lens = _need((evaluation.get("per_layer", {}).get(str(best)) or {}).get("logit_lens"),
+    lens = need((evaluation.get("per_layer", {}).get(str(best)) or {}).get("logit_lens"),
                  f"eval.json has no logit lens at layer {best} (fit.model was not set)")
 
     def toks(ts):
@@ -283,148 +227,28 @@ def logit_lens(run_dir: Path) -> str:
             f"<th>own token</th><th>its rank</th></tr></thead><tbody>{body}</tbody></table>")
 
 
-# ---- validations: top-activating tokens and numeric templates
-
-VALIDATION_SHOWN = 6  # concepts of the top-token table with the highest and the lowest lift
-TEMPLATE_OTHERS = 2  # concepts drawn and listed per template besides the expected ones: the largest |rho|
-
-
-def _lift(e: dict) -> str:
-    return _interval(e, "lift", digits=2)
-
-
-def _examples_html(examples: list, k: int = 3) -> str:
-    """A concept's first `k` top tokens in context, the token itself in bold (every piece escaped)."""
-    out = []
-    for x in examples[:k]:
-        if not isinstance(x, dict):
-            continue
-        pieces = [escape(str(x.get(key, "")).replace("\n", " ")) for key in ("left", "token", "right")]
-        out.append(f"<code>{pieces[0]}<b>{pieces[1]}</b>{pieces[2]}</code>")
-    return "<br>".join(out)
-
-
-def _top_tokens(top: dict) -> str:
-    s = top["summary"]
-    sample = top.get("threshold_sample") or {}
-    where = (f"exact over all {show(top.get('tokens'))} tokens" if sample.get("exact") else
-             f"over a seeded uniform sample of {show(sample.get('tokens'))} tokens")
-    text = (f"<p>Every token of the {escape(str(top['split']))} split ({show(top.get('tokens'))} tokens of "
-            f"{show(top.get('documents'))} documents{', BOS left out' if top.get('bos_left_out') else ''}) read "
-            f"with every concept at residual index {show(top['layer'])}. A token is top for a concept above the "
-            f"concept's {show(top.get('percentile'))}th percentile ({where}). Lift: the share of a concept's top "
-            "tokens lying in documents labelled with it, over that label's share of all tokens; 1 is chance. "
-            f"Mean lift over {show(s.get('concepts'))} concepts, with a bootstrap interval over documents: "
-            f"{_interval(s, 'mean_lift', digits=2)}, against 1 by chance.")
-    if _is_number(s.get("with_interval")) and s["with_interval"]:
-        text += (f" Of the {show(s['with_interval'])} concepts with enough documents for an interval of their own, "
-                 f"{show(s.get('above_chance'))} lie above chance and {show(s.get('below_chance'))} below.")
-    else:
-        text += (" No concept has enough documents in the split for an interval of its own (at least "
-                 f"{MIN_CI_DOCUMENTS}).")
-    entries = sorted(((n, e) for n, e in top["concepts"].items() if isinstance(e, dict) and _is_number(e.get("lift"))),
-                     key=lambda ne: -ne[1]["lift"])
-    if len(entries) > 2 * VALIDATION_SHOWN:
-        entries = entries[:VALIDATION_SHOWN] + [("", None)] + entries[-VALIDATION_SHOWN:]
-    rows = []
-    for name, e in entries:
-        if e is None:
-            rows.append('<tr><td colspan="5">...</td></tr>')
-            continue
-        rows.append(f"<tr><td>{escape(name)}</td><td>{escape(_lift(e))}</td>"
-                    f"<td>{show(e.get('in_label'))} / {show(e.get('above'))}</td><td>{show(e.get('documents'))}</td>"
-                    f"<td>{_examples_html(e.get('examples') or [])}</td></tr>")
-    head = "".join(f"<th>{h}</th>" for h in ("concept", "lift (95% CI)", "top tokens in its documents / top tokens",
-                                              "its documents", "top tokens in context"))
-    return (text + "</p><p>The concepts with the highest and the lowest lift:</p>"
-            f'<table class="lens"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>')
-
-
-def _template_rows(t: dict, names: list) -> list[tuple[str, int | None, int]]:
-    """(concept, expected direction or None, column) of the concepts shown for template `t`: the expected ones,
-    then the TEMPLATE_OTHERS others with the largest |rho|."""
-    expected = {e["concept"]: (1 if e.get("direction") == "up" else -1) for e in t["expected"]
-                if e.get("concept") in names}
-    shown = [(c, d, names.index(c)) for c, d in expected.items()]
-    others = sorted((i for i, r in enumerate(t["rho"]) if _is_number(r) and names[i] not in expected),
-                    key=lambda i: -abs(t["rho"][i]))
-    return shown + [(names[i], None, i) for i in others[:TEMPLATE_OTHERS]]
-
-
-def _templates(curves: dict) -> str:
-    names = list(curves["concepts"])
-    z = curves["metric"] == "z"
-    unit = "z-score against neutral text" if z else "cos(x - center, v)"
-    panels, rows = [], []
-    for t in curves["templates"]:
-        shown = _template_rows(t, names)
-        panels.append({"name": t["name"], "values": t["values"],
-                       "curves": {c: [row[i] for row in t["readouts"]] for c, _, i in shown},
-                       "expected": {c: d for c, d, _ in shown if d is not None}})
-        for c, d, i in shown:
-            verdict = "-" if d is None else ("yes" if (t["rho"][i] or 0) * d > 0 else "no")
-            rows.append([t["name"], c, "-" if d is None else ("up" if d > 0 else "down"), t["rho"][i], t["p"][i],
-                         verdict])
-    s = curves["summary"]
-    text = (f"<p>Each template's sentence with its quantity varied, framed as a Human turn and read at the ':' "
-            f"after \"Assistant\" at residual index {show(curves['layer'])}; readings are "
-            f"{'z-scores against neutral text (as the monitor shows them)' if z else 'centred cosines'}. Monotonicity: "
-            "Spearman rho of value against readout, with a permutation p-value over orderings of the values; the "
-            "intervals below resample templates, the independent unit.")
-    if _is_number(s.get("expected")) and s["expected"]:
-        text += (f" Expected directions: {show(s.get('agree'))} of {show(s['expected'])} as expected, "
-                 f"{_interval(s, 'agree_rate', 100, 1, '%')}, against 50% for a random "
-                 f"sign (permutation null 95% range {_range(s.get('agree_chance_range95'))}; p = "
-                 f"{show(s.get('agree_p_value'))}).")
-    if _is_number(s.get("curves")) and s["curves"]:
-        text += (f" Curves monotone at p &lt; 0.05: {show(s.get('monotone'))} of {show(s['curves'])}, "
-                 f"{_interval(s, 'monotone_rate', 100, 1, '%')}, against 5% by chance "
-                 f"(permutation null 95% range, which keeps a template's concepts together: "
-                 f"{_range(s.get('monotone_chance_range95'))}; p = {show(s.get('monotone_p_value'))}).")
-    return (text + "</p>" + img(figures.template_curves(panels, unit), "numeric template curves")
-            + table(["template", "concept", "expected", "Spearman rho", "permutation p", "as expected"], rows))
-
-
-def _range(bounds) -> str:
-    if isinstance(bounds, list) and len(bounds) == 2 and all(_is_number(b) for b in bounds):
-        return f"{100 * bounds[0]:.1f}-{100 * bounds[1]:.1f}%"
-    return "-"
-
-
-def validation(run_dir: Path) -> str:
-    top, curves = inputs.top_tokens(run_dir), inputs.template_curves(run_dir)
-    if top is None and curves is None:
-        raise NotRun("validate/top_tokens.json and validate/templates.json are missing")
-    parts = []
-    if top is not None:
-        parts.append("<h3>Top-activating tokens on held-out text</h3>" + _top_tokens(top))
-    if curves is not None:
-        parts.append("<h3>Numeric templates</h3>" + _templates(curves))
-    return "".join(parts)
-
-
 # ---- SAE, steering, monitoring
 
 
 def sae(run_dir: Path) -> str:
-    rows = _need(inputs.sae_metrics(run_dir), "no sae/*/metrics.json")
+    rows = need(inputs.sae_metrics(run_dir), "no sae/*/metrics.json")
     keys = ["name", "l0", "fvu", "dead_fraction"] + [k for k in ("ce_loss_recovered", "delta_loss", "kl")
                                                       if any(k in r for r in rows)]
     return img(figures.sae_tradeoff(rows), "SAE L0 vs FVU") + table(keys, [[r.get(k) for k in keys] for r in rows])
 
 
 def steering(run_dir: Path) -> str:
-    curves = _need(inputs.steering_curves(run_dir), "steer/curves.json is missing")
-    concepts = _need(curves["concepts"], "steer/curves.json has no concepts")
+    curves = need(inputs.steering_curves(run_dir), "steer/curves.json is missing")
+    concepts = need(curves["concepts"], "steer/curves.json has no concepts")
     return (f"<p>Steered at residual index {show(curves.get('layer', '-'))}, read at residual index "
             f"{show(curves.get('read_layer', '-'))}; strength in units of the mean residual-stream norm.</p>"
             + img(figures.steering_curves(concepts), "steering curves"))
 
 
 def monitor(run_dir: Path) -> str:
-    sample = _need(inputs.monitored_sample(run_dir), "steer/monitor.json is missing")
+    sample = need(inputs.monitored_sample(run_dir), "steer/monitor.json is missing")
     readings = np.asarray(sample["readings"], float).reshape(len(sample["tokens"]), len(sample["concepts"]))
-    _need(sample["tokens"], "steer/monitor.json has no tokens")
+    need(sample["tokens"], "steer/monitor.json has no tokens")
     top = np.argsort(-np.abs(readings).max(0), kind="stable")[:MONITOR_TOP]
     names = [sample["concepts"][i] for i in top]
     uri = figures.monitor_heatmap(list(sample["tokens"]), names, readings[:, top])
@@ -446,7 +270,7 @@ def _rate(m: dict | None) -> str:
 def experiment(run_dir: Path) -> str:
     from emojax.experiment.results import MIN_SAMPLES, rate_figure
 
-    r = _need(inputs.experiment_results(run_dir), "experiment/results.json is missing")
+    r = need(inputs.experiment_results(run_dir), "experiment/results.json is missing")
     conds = [c["id"] for c in r["conditions"]]
     out = (f"<p>Suite <b>{escape(r['suite'])}</b> ({show(r['scenarios'])} scenarios): {escape(r['description'])} "
            f"Steered at residual index {show(r['layers'])}, strength in {escape(r['unit'])} units, on "
@@ -493,7 +317,7 @@ SECTIONS = (
     ("cosine", "2. Clustered cosine similarity", cosine_heatmap),
     ("accuracy", "3. Held-out accuracy by layer", accuracy),
     ("logit-lens", "4. Logit lens", logit_lens),
-    ("validation", "5. Validation: top-activating tokens and numeric templates", validation),
+    ("validation", "5. Validation: top-activating tokens and numeric templates", validation.validation),
     ("sae", "6. Sparse autoencoders: L0 vs FVU and dead latents", sae),
     ("steering", "7. Steering: concept readout and fluency vs strength", steering),
     ("monitor", "8. Monitored generation", monitor),

@@ -16,7 +16,7 @@ from html import escape
 from pathlib import Path
 
 from emojax.progress import fmt_ci
-from emojax.report.sections import Omitted, show, img, table  # table() escapes its cells
+from emojax.report.markup import Omitted, img, show, table  # table() escapes its cells
 
 
 def _read(path: Path, what: str) -> dict:

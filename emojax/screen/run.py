@@ -38,7 +38,7 @@ from emojax.models.config import ModelConfig
 from emojax.models.hf_config import read_hf_config
 from emojax.models.identity import model_identity
 from emojax.models.presets import BUILTIN_NAMES, RANDOM_PREFIX, SHAPES, resolve_builtin
-from emojax.pipelines.corpus import parquet_bytes, write_atomic, shard_path
+from emojax.pipelines.outputs import parquet_bytes, write_atomic, shard_path
 from emojax.pipelines.screen import FINGERPRINT_KEY, score_shards, shard_fingerprint, shards_to_do
 from emojax.progress import fmt
 from emojax.screen.config import ScreenConfig, ScreenError

@@ -39,21 +39,20 @@ import math
 import threading
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec
 
 from emojax.concepts.bank import ConceptBank
 from emojax.config_loader import positive, range_violations, ranged
 from emojax.errors import InputError
 from emojax.models.lm import LanguageModel
-from emojax.models.transformer import KVCache, layer_segments
+from emojax.models.transformer import layer_segments
+from emojax.serve.slots import SlotPrograms, Slots
 from emojax.serve.types import EngineStats, GenerationRequest, PromptReadings, TokenEvent
 from emojax.steer.decode import DecodeConfig
 from emojax.steer.interventions import from_bank
 from emojax.steer.monitor import monitor_metric, readout_from_bank
-from emojax.steer.sampling import Sampling, choose
+from emojax.steer.sampling import Sampling
 
 
 def _is_int(x) -> bool:
@@ -90,20 +89,6 @@ class EngineConfig:
         b = self.prompt_buckets
         if not b or list(b) != sorted(set(b)) or b[0] < 1:
             raise InputError(f"EngineConfig.prompt_buckets must be increasing positive lengths, got {b}")
-
-
-@struct.dataclass
-class _Slots:
-    """Device state of every slot: N slots, S = max_context columns (column = token position)."""
-
-    k: tuple[jax.Array, ...]  # per layer segment [N, Ls, K, H, S]
-    v: tuple[jax.Array, ...]  # per layer segment [N, Ls, K, S, H]
-    valid: jax.Array  # [N, S] bool: the slot's real tokens
-    next_logits: jax.Array  # [N, V] the logits the slot's next token is chosen from
-    length: jax.Array  # [N] int32: tokens in the slot (its next token's column and position)
-    n_generated: jax.Array  # [N] int32: tokens the slot's request has generated
-    go: jax.Array  # [N] bool: the slot generates at its next step
-    key_data: jax.Array  # [N, 2] uint32: each slot's PRNG key chain (advanced once per generated token)
 
 
 class _Handle:
@@ -189,16 +174,10 @@ class Engine:
         self._stops = np.full((N, Z), -1, np.int32)
         self._max_new = np.zeros((N,), np.int32)
         self._slots: list[_Handle | None] = [None] * N
-        cache = KVCache.empty(cfg, self._segments, N, S, lm.dtype)  # slot-major below: a slot's row is contiguous
-        self._state = jax.device_put(_Slots(
-            k=tuple(jnp.swapaxes(a, 0, 1) for a in cache.k), v=tuple(jnp.swapaxes(a, 0, 1) for a in cache.v),
-            valid=jnp.zeros((N, S), bool), next_logits=jnp.zeros((N, cfg.vocab_size), jnp.float32),
-            length=jnp.zeros((N,), jnp.int32), n_generated=jnp.zeros((N,), jnp.int32), go=jnp.zeros((N,), bool),
-            key_data=jnp.zeros((N, 2), jnp.uint32)), self._replicated)
-        self.chunk_trace_count = 0  # times the chunk step was traced (= compiled); tests read it
-        self.prefill_trace_count = 0  # times a prefill was traced: once per prompt bucket
-        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,))
-        self._chunk = jax.jit(self._chunk_fn, donate_argnums=(1,))
+        self._state = jax.device_put(Slots.empty(cfg, self._segments, N, S, lm.dtype), self._replicated)
+        self._programs = SlotPrograms(lm, self._segments, config.chunk_steps)
+        self._prefill = jax.jit(self._programs.prefill, donate_argnums=(1,))
+        self._chunk = jax.jit(self._programs.chunk, donate_argnums=(1,))
         self._read = jax.jit(lambda r, x: r(x))
 
         self._queue: collections.deque[_Handle] = collections.deque()
@@ -213,6 +192,16 @@ class Engine:
         self._thread.start()
 
     # -- the API (any thread; submit from a running asyncio loop) -----------------------------------------------
+
+    @property
+    def chunk_trace_count(self) -> int:
+        """Times the chunk step was traced (= compiled): once."""
+        return self._programs.chunk_trace_count
+
+    @property
+    def prefill_trace_count(self) -> int:
+        """Times a prefill was traced: once per prompt bucket."""
+        return self._programs.prefill_trace_count
 
     def submit(self, request: GenerationRequest) -> RequestStream:
         """Queues `request`; its events arrive through the returned async iterator. Raises InputError (naming the
@@ -453,87 +442,3 @@ class Engine:
                     if finished:
                         self._end(h)
                         break
-
-    # -- device side -------------------------------------------------------------------------------------------
-
-    def _prefill_fn(self, params, state: _Slots, slot, prompt_P, n, strengths_E, seed, consts):
-        """The prompt prompt_P [P] (n real tokens, then padding) through the model into slot `slot`'s cache row;
-        its first token's logits, length, key. Returns the state and the prompt's readings [P, C]."""
-        self.prefill_trace_count += 1  # runs only while tracing
-        lm, cfg = self.lm, self.lm.config
-        readout, steer = consts
-        model = nnx.merge(lm.graphdef, params)
-        P = prompt_P.shape[0]
-        valid_P = jnp.arange(P) < n
-        cache = KVCache.empty(cfg, self._segments, 1, P, lm.dtype)
-        out = model(prompt_P[None], valid_P[None], capture=(cfg.n_layers,), interventions=steer.replace(
-                    strengths=strengths_E[None]), generated_BT=jnp.zeros((1, P)), mesh=lm.mesh, logits=False,
-                    kernel=lm.kernel, cache=cache, start=0, positions_BT=jnp.arange(P, dtype=jnp.int32)[None],
-                    layer_states=model.split_layers(self._segments), read_index=readout.index)
-        # The first token's logits: the decode loop's unembedding of the last real prompt column.
-        logits_V = model.unembed(jax.lax.dynamic_index_in_dim(out.hidden[0][0], n - 1, 0, keepdims=False))
-        S = state.valid.shape[1]
-        state = state.replace(
-            k=tuple(jax.lax.dynamic_update_slice(a, r.swapaxes(0, 1).astype(a.dtype), (slot, 0, 0, 0, 0))
-                    for a, r in zip(state.k, out.cache.k)),
-            v=tuple(jax.lax.dynamic_update_slice(a, r.swapaxes(0, 1).astype(a.dtype), (slot, 0, 0, 0, 0))
-                    for a, r in zip(state.v, out.cache.v)),
-            valid=state.valid.at[slot].set(jnp.arange(S) < n), next_logits=state.next_logits.at[slot].set(logits_V),
-            length=state.length.at[slot].set(n), n_generated=state.n_generated.at[slot].set(0),
-            go=state.go.at[slot].set(True),
-            key_data=state.key_data.at[slot].set(jax.random.key_data(jax.random.key(seed))))
-        return state, readout(out.read)[0]
-
-    def _chunk_fn(self, params, state: _Slots, active_N, strengths_NE, sampling: Sampling, stops_NZ, max_new_N,
-                  consts):
-        """Up to chunk_steps decode steps of every slot. Returns the state and (tokens [N, K], readings [N, K, C],
-        emitted [N, K]) for K = chunk_steps; emitted marks the steps where a slot generated."""
-        self.chunk_trace_count += 1  # runs only while tracing
-        lm = self.lm
-        readout, steer = consts
-        model = nnx.merge(lm.graphdef, params)
-        layer_states = model.split_layers(self._segments)  # sliced once, outside the loop
-        N, S = state.valid.shape
-        K, C = self.config.chunk_steps, readout.concepts.shape[0]
-
-        def slot_forward(token, col, valid_S, k, v, strengths_E):
-            """One slot's cached pass of one token at column (= position) col: the decode loop's model call."""
-            cache = KVCache(k=tuple(a[:, None] for a in k), v=tuple(a[:, None] for a in v), segments=self._segments)
-            out = model(token[None, None], valid_S[None], interventions=steer.replace(strengths=strengths_E[None]),
-                        generated_BT=jnp.ones((1, 1)), mesh=None, logits="last", kernel=lm.kernel, cache=cache,
-                        start=col, positions_BT=col[None, None], layer_states=layer_states,
-                        read_index=readout.index)
-            return (out.logits[0], readout(out.read)[0, 0], tuple(a[:, 0] for a in out.cache.k),
-                    tuple(a[:, 0] for a in out.cache.v))
-
-        def slot_choose(logits_V, key, t, k, p, seed):
-            """choose() for one slot, as Decoder's batch-1 loop calls it."""
-            return choose(logits_V[None], key, Sampling(t[None], k[None], p[None], seed[None]))[0]
-
-        def body(carry):
-            step, s, tokens_NK, readings_NKC, emitted_NK = carry
-            pairs = jax.vmap(jax.random.split)(jax.random.wrap_key_data(s.key_data))  # [N, 2]: (next key, draw key)
-            chosen = jax.lax.cond(  # the sort of sampling runs only while some slot samples
-                jnp.any(s.go & (sampling.temperature > 0)),
-                lambda: jax.vmap(slot_choose)(s.next_logits, pairs[:, 1], sampling.temperature, sampling.top_k,
-                                              sampling.top_p, sampling.seed),
-                lambda: jnp.argmax(s.next_logits, axis=-1).astype(jnp.int32))
-            token = jnp.where(s.go, chosen, 0)
-            valid = s.valid | (s.go[:, None] & (jnp.arange(S)[None, :] == s.length[:, None]))
-            logits, reads_NC, k, v = jax.vmap(slot_forward)(token, s.length, valid, s.k, s.v, strengths_NE)
-            n_generated = s.n_generated + s.go
-            stopped = jnp.any(token[:, None] == stops_NZ, axis=1)
-            new = s.replace(k=k, v=v, valid=valid, next_logits=jnp.where(s.go[:, None], logits, s.next_logits),
-                            length=s.length + s.go, n_generated=n_generated,
-                            go=s.go & ~stopped & (n_generated < max_new_N),
-                            key_data=jnp.where(s.go[:, None], jax.random.key_data(pairs[:, 0]), s.key_data))
-            return (step + 1, new, tokens_NK.at[:, step].set(token), readings_NKC.at[:, step].set(reads_NC),
-                    emitted_NK.at[:, step].set(s.go))
-
-        def cond(carry):
-            return (carry[0] < K) & jnp.any(carry[1].go)
-
-        carry = (jnp.int32(0), state.replace(go=state.go & active_N), jnp.zeros((N, K), jnp.int32),
-                 jnp.zeros((N, K, C), jnp.float32), jnp.zeros((N, K), bool))
-        _, state, tokens_NK, readings_NKC, emitted_NK = jax.lax.while_loop(cond, body, carry)
-        return state, (tokens_NK, readings_NKC, emitted_NK)
