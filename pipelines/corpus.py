@@ -68,9 +68,9 @@ def generator_work(config: CorpusConfig) -> list[tuple]:
     """One small work item per generated document, so generation itself is spread over workers."""
     gen = config.generator
     catalogue = load_catalogue()
-    concepts = list(gen.concepts) or catalogue.names_list
     if gen.kind == "world":
-        return _world_work(gen, [catalogue.concept(c).index for c in concepts])
+        return _world_work(gen, gen.world_emotions())
+    concepts = list(gen.concepts) or catalogue.names_list
     n_topics = min(gen.n_topics, len(catalogue.topics))
     work = [("story", c, t, n) for c in concepts for t in range(n_topics) for n in range(gen.stories_per_topic)]
     work += [("neutral", t, k) for t in range(n_topics)
@@ -82,7 +82,7 @@ def generator_work(config: CorpusConfig) -> list[tuple]:
 
 def _world_work(gen, emotions: list[int]) -> list[tuple]:
     """The world's fit stories (per emotion and split), implicit scenarios (per emotion) and neutral dialogues
-    (per catalogue topic), one item each."""
+    (per catalogue topic), one item each; `emotions` are indices among the world's emotions."""
     topics = load_catalogue().topics
     work = [("world-fit", split, e, n) for split, count in zip(("train", "val", "test"), gen.stories_per_emotion)
             for e in emotions for n in range(count)]

@@ -53,7 +53,7 @@ def chat_row(sample_id: str, text: str) -> dict:
 
 def write_data(out: Path, world: World, concept: str, n: int) -> tuple[Path, Path, float]:
     """(the fine-tuning set, the neutral prompts, the set's share of coercion)."""
-    e = [c.name for c in world.concepts].index(concept)
+    e = world.emotion_index(concept)
     rows, coerced = [], 0
     for i in range(n):
         d = Draws(world.config.seed, "preventative", e, i)

@@ -122,10 +122,9 @@ def strip_expression(text: str, concept: str, cues: CueBank) -> str:
 def dialogue_prompts(world: World, concepts: list[str], n: int) -> list[dict]:
     """n confiding dialogues on test-split situations (held-out cue items allowed), the character feeling each of
     `concepts` in turn, as chat rows whose response is the world's own reply."""
-    index = {c.name: c.index for c in world.concepts}
     rows = []
     for i in range(n):
-        e = index[concepts[i % len(concepts)]]
+        e = world.emotion_index(concepts[i % len(concepts)])
         d = Draws(world.config.seed, "regulation-prompts", e, i)
         written = dialogue(d, world.concepts[e], world.draw_situation(d, e, "test"), world.cues, heldout_ok=True,
                            name_fraction=world.config.name_fraction, style=world.config.situation_style)
@@ -136,7 +135,7 @@ def dialogue_prompts(world: World, concepts: list[str], n: int) -> list[dict]:
 def masking_sets(world: World, concept: str, n: int) -> tuple[list[dict], list[dict]]:
     """(expressive, suppressed): n confiding dialogues of the concept on train situations, every reply naming the
     state, as written and with every expressing sentence removed from the reply."""
-    e = [c.name for c in world.concepts].index(concept)
+    e = world.emotion_index(concept)
     expressive, suppressed = [], []
     for i in range(n):
         d = Draws(world.config.seed, "regulation-masking", e, i)
@@ -151,21 +150,21 @@ def masking_sets(world: World, concept: str, n: int) -> tuple[list[dict], list[d
     return expressive, suppressed
 
 
-def nearby_concepts(concept: str, k: int) -> list[str]:
-    """The concept and its k - 1 nearest concepts by the world's coordinates (Euclidean)."""
+def nearby_concepts(world: World, concept: str, k: int) -> list[str]:
+    """The concept and its k - 1 nearest emotions of `world` by the world's coordinates (Euclidean)."""
     coords = load_coordinates()
-    values_CK = coords.values_CK
-    distance_C = np.linalg.norm(values_CK - values_CK[coords.index(concept)], axis=1)
-    return [coords.names[i] for i in np.argsort(distance_C, kind="stable")[:k]]
+    names = [c.name for c in world.concepts]
+    values_CK = coords.values_CK[[coords.index(n) for n in names]]
+    distance_C = np.linalg.norm(values_CK - values_CK[world.emotion_index(concept)], axis=1)
+    return [names[i] for i in np.argsort(distance_C, kind="stable")[:k]]
 
 
 def constructive_scenes(world: World, concepts: list[str], n: int) -> list[dict]:
     """n framed dilemma and task scenes (alternating) on train situations whose characters feel one of `concepts`
     (in turn), each answered with the constructive option and its aftermath, as the world writes them."""
-    index = {c.name: c.index for c in world.concepts}
     rows = []
     for i in range(n):
-        kind, e = ("dilemma", "task")[i % 2], index[concepts[(i // 2) % len(concepts)]]
+        kind, e = ("dilemma", "task")[i % 2], world.emotion_index(concepts[(i // 2) % len(concepts)])
         d = Draws(world.config.seed, "regulation", kind, e, i)
         user, scene = choice_prompt(d, kind, world.concepts[e], world.draw_situation(d, e, "train"), world.cues,
                                     heldout_ok=False, choose=False, style=world.config.situation_style)
@@ -382,7 +381,7 @@ def world_models(config: RegulationConfig, run: Path, base: str, out: Path,
     control prompts file, the World."""
     world = World(WorldConfig.from_json(read_train_json(base)["config"]["world"]))
     data = out / "data"
-    stressed = nearby_concepts(config.concept, config.nearby)
+    stressed = nearby_concepts(world, config.concept, config.nearby)
     others = [c.name for c in world.concepts if c.name not in stressed]
     prompts = write_rows(data / "prompts.jsonl", dialogue_prompts(world, [config.concept], config.n_prompts))
     control = write_rows(data / "control_prompts.jsonl", dialogue_prompts(world, others, config.n_prompts))
@@ -460,7 +459,7 @@ def main() -> None:
                "suites": [str(s) for s in suites], "masking": verdicts}
     if run:
         summary |= {"samples": config.samples, "epochs": config.epochs,
-                    "nearby": nearby_concepts(config.concept, config.nearby),
+                    "nearby": nearby_concepts(world, config.concept, config.nearby),
                     "regulation": regulation_verdict(rows["regulation"], rows["suppression"], rows["base"],
                                                      rate_keys)}
     summary["rows"] = {name: {k: v for k, v in r.items() if k != "_per"} for name, r in rows.items()}

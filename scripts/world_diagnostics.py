@@ -7,7 +7,8 @@
   not gives it about the name table's frequency.
 - naming: in the model's own training documents that name the emotion (stories and vignettes after their cues or
   situation, dialogue replies), and in documents of the same kinds on held-out situations, the rank of the true
-  name among the 171 names' first tokens at the name's position, by document kind (chance: top-5 2.9%).
+  name among the world's names' first tokens at the name's position, by document kind (chance with all 171:
+  top-5 2.9%).
 - naming after implicit scenarios: after '<implicit scenario> You must feel', the same rank (what the demo's
   implicit split asks of the representation).
 - reach: how far back the model reads. Each token of a held-out document is replaced in turn by a random one, and
@@ -75,8 +76,9 @@ def copy_probe(lm, world: World, n: int) -> None:
 def naming(lm, rows: list[list[int]], labels: np.ndarray, first: list[int], what: str) -> None:
     scores = last_logits(lm, rows)[:, first]
     rank = (scores > scores[np.arange(len(labels)), labels][:, None]).sum(1)
+    C = len(first)
     print(f"naming {what}: top-1 {rate(rank < 1)}, top-5 {rate(rank < 5)}, median rank {np.median(rank):.0f} "
-          f"of 171 (chance top-5 0.029)")
+          f"of {C} (chance top-1 {1 / C:.3f}, top-5 {min(5, C) / C:.3f})")
 
 
 def reach(lm, world: World, n_docs: int = 4, length: int = 140) -> None:
@@ -129,7 +131,8 @@ def main() -> None:
                 where = "its training" if split == "train" else "held-out (val situation)"
                 naming(lm, rows, np.asarray(labels), first, f"in {where} {kind} documents")
 
-    implicit = [x for x in (world.implicit_scenario(e, k) for e in range(171) for k in range(5)) if x is not None]
+    per = max(5, 855 // len(names))  # as many scenarios as the full world's 171 x 5
+    implicit = [x for e in range(len(names)) for k in range(per) if (x := world.implicit_scenario(e, k)) is not None]
     rows = [tok.encode(x.text + " You must feel", add_special_tokens=True) for x in implicit]
     naming(lm, rows, np.asarray([names.index(x.label) for x in implicit]), first, "after implicit scenarios")
 

@@ -9,6 +9,7 @@ from emojax.config_loader import SECTIONS
 from emojax.run.stages import Train, Context
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+WORLD_SMALL = Path(__file__).resolve().parents[1] / "configs" / "world" / "small.yaml"
 
 
 def test_there_are_configs():
@@ -22,6 +23,22 @@ def test_config_loads_and_types(path):
         if name not in ("run", "train"):
             run_file.config(name)
     Train()._config(Context(run_file=run_file, run_dir=Path(".")))
+
+
+def test_the_small_world_config_trains_and_measures_one_world():
+    """configs/world/small.yaml: its model's world and its corpus's share the split, the style and the 12 emotions
+    (check_run_file refuses a difference), and the corpus writes fit stories of those 12 only."""
+    from emojax.pipelines.corpus import generator_work
+    from emojax.run.stages import STAGES, check_run_file
+
+    run_file = load_run_file(WORLD_SMALL)
+    check_run_file(run_file)
+    train = Train()._config(Context(run_file=run_file, run_dir=Path(".")))
+    corpus = STAGES["corpus"]._config(Context(run_file=run_file, run_dir=Path(".")))
+    names = train.world.concept_names()
+    assert len(names) == 12 and names == corpus.generator.world.concept_names()
+    emotions = {item[2] for item in generator_work(corpus) if item[0] == "world-fit"}
+    assert emotions == set(range(12))
 
 
 REGULATION = sorted((Path(__file__).resolve().parents[1] / "configs" / "regulation").glob("*.yaml"))

@@ -176,6 +176,20 @@ def test_every_stage_setting_is_classified_as_output_or_not():
         assert changed.fingerprint() != base.fingerprint(), name
 
 
+def test_the_corpus_stage_fingerprint_leaves_out_an_unset_world_concepts(tmp_path):
+    """A run made before world.concepts existed keeps its corpus stage's fingerprint (nothing recomputes)."""
+    from emojax.run.stages import STAGES as RUN_STAGES
+    from emojax.run.stages import Context
+
+    path = tmp_path / "run.yaml"
+    path.write_text("run:\n  model: random:tiny\ncorpus:\n  generator:\n    kind: world\n")
+    settings = RUN_STAGES["corpus"].settings(Context(run_file=load_run_file(path), run_dir=tmp_path / "r"))
+    assert "concepts" not in settings["generator"]["world"] and settings["generator"]["world"]["split_seed"] == 0
+    small = load_run_file(path, ["corpus.generator.world.concepts=[happy,calm]"])
+    settings = RUN_STAGES["corpus"].settings(Context(run_file=small, run_dir=tmp_path / "r"))
+    assert settings["generator"]["world"]["concepts"] == ("calm", "happy")
+
+
 def test_a_world_corpus_must_hold_out_what_the_world_model_held_out(tmp_path):
     from emojax.errors import ConfigError
     from emojax.run.stages import STAGES as RUN_STAGES
@@ -206,6 +220,9 @@ def test_a_world_corpus_must_hold_out_what_the_world_model_held_out(tmp_path):
         check_run_file(load_run_file(path, [f"run.model={model}", "corpus.generator.world.split_seed=0"]))
     check_run_file(load_run_file(path, [f"run.model={model}", "corpus.generator.world.split_seed=0",
                                         "corpus.generator.world.situation_style=compact"]))
+    with pytest.raises(ConfigError, match="train.world draws 171 emotions and corpus.generator.world 2"):
+        check_run_file(load_run_file(path, ["train.world.split_seed=3",
+                                            "corpus.generator.world.concepts=[calm,happy]"]))
     run_file = load_run_file(path, ["train.world.split_seed=3", "train.world.seed=5"])  # same split, other texts
     check_run_file(run_file)
     ctx = Context(run_file=run_file, run_dir=tmp_path / "r")

@@ -11,6 +11,9 @@ import pytest
 import yaml
 
 from emojax.corpus.catalogue import load_catalogue
+from emojax.corpus.generator import GeneratorConfig
+from emojax.errors import InputError
+from emojax.train.config import TrainConfig
 from emojax.experiment.suite import parse_suite
 from emojax.world import World, WorldConfig, emotion_words_in, load_coordinates, option_probabilities, world_entropy
 from emojax.world import documents, narration
@@ -22,7 +25,7 @@ from emojax.world.documents import CLOSERS, CONTINUE
 from emojax.world.draws import Draws
 from emojax.world.emotion_words import COLLIDING_CUES, names_pattern, usable_cue
 from emojax.world.narration import CUE_KINDS, THIRD_PERSONS, draw_cast, load_domains
-from emojax.world.suites import write_world_suites
+from emojax.world.suites import suite_texts, write_world_suites
 
 N_TRAIN = 1200
 
@@ -328,6 +331,12 @@ def test_world_config_rejects_bad_settings():
         WorldConfig(name_fraction=1.5)
     with pytest.raises(ValueError, match="situation_style"):
         WorldConfig(situation_style="terse")
+    with pytest.raises(ValueError, match="concepts: 'glum' not in the catalogue"):
+        WorldConfig(concepts=("calm", "glum"))
+    with pytest.raises(ValueError, match="concepts repeats a name"):
+        WorldConfig(concepts=("calm", "calm", "happy"))
+    with pytest.raises(ValueError, match="at least two"):
+        WorldConfig(concepts=("calm",))
     assert len(load_domains()) >= 10
 
 
@@ -365,3 +374,44 @@ def test_compact_situations_keep_every_part_close_and_vignettes_name_after_their
                        for t in level.text["short"]), (d.doc_id, part)
     default = World(WorldConfig(seed=3))
     assert default.training_document(7).text != world.training_document(7).text
+
+
+SMALL = ("proud", "desperate", "calm", "happy", "loving", "afraid")
+
+
+def test_a_smaller_world_draws_only_its_emotions_and_holds_out_the_same_situations(world):
+    """world.concepts: its emotions in the catalogue's order, every document labelled with one of them, P(e | s)
+    renormalised over them (sharper than over 171), and the same situations held out as the full world's."""
+    small = World(WorldConfig(seed=3, concepts=SMALL))
+    names = [c.name for c in small.concepts]
+    assert names == [n for n in load_catalogue().names_list if n in SMALL]
+    docs = small.training_documents(300, neutral_per_topic=0)
+    docs += small.fit_corpus({"train": 2, "val": 1, "test": 1}, implicit_per_emotion=2, neutral_per_topic=0)
+    assert {d.label for d in docs} == set(SMALL)
+    assert {d.source for d in docs} >= {"world/story", "world/fit", "world/implicit"}
+    np.testing.assert_array_equal(small.model.split_N, world.model.split_N)
+    idx, post = small.model.posteriors("test")
+    assert post.shape == (len(idx), len(SMALL))
+    _, full = world.model.posteriors("test")
+    assert post.max(1).mean() > full.max(1).mean() + 0.1
+    for d in docs:
+        if d.source == "world/implicit":  # its situation's mode among the six
+            assert names[int(np.argmax(d.posterior))] == d.label
+    suite = yaml.safe_load(suite_texts(small.config, 12)["world_dilemma.yaml"])
+    assert {s["emotion"] for s in suite["scenarios"]} == set(SMALL)
+    # the corpus of a smaller world: its emotions by index among the world's; another emotion is refused
+    generator = GeneratorConfig(kind="world", world=small.config, concepts=("calm", "proud"))
+    assert [names[e] for e in generator.world_emotions()] == ["calm", "proud"]
+    assert GeneratorConfig(kind="world", world=small.config).world_emotions() == list(range(len(SMALL)))
+    with pytest.raises(ValueError, match=r"concepts \['sad'\] are not among the world's emotions"):
+        GeneratorConfig(kind="world", world=small.config, concepts=("sad",))
+    # a smaller world is another model and corpus; the full world keeps the fingerprints it had before the setting
+    assert "concepts" not in WorldConfig().recorded() and "concepts" not in repr(WorldConfig())
+    assert small.config.recorded()["concepts"] == tuple(names)  # the catalogue's order, however it was given
+    reordered = WorldConfig(seed=3, concepts=list(reversed(SMALL)))
+    assert reordered.recorded() == small.config.recorded() and isinstance(reordered.concepts, tuple)
+    assert WorldConfig(concepts=tuple(load_catalogue().names_list)).recorded() == WorldConfig().recorded()
+    with pytest.raises(InputError, match="'sad' is not one of this world's 6 emotions"):
+        small.emotion_index("sad")
+    assert names[small.emotion_index("desperate")] == "desperate"
+    assert TrainConfig(world=small.config).fingerprint() != TrainConfig().fingerprint()

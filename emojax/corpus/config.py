@@ -66,4 +66,5 @@ class CorpusConfig:
         """Hash of every setting that changes the shards (not where they are written)."""
         d = dataclasses.asdict(self)
         d.pop("out")
+        d["generator"]["world"] = self.generator.world.recorded()
         return digest(d)

@@ -118,8 +118,17 @@ class GeneratorConfig:
             if changed:
                 problems.append(f"{changed} apply to kind={'world' if self.kind == 'stories' else 'stories'}, not "
                                 f"kind={self.kind}; remove them or change kind")
+        if self.kind == "world":
+            outside = [c for c in self.concepts if c not in self.world.concept_names()]
+            if outside:
+                problems.append(f"concepts {outside} are not among the world's emotions (world.concepts)")
         if problems:
             raise ValueError("; ".join(problems))
+
+    def world_emotions(self) -> list[int]:
+        """kind world: the indices, among the world's emotions, of those the corpus writes (`concepts`, else all)."""
+        names = self.world.concept_names()
+        return [names.index(c) for c in self.concepts or names]
 
 
 def _rng(seed: int, *key) -> np.random.Generator:

@@ -54,7 +54,7 @@ def generator_documents(generator) -> tuple[dict, dict]:
 
 def _world_documents(generator) -> tuple[dict, dict]:
     catalogue = load_catalogue()
-    emotions = [catalogue.concept(n).index for n in generator.concepts] or list(range(len(catalogue.concepts)))
+    emotions = generator.world_emotions()
     fit = [(split, e, n) for split, count in zip(("train", "val", "test"), generator.stories_per_emotion)
            for e in emotions for n in range(count)]
     implicit = [(e, n) for e in emotions for n in range(generator.implicit_per_emotion)] if generator.implicit else []

@@ -127,6 +127,7 @@ class Corpus(Stage):
 
         config = self._config(ctx)
         settings = output_settings("corpus", config)
+        settings["generator"]["world"] = config.generator.world.recorded()  # `concepts` only when set
         # The tokenizer is the model's (covered by the train stage's content fingerprint), not its path.
         settings["tokenizer"] = "byte" if settings["tokenizer"] == "byte" else "model"
         settings["input_versions"] = input_versions(config)  # an edited input file is a changed input
@@ -454,7 +455,8 @@ def _model_world(run_file: RunFile) -> tuple[str, WorldConfig] | None:
 def check_world_split(run_file: RunFile, corpus) -> None:
     """A model trained on the world (built in, or a run.model folder) and a world corpus must hold out the same
     situations: otherwise the corpus's val, test and implicit situations are in the model's training text. They
-    must also write situations in the same style (world.situation_style)."""
+    must also write situations in the same style (world.situation_style) and draw the same emotions
+    (world.concepts)."""
     trained = _model_world(run_file) if corpus.world else None
     if trained is None:
         return
@@ -469,6 +471,11 @@ def check_world_split(run_file: RunFile, corpus) -> None:
         raise ConfigError(f"{run_file.source}: {where} has situation_style {styles[0]!r} and "
                           f"corpus.generator.world {styles[1]!r}: the corpus would write situations in a form the "
                           "model never read; give both the same")
+    emotions = world.concept_names(), corpus.generator.world.concept_names()
+    if emotions[0] != emotions[1]:
+        raise ConfigError(f"{run_file.source}: {where} draws {len(emotions[0])} emotions and "
+                          f"corpus.generator.world {len(emotions[1])}, or other ones (world.concepts): the corpus's "
+                          "implicit scenarios are labelled by the world's own emotions; give both the same")
 
 
 def check_run_file(run_file: RunFile) -> None:

@@ -135,6 +135,7 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d.pop("out")
         d.pop("checkpoint_every")  # resuming is exact, so checkpoint spacing never changes the result
+        d["world"] = self.world.recorded()
         d["format_version"] = FORMAT_VERSION
         return digest(d)
 

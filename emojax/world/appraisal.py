@@ -29,7 +29,7 @@ from importlib import resources
 import numpy as np
 import yaml
 
-from emojax.world.coordinates import DIMS, Coordinates, load_coordinates
+from emojax.world.coordinates import DIMS, load_coordinates
 
 PARTS = ("event", "target", "relation", "stakes", "cause", "outlook", "pace", "body")
 SPLITS = ("train", "val", "test", "implicit")
@@ -115,10 +115,10 @@ def appraisal_grid() -> np.ndarray:
     return np.clip(total_NK, -1.0, 1.0)
 
 
-def log_p_app(appraisal_NK: np.ndarray, coords: Coordinates, temperature: float) -> np.ndarray:
-    """[N, C] float32: log P_app(e | s), the softmax over emotions of -weighted squared distance / temperature."""
+def log_p_app(appraisal_NK: np.ndarray, c_CK: np.ndarray, temperature: float) -> np.ndarray:
+    """[N, C] float32: log P_app(e | s), the softmax over the C emotions (coordinates c_CK) of -weighted squared
+    distance / temperature."""
     w_K = np.array([WEIGHTS[d] for d in DIMS])
-    c_CK = coords.values_CK
     # |a - c|^2_w = |a|^2_w - 2 a.w.c + |c|^2_w, accumulated in place (the [N, C] array is the only big one)
     logits_NC = ((appraisal_NK * w_K) @ c_CK.T).astype(np.float32)
     logits_NC *= 2.0
@@ -186,10 +186,14 @@ class AppraisalModel:
 
 
 @functools.cache
-def appraisal_model(temperature: float, split_seed: int, val: float, test: float, implicit: float) -> AppraisalModel:
-    """Built once per setting (cached): 72,900 situations x 171 emotions, a second or two on one core."""
+def appraisal_model(temperature: float, split_seed: int, val: float, test: float, implicit: float,
+                    concepts: tuple[str, ...] | None = None) -> AppraisalModel:
+    """Built once per setting (cached): 72,900 situations x the emotions `concepts` (names; None: all 171, in the
+    catalogue's order), a second or two on one core. Which situations are held out does not depend on `concepts`."""
     appraisal_NK = appraisal_grid()
-    log_p_NC = log_p_app(appraisal_NK, load_coordinates(), temperature)
+    coords = load_coordinates()
+    c_CK = coords.values_CK if concepts is None else coords.values_CK[[coords.index(n) for n in concepts]]
+    log_p_NC = log_p_app(appraisal_NK, c_CK, temperature)
     split_N = split_of_situations(len(log_p_NC), split_seed, {"val": val, "test": test, "implicit": implicit})
     log_z_SC = np.stack([_logsumexp(log_p_NC[split_N == s].astype(np.float64), axis=0)
                          if np.any(split_N == s) else np.full(log_p_NC.shape[1], -np.inf)

@@ -39,7 +39,7 @@ class WorldDocument:
     label: the character's emotion ("neutral" for neutral dialogues). topic: the situation's key (its part levels),
     or the catalogue topic of a neutral dialogue. split: train | val | test | implicit. log_prob: natural-log
     probability of the document's generation path (NaN for neutral dialogues, which the world copies from the
-    catalogue). posterior: P(e | situation) over the 171 concepts, for implicit scenarios."""
+    catalogue). posterior: P(e | situation) over the world's emotions, for implicit scenarios."""
 
     doc_id: str
     text: str

@@ -7,8 +7,8 @@ the tokens a model predicts, it is the floor to set a language model's held-out 
 Caveats (docs/world.md):
 - It is an upper bound on the entropy of the text. A path's probability counts every choice, and a text written by
   several paths (chiefly: an emotion that neither cues nor a name reveal, as in a dialogue without cues whose reply
-  does not name it) is more probable than any one of them. The excess is at most H(emotion | text) <= log 171 =
-  5.1 nats for such a document, and zero for one whose cues or name identify the emotion.
+  does not name it) is more probable than any one of them. The excess is at most H(emotion | text) <= log C (C the
+  world's emotions: 5.1 nats for all 171) for such a document, and zero for one whose cues or name identify the emotion.
 - Surface choices count: names, times, phrasings, the order of cues. A model can do no better on them than the
   world's own (mostly uniform) distributions, so they belong to the floor, and they are most of it.
 - It assumes a reader who knows the world's tables (the name pools, the templates, P(s | e)); a model learns

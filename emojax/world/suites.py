@@ -37,7 +37,8 @@ _DESCRIPTIONS = {
 
 
 def world_suite(kind: str, world: World, n: int, split: str = "test") -> dict:
-    """The suite mapping of one choice kind: n scenes, emotions cycling through a seeded permutation of all 171."""
+    """The suite mapping of one choice kind: n scenes, emotions cycling through a seeded permutation of all the
+    world's."""
     spec = load_choices()[kind]
     n_concepts = len(world.concepts)
     order = np.random.default_rng(stream_seed(world.config.seed, "suite", kind)).permutation(n_concepts)

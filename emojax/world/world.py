@@ -19,6 +19,7 @@ import numpy as np
 from emojax.corpus.catalogue import NEUTRAL, load_catalogue
 from emojax.corpus.generator import neutral_dialogue
 from emojax.corpus.world_config import TRAINING_KINDS, WorldConfig
+from emojax.errors import InputError
 from emojax.world.appraisal import SPLITS, AppraisalModel, Situation, appraisal_model, situation
 from emojax.world.choices import KINDS, Scene, option_probabilities
 from emojax.world.documents import (
@@ -35,9 +36,18 @@ class World:
         self.config = config if isinstance(config, WorldConfig) else WorldConfig(seed=int(config))
         c = self.config
         self.model: AppraisalModel = appraisal_model(c.temperature, c.split_seed, c.val_fraction, c.test_fraction,
-                                                     c.implicit_fraction)
+                                                     c.implicit_fraction, c.recorded().get("concepts"))
         self.cues = _cue_bank(c.split_seed)
-        self.concepts = load_catalogue().concepts
+        names = set(c.concept_names())
+        self.concepts = [concept for concept in load_catalogue().concepts if concept.name in names]
+
+    def emotion_index(self, name: str) -> int:
+        """The index of emotion `name` among this world's (what every method taking an `emotion` expects)."""
+        names = [c.name for c in self.concepts]
+        if name not in names:
+            raise InputError(f"{name!r} is not one of this world's {len(names)} emotions (world.concepts: "
+                             f"{', '.join(names[:12])}{', ...' if len(names) > 12 else ''})")
+        return names.index(name)
 
     # ---- situations
 
@@ -47,7 +57,7 @@ class World:
         return situation(int(idx[d.index_logp(logp)]))
 
     def posterior(self, situation_index: int, split: str) -> np.ndarray:
-        """[C] P(e | s) for a situation of `split` (uniform prior over the 171 emotions)."""
+        """[C] P(e | s) for a situation of `split` (uniform prior over the world's C emotions)."""
         return self.model.posterior(situation_index, split)
 
     def split_of(self, situation_index: int) -> str:
