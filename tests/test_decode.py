@@ -13,6 +13,7 @@ import emojax
 from emojax.errors import InputError
 from emojax.models.config import ModelConfig
 from emojax.steer import DecodeConfig, Decoder, Interventions, Sampling, choose
+from emojax.steer.sampling import greedy
 from hf_checkpoints import CASES, CheckpointCache
 
 SMALL = DecodeConfig(prompt_buckets=(8, 16), new_token_buckets=(8, 16))
@@ -101,6 +102,20 @@ def test_unrolled_layers_equal_scanned_layers(lm, dec):
     np.testing.assert_array_equal(np.asarray(unrolled.tokens), np.asarray(scanned.tokens))
     _assert_step_logits(unrolled, _step_logits_from_forward(lm, unrolled), atol=1e-4)
     _assert_step_logits(unrolled, np.asarray(scanned.logits), atol=1e-5)
+
+
+def test_attention_over_cache_spans_equals_the_full_recompute(lm):
+    """The decode loop attends over the shortest of CACHE_SPANS spans of its cache that holds the written columns:
+    a generation that crosses every span's end (40 columns: spans end at 16, 24, 32, 40) keeps the full forward's
+    logits and the scanned decoder's (which reads the whole cache)."""
+    tokens, mask = _prompts(CONFIG.vocab_size, seed=5)
+    gen = Decoder(lm, DecodeConfig(prompt_buckets=(8,), new_token_buckets=(32,))).generate(
+        tokens, mask, max_new_tokens=32, return_logits=True)
+    assert int(np.asarray(gen.n_generated).min()) == 32
+    _assert_step_logits(gen, _step_logits_from_forward(lm, gen), atol=1e-4)
+    scanned = Decoder(lm, DecodeConfig(prompt_buckets=(8,), new_token_buckets=(32,), unroll_layers=False)).generate(
+        tokens, mask, max_new_tokens=32, return_logits=True)
+    _assert_step_logits(gen, np.asarray(scanned.logits), atol=1e-5)
 
 
 def test_a_padded_prompt_generates_what_it_generates_unpadded(dec):
@@ -309,6 +324,20 @@ def test_sampling_filters_follow_top_k_and_top_p():
     np.testing.assert_allclose(np.bincount(plain[:, 1], minlength=4) / n, [0.5, 0.3, 0.15, 0.05], atol=0.03)
     greedy = np.asarray(choose(logits, keys[0], Sampling.make(3)))
     assert (greedy == 0).all()
+
+
+@pytest.mark.parametrize("V", [5, 256, 1000, 32000])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_greedy_is_argmax(V, dtype):
+    """The blocked greedy choice equals jnp.argmax: ties go to the first, the last block may be short."""
+    x = np.random.default_rng(V).standard_normal((6, V)).astype(np.float32)
+    x[1] = 3.0  # all tied: token 0
+    x[2] = -np.inf
+    x[3, [V // 3, V - 1]] = 100.0  # a tie across blocks
+    x[4, V - 1] = 50.0  # the best in the padded last block
+    x = jnp.asarray(x, dtype)
+    np.testing.assert_array_equal(np.asarray(greedy(x)), np.asarray(jnp.argmax(x, axis=-1)))
+    np.testing.assert_array_equal(np.asarray(jax.jit(greedy)(x)), np.asarray(jnp.argmax(x, axis=-1)))
 
 
 def test_a_sampled_row_depends_on_its_seed_not_on_its_batch(lm):

@@ -110,6 +110,10 @@ _ACTIVATIONS = {
 
 
 ATTENTION_CHOICES = ("xla", "cudnn", "auto", "xla-fused")
+# A decode loop's attention reads the shortest of this many static spans of its cache that holds the columns
+# written so far (scripts/bench_decode.py, 56M model, batch 32, prompt 16 + 128 new tokens on a 2-core CPU: 38.3 ms
+# a step over the whole cache, 35.5 ms with 4 spans, 35.2 with 8).
+CACHE_SPANS = 4
 
 
 def attention_kernel(choice: str, dtype, head_dim: int, softcap: float | None) -> str:
@@ -160,8 +164,8 @@ class LayerCache:
 
     keys [Ls, B, K, H, S] and values [Ls, B, K, S, H] of a segment of Ls layers (the layouts the score and value
     products read); `layer` this layer's row in them (an int for an unrolled layer, traced inside a scan), or None
-    for one layer's keys [B, K, H, S] and values [B, K, S, H] without the layer axis; `start` the cache column of
-    the first new token.
+    for one layer's keys [B, K, H, S] and values [B, K, S, H] without the layer axis, [K, H, S] and [K, S, H] at
+    batch 1 (the decode loop's layout); `start` the cache column of the first new token.
     """
 
     keys: jax.Array
@@ -262,28 +266,60 @@ class Attention(nnx.Module):
     def _attend_cached(self, q, k, v, mask_BTS, cache: LayerCache, kernel: str):
         """Attention of T new tokens over a KV cache, writing their keys and values at column `start`.
 
-        How the write and the reads are ordered decides what XLA's CPU backend copies on each step of a decode
-        loop, which carries the cache. A layer's own [B, K, ., .] arrays (`layer` None, the decode loop's layout):
-        the write comes first and the products read the updated cache, which XLA updates in place (no copy; on
-        the 56M model at batch 32 the unit-axis layout below copied every layer's cache twice a step: 44 vs 33 ms
-        a step with 144 cache columns, 149 vs 90 ms with 640). An unrolled layer in a stacked [1, ...] array (an
-        int `layer`: the server's slots) attends to the cache as it was (columns < start) and to the new keys and
-        values, written only for later passes: reading the updated cache there made XLA fuse the write into every
-        reader and copy the cache four times a step, this form twice. Inside a scan over layers (a traced
-        `layer`) the old-cache form copies the whole stacked cache, so there too the write comes first; so does
-        the fused kernel, which reads keys as [B, S, K, H].
+        How the write and the reads are ordered decides what XLA's CPU backend copies on each step of a decode loop,
+        which carries the cache. A layer's own arrays (`layer` None, the decode loop's layout: keys [B, K, H, S],
+        values [B, K, S, H], without the batch axis at batch 1): the write comes first and the products read the
+        updated cache, which XLA updates in place (no copy; on the 56M model at batch 32 the unit-axis layout below
+        copied every layer's cache twice a step: 44 vs 33 ms a step with 144 cache columns, 149 vs 90 ms with 640).
+        A unit batch axis did the same: at batch 1 XLA fused the write once for the loop's carry and once for the
+        products' squeezed view, and copied each cache array four times a step. An unrolled layer in a stacked array
+        with a unit layer axis (an int `layer`: the server's slots) attends to the cache as it was (columns < start)
+        and to the new keys and values, written only for later passes: reading the updated cache there made XLA fuse
+        the write into every reader and copy the cache four times a step, this form twice. Inside a scan over layers
+        (a traced `layer`) the old-cache form copies the whole stacked cache, so there too the write comes first; so
+        does the fused kernel, which reads keys as [B, S, K, H].
         """
         B, T, N, H = q.shape
         K, S = self.n_kv_heads, mask_BTS.shape[-1]
         G = N // K
         k_BKHT, v_BKTH = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
+        if cache.layer is None:  # the decode loop's own arrays: [B, K, H, S], or [K, H, S] at batch 1
+            lead = cache.keys.shape[:-2]
+            cache = _write(cache, k_BKHT.reshape(*lead, H, T), v_BKTH.reshape(*lead, T, H))
+            keys, values = cache.keys[..., :S], cache.values[..., :S, :]
+            if kernel != "blocked":
+                out = fused_attention(q, keys.reshape(B, K, H, S).transpose(0, 3, 1, 2).astype(q.dtype),
+                                      values.reshape(B, K, S, H).transpose(0, 2, 1, 3).astype(q.dtype),
+                                      mask_BTS, self.scale, kernel)
+                return self._output(out), cache
+            q_LQH = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(*lead, G * T, H)
+
+            def attend(n, q_LQH, keys, values, mask_BTS):
+                scores = jnp.einsum("...QH,...HS->...QS", q_LQH, keys[..., :n].astype(q.dtype),
+                                    preferred_element_type=jnp.float32)
+                probs = self._probs(scores.reshape(B, K, G, T, n), mask_BTS[..., :n], q.dtype)
+                return jnp.einsum("...QS,...SH->...QH", probs.reshape(*lead, G * T, n),
+                                  values[..., :n, :].astype(q.dtype))
+
+            # Attend over the shortest span of the cache that holds every written column, not over all S: a
+            # decode loop's early steps skip the unwritten columns. In a loop the span is one of CACHE_SPANS
+            # static lengths (a switch). On CPU only: elsewhere a conditional costs a host round trip.
+            needed = cache.start + T
+            spans = sorted({min(S, _round_up(_round_up(S * i, CACHE_SPANS) // CACHE_SPANS, 8))
+                            for i in range(1, CACHE_SPANS + 1)})
+            args = (q_LQH, keys, values, mask_BTS)
+            if isinstance(needed, int):
+                out = attend(min(n for n in spans if n >= needed), *args)
+            elif len(spans) == 1 or jax.default_backend() != "cpu":
+                out = attend(S, *args)
+            else:
+                out = jax.lax.switch(jnp.sum(jnp.asarray(spans) < needed), [partial(attend, n) for n in spans],
+                                     *args)
+            return self._output_heads_major(out.reshape(B, K, G, T, H)), cache
         if kernel != "blocked" or not isinstance(cache.layer, int):
             cache = _write(cache, k_BKHT, v_BKTH)
-            keys_BKHS, values_BKSH = cache.keys, cache.values
-            if cache.layer is not None:
-                keys_BKHS = jax.lax.dynamic_index_in_dim(keys_BKHS, cache.layer, 0, keepdims=False)
-                values_BKSH = jax.lax.dynamic_index_in_dim(values_BKSH, cache.layer, 0, keepdims=False)
-            keys_BKHS, values_BKSH = keys_BKHS[..., :S], values_BKSH[:, :, :S]
+            keys_BKHS = jax.lax.dynamic_index_in_dim(cache.keys, cache.layer, 0, keepdims=False)[..., :S]
+            values_BKSH = jax.lax.dynamic_index_in_dim(cache.values, cache.layer, 0, keepdims=False)[:, :, :S]
             if kernel != "blocked":
                 out = fused_attention(q, keys_BKHS.transpose(0, 3, 1, 2).astype(q.dtype),
                                       values_BKSH.transpose(0, 2, 1, 3).astype(q.dtype), mask_BTS, self.scale,
@@ -317,10 +353,23 @@ class Attention(nnx.Module):
         return y + self.o_bias[...] if self.has_o_bias else y
 
     def _output_heads_major(self, out_BKGTH: jax.Array) -> jax.Array:
-        """The output projection contracting (K, G, H) in the attention layout: no transpose of the activations."""
-        K, G, H = out_BKGTH.shape[1], out_BKGTH.shape[2], out_BKGTH.shape[4]
-        y = jnp.einsum("BKGTH,KGHD->BTD", out_BKGTH, self.o_proj[...].reshape(K, G, H, -1))
+        """The output projection of attention in the heads-major layout.
+
+        Contracting (K, G, H) where they lie makes XLA's CPU backend copy o_proj into the activations' order on
+        every call; that copy is cheaper than moving the activations only while they are larger than the weight
+        (a prefill). A decode step's few rows move to [B, T, N * H] instead: o_proj is then read in place (at batch
+        1 the weight copies were 1 MB a layer every step on the 56M model)."""
+        B, K, G, T, H = out_BKGTH.shape
+        if B * T < self.o_proj.shape[-1]:  # one contracted axis of N * H: no order of (N, H) left to choose
+            out_BTI = out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, K * G * H)
+            y = jnp.einsum("BTI,ID->BTD", out_BTI, self.o_proj[...].reshape(K * G * H, -1))
+        else:
+            y = jnp.einsum("BKGTH,KGHD->BTD", out_BKGTH, self.o_proj[...].reshape(K, G, H, -1))
         return y + self.o_bias[...] if self.has_o_bias else y
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def _scores(q_BKGTH, k_BKHS):
@@ -328,11 +377,12 @@ def _scores(q_BKGTH, k_BKHS):
 
 
 def _write(cache: LayerCache, k_BKHT: jax.Array, v_BKTH: jax.Array) -> LayerCache:
-    k, v, at = k_BKHT.astype(cache.keys.dtype), v_BKTH.astype(cache.values.dtype), ()
+    k, v = k_BKHT.astype(cache.keys.dtype), v_BKTH.astype(cache.values.dtype)
     if cache.layer is not None:
-        k, v, at = k[None], v[None], (cache.layer,)
-    keys = jax.lax.dynamic_update_slice(cache.keys, k, (*at, 0, 0, 0, cache.start))
-    values = jax.lax.dynamic_update_slice(cache.values, v, (*at, 0, 0, cache.start, 0))
+        k, v = k[None], v[None]
+    at = (0,) * (k.ndim - 1) if cache.layer is None else (cache.layer, 0, 0, 0)
+    keys = jax.lax.dynamic_update_slice(cache.keys, k, (*at, cache.start))
+    values = jax.lax.dynamic_update_slice(cache.values, v, (*at[:-1], cache.start, 0))
     return cache.replace(keys=keys, values=values)
 
 

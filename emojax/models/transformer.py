@@ -42,9 +42,9 @@ class ForwardOutput:
 class KVCache:
     """Keys [Ls, B, K, H, S] and values [Ls, B, K, S, H] of each layer segment (the layouts the attention
     products read), S cache columns; `segments` are the layer ranges [a, b) the passes run. With
-    `single_unstacked` a one-layer segment's arrays are [B, K, H, S] and [B, K, S, H], without the layer axis:
-    the decode loop's layout (a loop-carried cache with a unit axis is copied whole on every step by XLA's CPU
-    backend; see Attention._attend_cached)."""
+    `single_unstacked` a one-layer segment's arrays are [B, K, H, S] and [B, K, S, H] without the layer axis, and
+    [K, H, S] and [K, S, H] at batch 1: the decode loop's layout (a loop-carried cache with a unit axis, the layer
+    axis or a batch of 1, is copied whole on every step by XLA's CPU backend; see Attention._attend_cached)."""
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
@@ -56,10 +56,12 @@ class KVCache:
         K, H = cfg.n_kv_heads, cfg.head_dim
 
         def lead(a: int, b: int) -> tuple[int, ...]:
-            return () if single_unstacked and b - a == 1 else (b - a,)
+            if single_unstacked and b - a == 1:
+                return (K,) if batch == 1 else (batch, K)
+            return (b - a, batch, K)
 
-        return cls(k=tuple(jnp.zeros((*lead(a, b), batch, K, H, length), dtype) for a, b in segments),
-                   v=tuple(jnp.zeros((*lead(a, b), batch, K, length, H), dtype) for a, b in segments),
+        return cls(k=tuple(jnp.zeros((*lead(a, b), H, length), dtype) for a, b in segments),
+                   v=tuple(jnp.zeros((*lead(a, b), length, H), dtype) for a, b in segments),
                    segments=tuple(segments))
 
 
@@ -138,7 +140,7 @@ class Transformer(nnx.Module):
                  generated_BT: jax.Array | None = None, mesh: Mesh | None = None, logits: bool | str | int = True,
                  kernel: str = "blocked", cache: KVCache | None = None, start: jax.Array | int = 0,
                  positions_BT: jax.Array | None = None, layer_states: tuple | None = None,
-                 read_index: jax.Array | None = None) -> ForwardOutput:
+                 read_index: jax.Array | None = None, rope: tuple | None = None) -> ForwardOutput:
         """Logits and the residual stream at the `capture` indices (and at the traced `read_index`).
 
         Without a cache: attention_mask [B, T] is 1 for real tokens, 0 for (left) padding; positions count real
@@ -152,6 +154,9 @@ class Transformer(nnx.Module):
         state, split once outside a decode loop (`split_layers`), else split here.
         generated_BT: 1.0 on generated columns (where interventions with positions="generated" act).
         kernel: the attention kernel (emojax.models.layers.attention_kernel).
+        rope: the rotary tables of positions_BT, `self.rope(positions)` computed ahead. A decode loop computes all
+        its steps' tables before the loop: computed inside, XLA's CPU backend fuses cos and sin into each layer's
+        products and recomputes them there (2.6 ms of a 37 ms step, 56M model, batch 32).
         """
         cfg = self.config
         L = cfg.n_layers
@@ -201,7 +206,8 @@ class Transformer(nnx.Module):
         buffer = jnp.zeros((n_slots + 1, B, T, cfg.d_model), x.dtype) if n_slots else None
 
         graph, states = layer_states or self.split_layers(segments)
-        cos_tables, sin_tables, rope_of_layer = self._rope(positions_BT)
+        cos_tables, sin_tables = self.rope(positions_BT) if rope is None else rope
+        rope_of_layer = self._rope_of_layer()
         windows = np.asarray(cfg.layer_windows, np.int32)
         ks, vs = (None, None) if cache is None else (list(cache.k), list(cache.v))
 
@@ -218,7 +224,7 @@ class Transformer(nnx.Module):
         for s, ((a, b), state) in enumerate(zip(segments, states)):
             if b - a == 1:  # one layer, static weights
                 kv = None if cache is None else LayerCache(ks[s], vs[s], 0 if ks[s].ndim == 5 else None, start)
-                x, kv = layer(x, jax.tree.map(lambda t: t[0], state), 0, int(windows[a]), int(rope_of_layer[a]), kv)
+                x, kv = layer(x, state, 0, int(windows[a]), int(rope_of_layer[a]), kv)
                 x = edit(b, x)
             else:
                 def body(carry, xs, a=a):
@@ -276,17 +282,24 @@ class Transformer(nnx.Module):
         return logits
 
     def split_layers(self, segments) -> tuple[nnx.GraphDef, list]:
-        """The layer graph and each segment's slice of the stacked layer state."""
+        """The layer graph and each segment's slice of the stacked layer state; a one-layer segment's without the
+        layer axis (t[a], the arrays its layer reads: a decode loop and its prefill then share one copy of each
+        weight, where a [1, ...] slice was copied once for each)."""
         graph, state = nnx.split(self.layers)
-        return graph, [jax.tree.map(lambda t, a=a, b=b: t[a:b], state) for a, b in segments]
+        return graph, [jax.tree.map(lambda t, a=a, b=b: t[a] if b - a == 1 else t[a:b], state) for a, b in segments]
 
-    def _rope(self, positions_BT):
-        """cos/sin tables stacked over the distinct rotary settings [settings, B, T, R], and each layer's index."""
+    def rope(self, positions_BT) -> tuple[jax.Array | None, jax.Array | None]:
+        """cos/sin tables of the positions, stacked over the distinct rotary settings [settings, B, T, R]
+        (None, None for a model without rotary positions)."""
         cfg = self.config
         if cfg.rope is None:
-            return None, None, np.zeros((cfg.n_layers,), np.int32)
+            return None, None
         ropes = [cfg.rope] if cfg.rope_local is None else [cfg.rope, cfg.rope_local]
         tables = [rope_tables(positions_BT, rope_inv_freq(r, int(cfg.head_dim * r.fraction))) for r in ropes]
-        use_local = cfg.rope_local is not None
-        rope_of_layer = np.asarray([int(use_local and w > 0) for w in cfg.layer_windows], np.int32)
-        return jnp.stack([c for c, _ in tables]), jnp.stack([s for _, s in tables]), rope_of_layer
+        return jnp.stack([c for c, _ in tables]), jnp.stack([s for _, s in tables])
+
+    def _rope_of_layer(self) -> np.ndarray:
+        """Each layer's index into the rotary settings (1: the local one, for sliding-window layers)."""
+        cfg = self.config
+        use_local = cfg.rope is not None and cfg.rope_local is not None
+        return np.asarray([int(use_local and w > 0) for w in cfg.layer_windows], np.int32)

@@ -16,7 +16,7 @@ from flax import nnx, struct
 from emojax.models.config import ModelConfig
 from emojax.models.lm import LanguageModel
 from emojax.models.transformer import KVCache
-from emojax.steer.sampling import Sampling, choose
+from emojax.steer.sampling import Sampling, choose, greedy
 
 
 @struct.dataclass
@@ -111,7 +111,7 @@ class SlotPrograms:
                 jnp.any(s.go & (sampling.temperature > 0)),
                 lambda: jax.vmap(slot_choose)(s.next_logits, pairs[:, 1], sampling.temperature, sampling.top_k,
                                               sampling.top_p, sampling.seed),
-                lambda: jnp.argmax(s.next_logits, axis=-1).astype(jnp.int32))
+                lambda: greedy(s.next_logits))
             token = jnp.where(s.go, chosen, 0)
             valid = s.valid | (s.go[:, None] & (jnp.arange(S)[None, :] == s.length[:, None]))
             logits, reads_NC, k, v = jax.vmap(slot_forward)(token, s.length, valid, s.k, s.v, strengths_NE)

@@ -30,7 +30,7 @@ from emojax.models.lm import LanguageModel
 from emojax.models.sharding import batch_multiple
 from emojax.models.transformer import KVCache, layer_segments
 from emojax.steer.monitor import Readout
-from emojax.steer.sampling import Sampling, choose
+from emojax.steer.sampling import Sampling, choose, greedy
 from emojax.tokenizer import left_pad
 
 
@@ -246,11 +246,11 @@ class Decoder:
         step_iv = None if iv is None else iv.replace(patch=None)  # a patch covers the prompt's columns only
         read_index = None if readout is None else readout.index
 
-        def forward(tokens_BT, positions_BT, gen, key_valid_BS, cache, start, iv):
+        def forward(tokens_BT, positions_BT, gen, key_valid_BS, cache, start, iv, rope=None):
             """One cached pass: logits of its last column [B, V], readings [B, T, C] (or None), the cache."""
             out = model(tokens_BT, key_valid_BS, interventions=iv, generated_BT=jnp.full(tokens_BT.shape, gen),
                         mesh=mesh, logits="last", kernel=lm.kernel, cache=cache, start=start,
-                        positions_BT=positions_BT, layer_states=layer_states, read_index=read_index)
+                        positions_BT=positions_BT, layer_states=layer_states, read_index=read_index, rope=rope)
             return out.logits, None if readout is None else readout(out.read), out.cache
 
         # Prefill: the prompt's P columns, attending among themselves.
@@ -259,6 +259,8 @@ class Decoder:
         positions_BP = jnp.maximum(jnp.cumsum(mask_BP, axis=1) - 1, 0).astype(jnp.int32)
         cache = KVCache.empty(cfg, segments, B, S, lm.dtype, single_unstacked=True)
         logits_BV, reads_BPC, cache = forward(prompt_BP, positions_BP, 0.0, valid_BP, cache, 0, iv)
+        # The rotary tables of every cache column's position, computed once (see Transformer.__call__'s `rope`).
+        rope_table = model.rope(jnp.arange(S, dtype=jnp.int32)[None, :])
         tokens = jnp.zeros((B, S), jnp.int32).at[:, :P].set(prompt_BP)
         valid = jnp.zeros((B, S), bool).at[:, :P].set(valid_BP)
 
@@ -285,7 +287,7 @@ class Decoder:
             key, sub = jax.random.split(s.key)
             real_B = s.go
             if sampling is None:
-                chosen_B = jnp.argmax(s.next_logits, axis=-1).astype(jnp.int32)
+                chosen_B = greedy(s.next_logits)
             else:
                 chosen_B = choose(s.next_logits, sub, sampling)
             token_B = jnp.where(real_B, chosen_B, 0)
@@ -294,8 +296,10 @@ class Decoder:
             n_generated = s.n_generated + real_B
             stopped_B = jnp.any(token_B[:, None] == stops_Z[None, :], axis=1)
             pos_B = prompt_len_B + s.step
+            rope = None if rope_table[0] is None else tuple(
+                jnp.take(t[:, 0], pos_B, axis=1)[:, :, None] for t in rope_table)
             logits_BV, reads_B1C, cache = forward(token_B[:, None], pos_B[:, None], 1.0, valid, s.cache, col,
-                                                  step_iv)
+                                                  step_iv, rope)
             out = dict(step=s.step + 1, tokens=tokens, valid=valid, go=real_B & ~stopped_B & (n_generated < max_new),
                        n_generated=n_generated, next_logits=logits_BV, cache=cache, key=key)
             if return_logits:

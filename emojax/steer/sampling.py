@@ -42,10 +42,29 @@ class Sampling:
         return cls(temperature=t, top_k=k, top_p=p, seed=seeds)
 
 
+def greedy(logits_BV: jax.Array, block: int = 256) -> jax.Array:
+    """Token ids [B] int32: jnp.argmax over the vocabulary (the first of equal maxima), found in blocks of `block`
+    tokens: the best block by its maximum, then the best token in that block. Rows with NaN logits get some token
+    (XLA's CPU max may drop a NaN), not necessarily the first NaN.
+
+    XLA's CPU argmax over a long axis is a scalar loop: 1.7 ms for [32, 32000] float32 logits on a 2-core Xeon,
+    4% of a 56M model's decode step at batch 32; block maxima vectorise (0.19 ms) and the search is then short."""
+    *lead, V = logits_BV.shape
+    if V <= block:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    pad = -V % block
+    if pad:
+        logits_BV = jnp.pad(logits_BV, [(0, 0)] * len(lead) + [(0, pad)], constant_values=-jnp.inf)
+    blocks = logits_BV.reshape(*lead, -1, block)
+    best = jnp.argmax(jnp.max(blocks, axis=-1), axis=-1)
+    inside = jnp.take_along_axis(blocks, best[..., None, None], axis=-2)[..., 0, :]
+    return (best * block + jnp.argmax(inside, axis=-1)).astype(jnp.int32)
+
+
 def choose(logits_BV: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
     """Token ids [B] int32: argmax where temperature is 0, else a draw after temperature, top-k, top-p
     (in that order, as transformers' generate applies them)."""
-    greedy = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    greedy_B = greedy(logits_BV)
 
     def truncated(scaled_BV):
         """scaled_BV with the tokens outside each row's top-k and top-p set to -inf (one sort over the vocabulary)."""
@@ -68,6 +87,6 @@ def choose(logits_BV: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Arra
         scaled = jax.lax.cond(truncates, truncated, lambda x: x, scaled)
         keys_B = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, sampling.seed)
         drawn = jax.vmap(jax.random.categorical)(keys_B, scaled)
-        return jnp.where(sampling.temperature > 0, drawn.astype(jnp.int32), greedy)
+        return jnp.where(sampling.temperature > 0, drawn.astype(jnp.int32), greedy_B)
 
-    return jax.lax.cond(jnp.any(sampling.temperature > 0), draw, lambda _: greedy, None)
+    return jax.lax.cond(jnp.any(sampling.temperature > 0), draw, lambda _: greedy_B, None)
