@@ -18,7 +18,7 @@ from starlette.testclient import TestClient
 
 from emojax.config_loader import load_section
 from emojax.errors import ConfigError, InputError
-from emojax.serve import ServeConfig
+from emojax.serve import ServeConfig, create_app
 from emojax.serve.config import Limits
 from emojax.serve.protocol import TextStream
 from emojax.serve.types import GenerationRequest
@@ -115,6 +115,23 @@ def test_a_single_token_stop_ends_the_reply_without_its_text():
         ids = [t["token"] for t in body["emojax"]["tokens"]]
         assert chr(ids[-1]) == stop and stop not in body["choices"][0]["text"]
         assert error_of(client.post("/v1/completions", json={"prompt": "x", "stop": "two"}))["param"] == "stop"
+
+
+def test_the_model_end_ids_end_a_reply():
+    """create_app(end_ids=): `emojax serve` passes stop_tokens(lm), so a model whose tokenizer names no end token
+    still stops at config.json's eos_token_id. Without end_ids only the tokenizer's eos_token counts (none here)."""
+    probe = GenerationRequest("x", tuple(TOK.encode("stop here")), 30, temperature=0.0)
+    end = expected_tokens(probe)[3]
+    request = {"prompt": "stop here", "max_tokens": 30, "temperature": 0}
+    engine = FakeEngine()
+    with TestClient(create_app(engine, TOK, ServeConfig(), end_ids=[end])) as client:
+        body = client.post("/v1/completions", json=request).json()
+        assert body["choices"][0]["finish_reason"] == "stop" and engine.requests[-1].stop_ids == (end,)
+        assert [t["token"] for t in body["emojax"]["tokens"]] == expected_tokens(probe)[:4]
+    engine, app = make()
+    with TestClient(app) as client:
+        assert client.post("/v1/completions", json=request).json()["choices"][0]["finish_reason"] == "length"
+        assert engine.requests[-1].stop_ids == ()
 
 
 def test_text_stream_holds_back_an_unfinished_character():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from emojax.config_loader import config_section, non_negative, positive, range_violations, ranged
-from emojax.digest import digest
+from emojax.digest import digest, fingerprinted
 from emojax.corpus.generator import GeneratorConfig
 from emojax.corpus.readers import ReaderSpec
 
@@ -64,7 +64,6 @@ class CorpusConfig:
 
     def fingerprint(self) -> str:
         """Hash of every setting that changes the shards (not where they are written)."""
-        d = dataclasses.asdict(self)
+        d = fingerprinted(self)
         d.pop("out")
-        d["generator"]["world"] = self.generator.world.recorded()
         return digest(d)

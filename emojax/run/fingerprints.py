@@ -10,8 +10,8 @@ config is in exactly one of the two tables, so a new setting cannot be forgotten
 
 from __future__ import annotations
 
-import dataclasses
 
+from emojax.digest import fingerprinted
 from emojax.sae.fingerprint import MATH as SAE_MATH
 
 # stage -> the settings that change its outputs (float summation order counts: a chunk size that regroups a
@@ -74,7 +74,7 @@ OTHER_SETTINGS: dict[str, dict[str, str]] = {
 
 def output_settings(stage: str, config) -> dict:
     """The fingerprinted settings of `config` (a stage's typed config) as plain data."""
-    values = dataclasses.asdict(config)
+    values = fingerprinted(config)
     return {k: values[k] for k in OUTPUT_SETTINGS[stage]}
 
 

@@ -127,7 +127,6 @@ class Corpus(Stage):
 
         config = self._config(ctx)
         settings = output_settings("corpus", config)
-        settings["generator"]["world"] = config.generator.world.recorded()  # `concepts` only when set
         # The tokenizer is the model's (covered by the train stage's content fingerprint), not its path.
         settings["tokenizer"] = "byte" if settings["tokenizer"] == "byte" else "model"
         settings["input_versions"] = input_versions(config)  # an edited input file is a changed input

@@ -27,7 +27,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -59,8 +59,10 @@ class EngineFailure(Exception):
 class ServeState:
     """What the endpoints share: the engine, the limits, the alerts, the metrics and the draining flag."""
 
-    def __init__(self, engine: EngineLike, tokenizer: Tokenizer, config: ServeConfig):
+    def __init__(self, engine: EngineLike, tokenizer: Tokenizer, config: ServeConfig,
+                 end_ids: Sequence[int] | None = None):
         self.engine, self.tokenizer, self.config = engine, tokenizer, config
+        self.end_ids = None if end_ids is None else tuple(int(t) for t in end_ids)
         self.names = tuple(engine.names)
         self.model_name = config.model_name or "emojax"
         self.token = config.bearer_token()
@@ -313,7 +315,8 @@ def _generation_endpoint(state: ServeState, chat: bool):
         try:
             body = protocol.json_object(await _read_body(request, state.config.limits.max_body_bytes))
             request_id = f"{prefix}-{uuid.uuid4().hex}"
-            gen = protocol.parse_generation(body, chat, state.tokenizer, state.names, state.config, request_id)
+            gen = protocol.parse_generation(body, chat, state.tokenizer, state.names, state.config, request_id,
+                                             state.end_ids)
             stream, first = await _events(state, gen)
         except BaseException:
             await release()
@@ -462,10 +465,13 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
     return _error_response(error)
 
 
-def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServeConfig) -> Starlette:
+def create_app(engine: EngineLike, tokenizer: Tokenizer, config: ServeConfig,
+               end_ids: Sequence[int] | None = None) -> Starlette:
     """The server's ASGI app over `engine`; `app.state.serve` is its ServeState (drain() it to stop cleanly).
+    end_ids: the ids a generation ends at (`emojax.models.lm.stop_tokens(lm)`: the tokenizer's eos_token, else
+    config.json's eos_token_id); None: the tokenizer's eos_token only.
     Raises ConfigError / InputError for rules on concepts the engine does not monitor or an unwritable audit log."""
-    state = ServeState(engine, tokenizer, config)
+    state = ServeState(engine, tokenizer, config, end_ids)
     routes = [
         Route("/", _endpoint(state, "page", _page_endpoint(state), guarded=False), methods=["GET"]),
         Route("/healthz", _endpoint(state, "healthz", _health_endpoint(state), guarded=False), methods=["GET"]),

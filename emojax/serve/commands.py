@@ -34,6 +34,7 @@ def cmd_serve(args) -> int:
     from emojax.concepts.layer import bank_layer
     from emojax.config_loader import load_section
     from emojax.models import load_model
+    from emojax.models.lm import stop_tokens
     from emojax.serve.app import create_app
     from emojax.serve.config import ServeConfig
     from emojax.serve.engine import Engine
@@ -54,7 +55,7 @@ def cmd_serve(args) -> int:
     check_bank_model(lm, bank, force=args.force, warn=warn)
     layer = bank_layer(bank, lm.config.n_layers, args.layer)
     engine = Engine(lm, bank, layer, config.engine, metric=args.metric)
-    app = create_app(engine, tokenizer_for(lm), config)
+    app = create_app(engine, tokenizer_for(lm), config, end_ids=stop_tokens(lm))
     print(f"emojax serve: {args.model}, {len(bank.names)} concepts at residual index {layer}, "
           f"{config.engine.slots} slots; http://{config.host}:{config.port}/", file=sys.stderr)
     run_server(app)

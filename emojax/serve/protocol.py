@@ -228,11 +228,12 @@ def check_length(ids: list[int], param: str, limit: int, setting: str) -> None:
         raise bad(param, f"{param} is {len(ids)} tokens; the limit is {limit} ({setting})")
 
 
-def stop_ids(body: dict, tokenizer: Tokenizer) -> tuple[int, ...]:
-    """The end-of-text token when the tokenizer names one, plus each `stop` string that is a single token."""
-    ids = []
+def stop_ids(body: dict, tokenizer: Tokenizer, end_ids: Sequence[int] | None = None) -> tuple[int, ...]:
+    """The model's end-of-text ids (`end_ids`; None: the tokenizer's eos_token when it names one), plus each `stop`
+    string that is a single token."""
+    ids = [int(t) for t in end_ids] if end_ids is not None else []
     eos = getattr(tokenizer, "eos_token", "")
-    if eos and tokenizer.token_to_id(eos) is not None:
+    if end_ids is None and eos and tokenizer.token_to_id(eos) is not None:
         ids.append(int(tokenizer.token_to_id(eos)))
     stop = body.get("stop")
     if stop is None:
@@ -264,9 +265,9 @@ class Generation:
 
 
 def parse_generation(body: dict, chat: bool, tokenizer: Tokenizer, names: Sequence[str], config: ServeConfig,
-                     request_id: str) -> Generation:
+                     request_id: str, end_ids: Sequence[int] | None = None) -> Generation:
     """A /v1/completions (chat=False) or /v1/chat/completions body as a GenerationRequest, checked against the
-    limits and the bank; raises ApiError (400) naming the field at fault."""
+    limits and the bank; raises ApiError (400) naming the field at fault. end_ids: as in `stop_ids`."""
     if body.get("n") not in (None, 1):
         raise bad("n", "n must be 1: one choice per request")
     if body.get("logprobs") not in (None, False) or body.get("echo"):
@@ -293,7 +294,7 @@ def parse_generation(body: dict, chat: bool, tokenizer: Tokenizer, names: Sequen
         top_k=_integer(body, "top_k", 0, None, s.top_k),
         top_p=_number(body, "top_p", s.top_p, 0.0, 1.0, lo_open=True),
         seed=secrets.randbelow(MAX_SEED + 1) if seed is None else seed,
-        steering=options.steer, stop_ids=stop_ids(body, tokenizer))
+        steering=options.steer, stop_ids=stop_ids(body, tokenizer, end_ids))
     return Generation(request=request, options=options, stream=stream,
                       include_usage=_flag(stream_options, "include_usage", False, "stream_options.include_usage"),
                       prompt_param=prompt_param)

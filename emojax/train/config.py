@@ -14,7 +14,7 @@ import math
 from emojax.config_loader import (config_section, fraction, merge, non_negative, positive, range_violations, ranged,
                                   section_of)
 from emojax.corpus.world_config import WorldConfig
-from emojax.digest import digest
+from emojax.digest import digest, fingerprinted
 from emojax.errors import ConfigError
 from emojax.models.config import ModelConfig, RopeConfig
 
@@ -132,10 +132,9 @@ class TrainConfig:
 
     def fingerprint(self) -> str:
         """Hash of every setting that changes the trained model (not where it is written)."""
-        d = dataclasses.asdict(self)
+        d = fingerprinted(self)
         d.pop("out")
         d.pop("checkpoint_every")  # resuming is exact, so checkpoint spacing never changes the result
-        d["world"] = self.world.recorded()
         d["format_version"] = FORMAT_VERSION
         return digest(d)
 
