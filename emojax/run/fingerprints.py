@@ -10,7 +10,6 @@ config is in exactly one of the two tables, so a new setting cannot be forgotten
 
 from __future__ import annotations
 
-
 from emojax.digest import fingerprinted
 from emojax.sae.fingerprint import MATH as SAE_MATH
 

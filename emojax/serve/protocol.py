@@ -231,10 +231,10 @@ def check_length(ids: list[int], param: str, limit: int, setting: str) -> None:
 def stop_ids(body: dict, tokenizer: Tokenizer, end_ids: Sequence[int] | None = None) -> tuple[int, ...]:
     """The model's end-of-text ids (`end_ids`; None: the tokenizer's eos_token when it names one), plus each `stop`
     string that is a single token."""
-    ids = [int(t) for t in end_ids] if end_ids is not None else []
-    eos = getattr(tokenizer, "eos_token", "")
-    if end_ids is None and eos and tokenizer.token_to_id(eos) is not None:
-        ids.append(int(tokenizer.token_to_id(eos)))
+    if end_ids is None:
+        eos = getattr(tokenizer, "eos_token", "")
+        end_ids = [tokenizer.token_to_id(eos)] if eos and tokenizer.token_to_id(eos) is not None else []
+    ids = [int(t) for t in end_ids]
     stop = body.get("stop")
     if stop is None:
         return tuple(ids)
